@@ -1,0 +1,5 @@
+"""``python -m sevmon`` is the ``sevmon`` command."""
+
+from sevmon.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The ``sevmon`` command: ``serve`` (the daemon), ``shell`` (interactive HMP), ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sevmon import __version__
+
+
+def add_guest_options(p: argparse.ArgumentParser) -> None:
+    """Options that choose and configure the guest (shared by serve and bench)."""
+    g = p.add_argument_group("guest")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--core", metavar="FILE", help="open a QEMU dump-guest-memory ELF core")
+    src.add_argument("--raw", metavar="FILE", help="open a raw RAM image (pmemsave); needs --cpu-state")
+    g.add_argument("--cpu-state", metavar="FILE.json", help="vCPU registers as hex strings (cr0, cr3, cr4, efer, rip...)")
+    sev = g.add_mutually_exclusive_group()
+    sev.add_argument("--sev", dest="sev", action="store_true", default=None,
+                     help="run the guest as an SEV guest on the platform model (default for the built-in guest)")
+    sev.add_argument("--no-sev", dest="sev", action="store_false", help="plain, unencrypted memory")
+    g.add_argument("--policy", type=lambda s: int(s, 0), default=0x0,
+                   help="SEV guest policy (default 0x0: debugging allowed; QEMU's default 0x1 forbids it)")
+    g.add_argument("--cbitpos", type=int, default=47, help="C-bit position, CPUID 0x8000001F EBX[5:0] (default 47)")
+    g.add_argument("--reduced-phys-bits", type=int, default=1, help="CPUID 0x8000001F EBX[11:6] (default 1)")
+    g.add_argument("--bios", metavar="FILE", help="firmware image measured at launch (default: a built-in one)")
+    g.add_argument("--pflash", metavar="FILE", action="append", default=[], help="pflash image, measured after the BIOS")
+    g.add_argument("--paging", choices=["4", "5", "pae", "32"], default="4", help="built-in guest paging mode")
+    g.add_argument("--memory", metavar="MIB", type=int, default=256, help="built-in guest RAM size in MiB")
+    g.add_argument("--debug-policy", choices=["on", "off"], default="on",
+                   help="security-policy object: 'off' forbids debug access even if the guest policy allows it")
+    g.add_argument("--debug-cache-mb", type=int, default=64, help="debug page cache size (MiB)")
+    g.add_argument("--kvm", action="store_true", help="use the real /dev/kvm + /dev/sev (SEV hardware only)")
+    g.add_argument("--no-workload", dest="workload", action="store_false",
+                   help="built-in guest: do not run the page-mapping workload while running")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sevmon", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sevmon {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the monitor daemon (QMP, and HMP with --hmp)")
+    serve.add_argument("--qmp", metavar="PATH", action="append",
+                       help="QMP UNIX socket (repeatable; default ./sevmon-qmp.sock)")
+    serve.add_argument("--hmp", metavar="PATH", action="append", default=[], help="HMP UNIX socket (repeatable)")
+    add_guest_options(serve)
+
+    shell = sub.add_parser("shell", help="interactive HMP shell over QMP")
+    shell.add_argument("socket", nargs="?", default="./sevmon-qmp.sock", metavar="QMP_SOCKET")
+    shell.add_argument("-c", "--command", action="append", default=[], metavar="LINE",
+                       help="run LINE non-interactively (repeatable); exit non-zero on a QMP error")
+
+    bench = sub.add_parser("bench", help="measure round trips and times, side by side")
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--scale", type=int, nargs="?", const=1_000_000, default=None, metavar="N")
+    bench.add_argument("--vs-qemu", nargs=2, metavar=("KERNEL", "INITRD"))
+    bench.add_argument("--repeat", type=int, default=5)
+    add_guest_options(bench)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="sevmon: %(message)s", stream=sys.stderr)
+    if args.command == "serve":
+        from sevmon.daemon import serve
+        return serve(args)
+    if args.command == "shell":
+        from sevmon.shell.app import run_shell
+        return run_shell(args)
+    from sevmon.bench.run import run_bench
+    return run_bench(args)

@@ -1,0 +1,75 @@
+"""Run state: query-status, stop, cont, system_reset, system_powerdown, query-kvm, vCPUs."""
+
+from __future__ import annotations
+
+import threading
+
+from sevmon.qmp.errors import QMPError
+
+
+def query_status(machine) -> dict:
+    return {"status": machine.status, "singlestep": False, "running": machine.running}
+
+
+def cont(machine) -> None:
+    if machine.reset_required:
+        raise QMPError("Resetting the Virtual Machine is required")
+    if machine.dump is not None and machine.dump.active:
+        raise QMPError("There is a dump in process, please wait.")
+    machine.cont()
+
+
+def kvm_info(machine) -> dict:
+    return {"enabled": machine.config.kvm_enabled, "present": machine.config.kvm_present}
+
+
+def register(registry, hmp, info) -> None:
+    registry.register("query-status")(lambda ctx: query_status(ctx.machine))
+    registry.register("stop")(lambda ctx: ctx.machine.stop() or {})
+    registry.register("cont")(lambda ctx: cont(ctx.machine) or {})
+    registry.register("system_reset")(lambda ctx: ctx.machine.system_reset() or {})
+    registry.register("system_powerdown")(lambda ctx: ctx.machine.system_powerdown() or {})
+    registry.register("query-kvm")(lambda ctx: kvm_info(ctx.machine))
+
+    @registry.register("query-cpus-fast")
+    def query_cpus_fast(ctx):
+        tid = threading.get_native_id()
+        return [{"thread-id": tid, "props": {"core-id": 0, "thread-id": 0, "socket-id": cpu.index},
+                 "qom-path": f"/machine/unattached/device[{cpu.index}]", "cpu-index": cpu.index,
+                 "target": ctx.machine.config.target} for cpu in ctx.machine.cpus]
+
+    @hmp.command("stop|s", "", "", "stop emulation")
+    def hmp_stop(ctx):
+        ctx.machine.stop()
+
+    @hmp.command("cont|c", "", "", "resume emulation")
+    def hmp_cont(ctx):
+        try:
+            cont(ctx.machine)
+        except QMPError as e:
+            ctx.print(f"Error: {e.desc}")
+
+    @hmp.command("system_reset", "", "", "reset the system")
+    def hmp_system_reset(ctx):
+        ctx.machine.system_reset()
+
+    @hmp.command("system_powerdown", "", "", "send system power down event")
+    def hmp_system_powerdown(ctx):
+        ctx.machine.system_powerdown()
+
+    @info.command("status", "", "", "show the current VM status (running|paused)")
+    def info_status(ctx):
+        st = query_status(ctx.machine)
+        line = "VM status: " + ("running" if st["running"] else "paused")
+        if not st["running"] and st["status"] != "paused":
+            line += f" ({st['status']})"
+        ctx.print(line)
+
+    @info.command("kvm", "", "", "show KVM information")
+    def info_kvm(ctx):
+        k = kvm_info(ctx.machine)
+        if k["present"]:
+            ctx.print("kvm support: " + ("enabled" if k["enabled"] else "disabled"))
+            ctx.print("memory encryption: " + ("enabled" if ctx.machine.sev is not None else "disabled"))
+        else:
+            ctx.print("kvm support: not compiled")

@@ -1,0 +1,80 @@
+"""Per-RAM-region debug ops (the seed series' ``ram_debug_ops``): how a run of guest
+frames is read or written when the monitor asks.
+
+``PlainOps`` reads RAM as stored. ``SevOps`` issues one ``KVM_SEV_DBG_DECRYPT`` ioctl per
+run for private memory (and one ``DBG_ENCRYPT`` per write); shared pages (C-bit clear)
+hold plaintext at rest and are read as stored. Both refuse up front when debug access is
+not allowed, so no ioctl is issued and no plaintext can leave.
+"""
+
+from __future__ import annotations
+
+from sevmon.machine.ram import PAGE_SHIFT, RAM, MemoryAccessError
+
+
+class DebugRefused(MemoryAccessError):
+    """Debug access is forbidden (guest policy NODBG, or the security policy)."""
+
+
+class PlainOps:
+    """Unencrypted guest: memory is what is stored."""
+
+    encrypted = False
+
+    def __init__(self, ram: RAM, *, allowed: bool = True):
+        self.ram = ram
+        self.refusal = None if allowed else "debug access is disabled by the security policy (--debug-policy off)"
+
+    def check(self, gpa: int) -> None:
+        if self.refusal:
+            raise DebugRefused(gpa, self.refusal)
+
+    def read_run(self, gpa: int, size: int, private: bool) -> bytes:
+        self.check(gpa)
+        return self.ram.read(gpa, size)
+
+    def write(self, gpa: int, data: bytes, private: bool) -> None:
+        self.check(gpa)
+        self._ensure_ram(gpa, len(data))
+        self.ram.write(gpa, data)
+
+    def _ensure_ram(self, gpa: int, size: int) -> None:
+        for pfn in range(gpa >> PAGE_SHIFT, (gpa + size - 1 >> PAGE_SHIFT) + 1):
+            if not self.ram.has(pfn):
+                raise MemoryAccessError(pfn << PAGE_SHIFT)
+
+    def stats(self) -> dict:
+        return {"round-trips": 0, "firmware-calls": 0, "bytes-decrypted": 0, "bytes-encrypted": 0}
+
+
+class SevOps(PlainOps):
+    """SEV guest: private memory through DBG_DECRYPT / DBG_ENCRYPT via the kernel."""
+
+    encrypted = True
+
+    def __init__(self, ram: RAM, sev, *, allowed: bool = True):
+        super().__init__(ram, allowed=allowed)
+        self.sev = sev
+        if self.refusal is None and sev.policy & 0x1:
+            self.refusal = (f"the SEV guest policy 0x{sev.policy:x} forbids debug access (NODBG): "
+                            "guest memory cannot be decrypted")
+
+    def read_run(self, gpa: int, size: int, private: bool) -> bytes:
+        self.check(gpa)
+        self._ensure_ram(gpa, size)
+        if not private:
+            return self.ram.read(gpa, size)
+        return self.sev.dbg_decrypt(gpa, size)
+
+    def write(self, gpa: int, data: bytes, private: bool) -> None:
+        self.check(gpa)
+        self._ensure_ram(gpa, len(data))
+        if private:
+            self.sev.dbg_encrypt(gpa, data)
+        else:
+            self.ram.write(gpa, data)
+
+    def stats(self) -> dict:
+        s = self.sev.stats
+        return {"round-trips": s.round_trips, "firmware-calls": s.firmware_calls,
+                "bytes-decrypted": s.bytes_decrypted, "bytes-encrypted": s.bytes_encrypted}

@@ -1,0 +1,91 @@
+"""HMP on a UNIX socket, as QEMU's ``-monitor unix:PATH,server`` gives it.
+
+A banner, then ``(qemu) `` before each command; one command per line; output lines end
+in ``\\r\\n``. No line editing or echo (``socat -`` and ``nc -U`` provide the line).
+Several clients at once, each with its own connection; commands share the machine
+thread with QMP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sevmon import __version__
+from sevmon.unixsock import listen_unix
+
+log = logging.getLogger("sevmon.hmp")
+
+PROMPT = "(qemu) "
+MAX_LINE = 1 << 20
+
+
+class HMPServer:
+    def __init__(self, machine, monitor, executor):
+        self.machine = machine
+        self.monitor = monitor
+        self.executor = executor
+        self.servers = []
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def listen(self, path: str) -> None:
+        sock = listen_unix(path)
+        self.servers.append(await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_LINE))
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        loop = asyncio.get_running_loop()
+        try:
+            writer.write(f"sevmon {__version__} monitor - type 'help' for more information\r\n{PROMPT}"
+                         .encode())
+            await writer.drain()
+            while True:
+                try:
+                    raw = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as e:
+                    if not e.partial:
+                        break
+                    raw = e.partial
+                except asyncio.LimitOverrunError:
+                    await _discard_line(reader)
+                    writer.write(f"Error: line longer than {MAX_LINE} bytes ignored\r\n{PROMPT}".encode())
+                    await writer.drain()
+                    continue
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+
+                def run(line=line):
+                    with self.machine.lock:
+                        self.machine.begin_command()
+                        return self.monitor.run(line)
+
+                out = await loop.run_in_executor(self.executor, run)
+                writer.write((out.replace("\n", "\r\n") + PROMPT).encode("utf-8", "replace"))
+                await writer.drain()
+                if reader.at_eof():
+                    break
+        except (ConnectionError, OSError):
+            pass
+        except Exception:
+            log.exception("HMP client failed")
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    async def close(self) -> None:
+        for srv in self.servers:
+            srv.close()
+        for w in list(self.writers):
+            with contextlib.suppress(Exception):
+                w.close()
+
+
+async def _discard_line(reader: asyncio.StreamReader) -> None:
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return
+        except asyncio.LimitOverrunError as e:
+            await reader.readexactly(e.consumed)
+        except asyncio.IncompleteReadError:
+            return

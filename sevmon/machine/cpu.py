@@ -1,0 +1,109 @@
+"""vCPU register state, as the monitor sees it (what ``info registers`` and the walkers read).
+
+Registers are plain ints keyed by QEMU's lower-case names (``rax``.. ``r15``, ``rip``,
+``rflags``, ``cr0``..``cr4``, ``efer``, segment selectors/bases, ``gdt_base``...). 32-bit
+guests use the same keys (``eax`` is an alias of ``rax``; ``eip`` of ``rip``; ``efl``/``rfl``
+of ``rflags``). Loaded from QEMU's ELF notes or from a ``cpu.json`` of hex strings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+CR0_PG = 1 << 31
+CR0_PE = 1 << 0
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+CR4_LA57 = 1 << 12
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+GPRS64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+_ALIASES = {
+    "eax": "rax", "ebx": "rbx", "ecx": "rcx", "edx": "rdx", "esi": "rsi", "edi": "rdi",
+    "ebp": "rbp", "esp": "rsp", "eip": "rip", "efl": "rflags", "rfl": "rflags", "eflags": "rflags",
+}
+
+
+def canonical_reg(name: str) -> str:
+    n = name.lower()
+    return _ALIASES.get(n, n)
+
+
+@dataclass
+class CpuState:
+    """One vCPU. ``regs`` maps canonical names to ints; missing registers read as 0."""
+
+    index: int = 0
+    regs: dict[str, int] = field(default_factory=dict)
+    halted: bool = True
+
+    def get(self, name: str) -> int:
+        return self.regs.get(canonical_reg(name), 0)
+
+    def set(self, name: str, value: int) -> None:
+        self.regs[canonical_reg(name)] = value
+
+    def update(self, values: dict[str, int]) -> None:
+        for k, v in values.items():
+            self.set(k, v)
+
+    # -- paging mode ---------------------------------------------------------------------
+    @property
+    def cr0(self) -> int:
+        return self.get("cr0")
+
+    @property
+    def cr3(self) -> int:
+        return self.get("cr3")
+
+    @property
+    def cr4(self) -> int:
+        return self.get("cr4")
+
+    @property
+    def efer(self) -> int:
+        return self.get("efer")
+
+    @property
+    def long_mode(self) -> bool:
+        """EFER.LMA (QEMU's HF_LMA): the vCPU runs 64-bit paging when PG and PAE are on."""
+        return bool(self.efer & EFER_LMA)
+
+    def paging_mode(self) -> str:
+        """``"off"``, ``"32"``, ``"pae"``, ``"4level"`` or ``"5level"`` (QEMU's dispatch order)."""
+        if not self.cr0 & CR0_PG:
+            return "off"
+        if self.cr4 & CR4_PAE:
+            if self.long_mode:
+                return "5level" if self.cr4 & CR4_LA57 else "4level"
+            return "pae"
+        return "32"
+
+    # -- persistence ---------------------------------------------------------------------
+    @classmethod
+    def from_json_text(cls, text: str, index: int = 0) -> CpuState:
+        """Parse the ``cpu.json`` format: ``{"cr3": "0x29da000", ...}`` (hex strings or ints)."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("cpu state must be a JSON object of register: value")
+        cpu = cls(index=index)
+        for k, v in data.items():
+            if isinstance(v, str):
+                v = int(v, 0)
+            if not isinstance(v, int):
+                raise ValueError(f"register {k!r}: expected a hex string or integer")
+            cpu.set(k, v)
+        return cpu
+
+    @classmethod
+    def from_json_file(cls, path: str, index: int = 0) -> CpuState:
+        with open(path) as f:
+            return cls.from_json_text(f.read(), index)
+
+    def to_json_dict(self) -> dict[str, str]:
+        return {k: hex(v) for k, v in sorted(self.regs.items())}

@@ -1,0 +1,106 @@
+"""QMP dispatch: envelope checks, command lookup, argument checking — in QEMU's order.
+
+The dispatcher knows no command: handlers are registered into a ``CommandRegistry``
+(by the ``sevmon.commands`` modules) and argument checking comes from the schema. The
+order of checks follows ``qapi/qmp-dispatch.c``: not-an-object, then ``id`` is captured,
+envelope members, lookup (CommandNotFound), OOB permission, arguments, handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sevmon.qmp.errors import COMMAND_NOT_FOUND, QMPError
+from sevmon.qmp.schema import Schema
+
+NO_ID = object()  # marks "the request had no id" (None is a valid id: JSON null)
+
+
+@dataclass
+class Request:
+    """A checked request: what to run, with which arguments, and the id to echo."""
+
+    name: str
+    args: dict
+    id: object
+    oob: bool
+
+
+class CommandRegistry:
+    """name -> handler(ctx, **args). Handlers raise QMPError; return JSON-able values."""
+
+    def __init__(self, schema: Schema):
+        self.schema = schema
+        self.handlers: dict[str, Callable] = {}
+
+    def register(self, name: str):
+        if name not in self.schema.commands:
+            raise KeyError(f"command {name} has no schema in schemas/")
+
+        def deco(fn):
+            self.handlers[name] = fn
+            return fn
+        return deco
+
+    def names(self) -> list[str]:
+        return list(self.handlers)
+
+
+def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: CommandRegistry) -> Request:
+    """Turn a parsed message into a Request or raise (QMPError, id)."""
+    if not isinstance(msg, dict):
+        raise _Fail(QMPError("QMP input must be a JSON object"), NO_ID)
+    rid = msg.get("id", NO_ID)
+    exec_key = None
+    for key, value in msg.items():
+        if key == "execute" or (key == "exec-oob" and oob_enabled):
+            if not isinstance(value, str):
+                raise _Fail(QMPError(f"QMP input member '{key}' must be a string"), rid)
+            if exec_key is not None:
+                raise _Fail(QMPError(f"QMP input member '{key}' clashes with '{exec_key}'"), rid)
+            exec_key = key
+        elif key == "arguments":
+            if not isinstance(value, dict):
+                raise _Fail(QMPError("QMP input member 'arguments' must be an object"), rid)
+        elif key != "id":
+            raise _Fail(QMPError(f"QMP input member '{key}' is unexpected"), rid)
+    if exec_key is None:
+        raise _Fail(QMPError("QMP input lacks member 'execute'"), rid)
+    name = msg[exec_key]
+    oob = exec_key == "exec-oob"
+    available = ("qmp_capabilities",) if not negotiated else registry.handlers
+    if name not in available or name not in registry.handlers:
+        if not negotiated:
+            raise _Fail(QMPError("Expecting capabilities negotiation with 'qmp_capabilities'",
+                                 COMMAND_NOT_FOUND), rid)
+        raise _Fail(QMPError(f"The command {name} has not been found", COMMAND_NOT_FOUND), rid)
+    if oob and not registry.schema.commands[name].allow_oob:
+        raise _Fail(QMPError(f"The command {name} does not support OOB"), rid)
+    try:
+        args = registry.schema.check_arguments(name, msg.get("arguments", {}))
+    except QMPError as e:
+        raise _Fail(e, rid) from None
+    return Request(name, args, rid, oob)
+
+
+class _Fail(Exception):
+    def __init__(self, error: QMPError, rid):
+        super().__init__(error.desc)
+        self.error = error
+        self.id = rid
+
+
+CheckFailed = _Fail
+
+
+def reply(rid, *, result=NO_ID, error: QMPError | None = None) -> dict:
+    """A reply object in QEMU's member order (return first, or id first for errors)."""
+    if error is not None:
+        out = {} if rid is NO_ID else {"id": rid}
+        out["error"] = error.to_wire()
+        return out
+    out = {"return": result}
+    if rid is not NO_ID:
+        out["id"] = rid
+    return out

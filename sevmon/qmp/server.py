@@ -1,0 +1,114 @@
+"""The QMP server: UNIX sockets with mode 0600, sessions, event broadcast, command execution.
+
+Commands execute one at a time on the machine thread (QEMU's big lock) so the asyncio
+loop stays free for I/O: greetings, parse errors and other clients are never held up by
+a client that is slow to read or write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from sevmon import PACKAGE, QEMU_VERSION
+from sevmon.qmp.dispatch import CommandRegistry, Request
+from sevmon.qmp.errors import QMPError
+from sevmon.qmp.session import QMPSession, event_message
+from sevmon.unixsock import listen_unix
+
+log = logging.getLogger("sevmon.qmp")
+
+
+class CommandContext:
+    """What a QMP handler may use: the machine, the server (for HMP), the session."""
+
+    def __init__(self, server: QMPServer, session: QMPSession | None):
+        self.server = server
+        self.machine = server.machine
+        self.session = session
+
+
+class QMPServer:
+    def __init__(self, machine, registry: CommandRegistry, hmp, *, executor: ThreadPoolExecutor | None = None):
+        self.machine = machine
+        self.registry = registry
+        self.hmp = hmp
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="machine")
+        self.sessions: set[QMPSession] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.paths: list[str] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.shutdown = asyncio.Event()
+        machine.add_listener(self._on_event)
+
+    @staticmethod
+    def version_info() -> dict:
+        major, minor, micro = QEMU_VERSION
+        return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": PACKAGE}
+
+    # -- sockets -----------------------------------------------------------------------
+    async def listen(self, path: str) -> None:
+        self.loop = asyncio.get_running_loop()
+        sock = listen_unix(path)
+        srv = await asyncio.start_unix_server(self._client, sock=sock, limit=1 << 20)
+        self.servers.append(srv)
+        self.paths.append(path)
+
+    async def _client(self, reader, writer) -> None:
+        session = QMPSession(self, reader, writer)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        except Exception:  # a bug must not take the daemon down
+            log.exception("QMP session failed")
+        finally:
+            self.sessions.discard(session)
+
+    async def close(self) -> None:
+        """Stop listening, let in-flight commands finish and their replies flush, close."""
+        for srv in self.servers:
+            srv.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, lambda: None)  # the machine thread is idle
+        for _ in range(3):
+            await asyncio.sleep(0)  # sessions enqueue the replies of those commands
+        sessions = list(self.sessions)
+        for s in sessions:
+            s.close()
+        if sessions:
+            await asyncio.wait([asyncio.ensure_future(s.finished.wait()) for s in sessions], timeout=2)
+
+    # -- events ------------------------------------------------------------------------
+    def _on_event(self, name: str, data: dict | None) -> None:
+        msg = event_message(name, data)
+        if self.loop is None:
+            return
+        self.loop.call_soon_threadsafe(self._broadcast, msg)
+        if name == "SHUTDOWN":
+            self.loop.call_soon_threadsafe(self.shutdown.set)
+
+    def _broadcast(self, msg: dict) -> None:
+        for s in list(self.sessions):
+            s.event(msg)
+
+    # -- execution ---------------------------------------------------------------------
+    async def execute(self, req: Request, session: QMPSession | None):
+        handler = self.registry.handlers[req.name]
+        ctx = CommandContext(self, session)
+
+        def run():
+            with self.machine.lock:
+                self.machine.begin_command()
+                return handler(ctx, **{k.replace("-", "_"): v for k, v in req.args.items()})
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+        except QMPError:
+            raise
+        except Exception as e:  # never a traceback on the wire
+            log.exception("command %s failed", req.name)
+            raise QMPError(f"{req.name}: internal error: {e}") from None
+
+    def request_shutdown(self) -> None:
+        self.shutdown.set()
