@@ -13,6 +13,7 @@ import logging
 
 from sevmon.hmp.errors import HmpError
 from sevmon.hmp.parser import FmtDefaults, parse_arguments
+from sevmon.hmp.registers import register_lookup
 from sevmon.hmp.table import CommandTable, HmpCommand
 
 log = logging.getLogger("sevmon.hmp")
@@ -96,8 +97,7 @@ class HumanMonitor:
 
     @staticmethod
     def _reg_getter(ctx: HmpContext):
-        from sevmon.hmp.registers import get_register
-        return lambda name: get_register(ctx.cpu, name)
+        return register_lookup(ctx.cpu)
 
     # -- help ----------------------------------------------------------------------------
     def help(self, ctx: HmpContext, name: str | None) -> None:

@@ -11,14 +11,7 @@ from __future__ import annotations
 
 from sevmon.hmp.errors import HmpError
 from sevmon.hmp.expr import parse_expr
-
-
-class FmtDefaults:
-    """QEMU's sticky ``default_fmt_format``/``default_fmt_size`` (global to the monitor)."""
-
-    def __init__(self):
-        self.format = "x"
-        self.size = 4
+from sevmon.hmp.memory_dump import FmtDefaults, parse_fmt_at
 
 
 def _entries(args_type: str) -> list[tuple[str, str]]:
@@ -67,6 +60,9 @@ def get_str(s: str, p: int) -> tuple[str | None, int]:
     return s[start:p], p
 
 
+__all__ = ["FmtDefaults", "get_str", "parse_arguments"]
+
+
 def parse_arguments(cmd_name: str, args_type: str, s: str, p: int, fmt: FmtDefaults, get_reg) -> dict:
     """Parse ``s[p:]`` per ``args_type``; return the argument dict or raise HmpError."""
     args: dict = {}
@@ -90,37 +86,7 @@ def parse_arguments(cmd_name: str, args_type: str, s: str, p: int, fmt: FmtDefau
             args[key] = s[p:]
             p = len(s)
         elif c == "/":
-            p = _skip_space(s, p)
-            if p < len(s) and s[p] == "/":
-                p += 1
-                count = 1
-                if p < len(s) and s[p].isdigit():
-                    start = p
-                    while p < len(s) and s[p].isdigit():
-                        p += 1
-                    count = int(s[start:p])
-                size, form = -1, None
-                while p < len(s):
-                    ch = s[p]
-                    if ch in "oduxic":
-                        form = ch
-                    elif ch in "bhwgL":
-                        size = {"b": 1, "h": 2, "w": 4, "g": 8, "L": 8}[ch]
-                    else:
-                        break
-                    p += 1
-                if p < len(s) and not s[p].isspace():
-                    raise HmpError(f"invalid char in format: '{s[p]}'")
-                if form is None:
-                    form = fmt.format
-                if form != "i":
-                    if size < 0:
-                        size = fmt.size
-                    fmt.size = size
-                fmt.format = form
-            else:
-                count, form = 1, fmt.format
-                size = fmt.size if form != "i" else -1
+            count, form, size, p = parse_fmt_at(s, p, fmt)
             args.update(count=count, format=form, size=size)
         elif c in "il":
             p = _skip_space(s, p)
