@@ -1,0 +1,361 @@
+"""The VMM side of SEV: what QEMU's ``target/i386/sev.c`` does, and all the rest of sevmon uses.
+
+Everything goes through the kernel object's ``ioctl`` with packed structs in the process's
+own memory, so the same code drives :class:`~sevmon.sev.transport.SimulatedKvm` and
+:class:`~sevmon.sev.transport.LinuxSevTransport`. Debug accesses are exactly one
+``KVM_SEV_DBG_*`` ioctl each: round trips are the cost the monitor's page cache minimises.
+"""
+
+from __future__ import annotations
+
+import errno as E
+import os
+
+from sevmon.machine.ram import PAGE_SHIFT, RAM
+
+from .abi import (
+    KVM_MEMORY_ENCRYPT_OP,
+    KVM_MEMORY_ENCRYPT_REG_REGION,
+    MEASUREMENT_LEN,
+    SEV_ISSUE_CMD,
+    SEV_STATE_NAMES,
+    GuestState,
+    KvmEncRegion,
+    KvmSevAttestationReport,
+    KvmSevCmd,
+    KvmSevDbg,
+    KvmSevGuestStatus,
+    KvmSevLaunchMeasure,
+    KvmSevLaunchSecret,
+    KvmSevLaunchStart,
+    KvmSevLaunchUpdateData,
+    SevCmdId,
+    SevIssueCmd,
+    SevRet,
+    SevUserCmd,
+    SevUserDataGetId2,
+    SevUserDataPdhCertExport,
+    SevUserDataStatus,
+    fw_error_to_str,
+)
+from .cpuid import SevCpuid
+from .transport import KernelStats, SimulatedHost, SimulatedKvm
+
+_U32 = 0xFFFF_FFFF
+
+
+class SevError(Exception):
+    """An SEV operation failed. ``errno`` is the ioctl's errno (0: refused by the VMM before
+    any ioctl), ``fw_error`` the firmware status when the PSP failed it (errno EIO)."""
+
+    def __init__(self, message: str, *, errno: int = 0, fw_error: int | None = None, gpa: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+        self.fw_error = fw_error
+        self.gpa = gpa  # set when the failure is a guest frame that is not RAM
+
+
+class SevVm:
+    """One SEV guest as the VMM sees it."""
+
+    def __init__(self, ram: RAM, *, policy: int = 0, cbitpos: int = 47, reduced_phys_bits: int = 1,
+                 kernel=None):
+        """Open the SEV context like QEMU's ``sev_kvm_init``: check the C-bit against the host,
+        read the platform version (``SEV_PLATFORM_STATUS`` on ``/dev/sev``), ``KVM_SEV_INIT``,
+        map guest RAM and register it (``KVM_MEMORY_ENCRYPT_REG_REGION``).
+
+        ``kernel`` defaults to a :class:`SimulatedKvm` on a fresh simulated host whose CPUID
+        reports ``cbitpos``/``reduced_phys_bits``; pass a ``SimulatedKvm(host)`` to put several
+        guests on one platform, or a ``LinuxSevTransport`` for real hardware.
+        """
+        if kernel is None:
+            kernel = SimulatedKvm(SimulatedHost(cbitpos=cbitpos, reduced_phys_bits=max(reduced_phys_bits, 0)))
+        self.kernel = kernel
+        self.ram = ram
+        self.policy = policy
+        self.cpuid: SevCpuid = kernel.cpuid()
+        if cbitpos != self.cpuid.cbitpos:
+            raise SevError(f"SEV: cbitpos check failed, host '{self.cpuid.cbitpos}' requested '{cbitpos}'",
+                           errno=E.EINVAL)
+        if reduced_phys_bits < 1:
+            raise SevError(f"SEV: reduced_phys_bits check failed, it should be >=1, requested '{reduced_phys_bits}'",
+                           errno=E.EINVAL)
+        self.reduced_phys_bits = reduced_phys_bits
+        self.handle = 0
+        self.measurement: bytes | None = None
+        self._state = GuestState.UNINIT
+        self.api_major, self.api_minor, self.build_id = self._platform_status()
+        self._op(SevCmdId.INIT, "INIT")
+        self._ram_hva = kernel.map_guest_ram(ram)
+        self._ioctl_struct(KVM_MEMORY_ENCRYPT_REG_REGION, KvmEncRegion,
+                           dict(addr=self._ram_hva, size=ram.size), "REG_REGION")
+
+    # -- read-only facts ----------------------------------------------------------------------
+    @property
+    def me_mask(self) -> int:
+        return self.cpuid.me_mask
+
+    @property
+    def state_name(self) -> str:
+        """QEMU's ``SevState`` name, as ``query-sev`` reports it."""
+        return SEV_STATE_NAMES.get(self._state, "uninit")
+
+    @property
+    def state_number(self) -> int:
+        """QEMU's ``SevState`` value (printed by "Not in correct state. (LSECRET) %x")."""
+        return int(self._state)
+
+    @property
+    def stats(self) -> KernelStats:
+        """A snapshot of the kernel's cumulative counters (subtract two for a delta)."""
+        return self.kernel.stats.snapshot()
+
+    # -- launch ---------------------------------------------------------------------------------
+    def launch(self, images: list[tuple[int, bytes]]) -> bytes:
+        """LAUNCH_START(policy) -> LAUNCH_UPDATE_DATA over each (gpa, plaintext) image in order
+        (writing plaintext into RAM first, then encrypt in place via the ioctl, as QEMU does with
+        the BIOS/pflash) -> LAUNCH_MEASURE (stored; returns the 48-byte blob). Leaves the guest
+        in launch-secret."""
+        if self._state != GuestState.UNINIT:
+            raise SevError(f"SEV: launch already started (state {self.state_name})")
+        out = self._op(SevCmdId.LAUNCH_START, "LAUNCH_START", KvmSevLaunchStart, dict(handle=0, policy=self.policy))
+        self.handle = out.handle
+        self._state = GuestState.LUPDATE
+        for gpa, image in images:
+            if not image:
+                continue
+            if gpa < 0 or gpa + len(image) > self.ram.size:
+                raise SevError(f"SEV: image at {gpa:#x} (+{len(image):#x}) is outside guest RAM", errno=E.EINVAL,
+                               gpa=gpa)
+            self.kernel.write(self._ram_hva + gpa, image)  # plaintext, through the VMM's own mapping
+            self._op(SevCmdId.LAUNCH_UPDATE_DATA, "LAUNCH_UPDATE_DATA", KvmSevLaunchUpdateData,
+                     dict(uaddr=self._ram_hva + gpa, len=len(image)), span=(gpa, len(image)))
+        # QEMU asks for the length first (the PSP answers INVALID_LEN and 48), then measures.
+        probe = self._op(SevCmdId.LAUNCH_MEASURE, "LAUNCH_MEASURE", KvmSevLaunchMeasure, dict(uaddr=0, len=0),
+                         check=False)
+        need = probe.len or MEASUREMENT_LEN
+        blob_hva = self.kernel.alloc(need)
+        try:
+            self._op(SevCmdId.LAUNCH_MEASURE, "LAUNCH_MEASURE", KvmSevLaunchMeasure, dict(uaddr=blob_hva, len=need))
+            self.measurement = self.kernel.read(blob_hva, MEASUREMENT_LEN)
+        finally:
+            self.kernel.free(blob_hva)
+        self._state = GuestState.LSECRET
+        return self.measurement
+
+    def inject_launch_secret(self, header: bytes, secret: bytes, gpa: int) -> None:
+        """LAUNCH_SECRET (QMP ``sev-inject-launch-secret``): the PSP checks the packet's MAC
+        with the TIK, decrypts with the TEK and writes the secret with the guest's key.
+
+        Guest frames under ``[gpa, gpa+len)`` that were never touched are faulted in (as the
+        kernel does when pinning anonymous memory) so a secret area outside the images works.
+        """
+        if self._state != GuestState.LSECRET:
+            raise SevError(f"SEV: Not in correct state. (LSECRET) {int(self._state):x}")
+        if gpa < 0 or gpa + len(secret) > self.ram.size:
+            raise SevError(f"SEV: Failed to calculate HVA for GPA {gpa:#x}", errno=E.EFAULT, gpa=gpa)
+        for pfn in range(gpa >> PAGE_SHIFT, ((gpa + max(len(secret), 1) - 1) >> PAGE_SHIFT) + 1):
+            self.ram.ensure(pfn)
+        hdr_hva = self.kernel.alloc(len(header))
+        trans_hva = self.kernel.alloc(len(secret))
+        try:
+            self.kernel.write(hdr_hva, header)
+            self.kernel.write(trans_hva, secret)
+            self._op(SevCmdId.LAUNCH_SECRET, "LAUNCH_SECRET", KvmSevLaunchSecret, dict(
+                hdr_uaddr=hdr_hva, hdr_len=len(header), guest_uaddr=self._ram_hva + gpa,
+                guest_len=len(secret), trans_uaddr=trans_hva, trans_len=len(secret)))
+        finally:
+            self.kernel.free(hdr_hva)
+            self.kernel.free(trans_hva)
+
+    def finish(self) -> None:
+        """LAUNCH_FINISH (QEMU does it on the first transition to running): the guest runs."""
+        if self._state != GuestState.LSECRET:
+            raise SevError(f"SEV: cannot finish the launch in state {self.state_name}")
+        self._op(SevCmdId.LAUNCH_FINISH, "LAUNCH_FINISH")
+        self._state = GuestState.RUNNING
+
+    def guest_status(self) -> tuple[int, int, int]:
+        """(handle, policy, state) from KVM_SEV_GUEST_STATUS, i.e. what the firmware says."""
+        st = self._op(SevCmdId.GUEST_STATUS, "GUEST_STATUS", KvmSevGuestStatus, {})
+        return st.handle, st.policy, st.state
+
+    def attestation_report(self, mnonce: bytes) -> bytes:
+        """KVM_SEV_GET_ATTESTATION_REPORT (QMP ``query-sev-attestation-report``)."""
+        if len(mnonce) != 16:
+            raise SevError("SEV: mnonce must be 16 bytes", errno=E.EINVAL)
+        probe = self._op(SevCmdId.GET_ATTESTATION_REPORT, "GET_ATTESTATION_REPORT", KvmSevAttestationReport,
+                         dict(mnonce=mnonce, uaddr=0, len=0), check=False)
+        if not probe.len:
+            raise SevError("SEV: Failed to query the attestation report length", errno=E.EIO)
+        hva = self.kernel.alloc(probe.len)
+        try:
+            out = self._op(SevCmdId.GET_ATTESTATION_REPORT, "GET_ATTESTATION_REPORT", KvmSevAttestationReport,
+                           dict(mnonce=mnonce, uaddr=hva, len=probe.len))
+            return self.kernel.read(hva, out.len)
+        finally:
+            self.kernel.free(hva)
+
+    def platform_certificates(self) -> tuple[bytes, bytes, bytes]:
+        """(PDH cert, cert chain PEK||OCA||CEK, chip id) for ``query-sev-capabilities``: QEMU's
+        ``sev_get_pdh_info`` + ``sev_get_cpu0_id``, each a length query then the real call."""
+        lens = self._sev_dev(SevUserCmd.PDH_CERT_EXPORT, "PDH_CERT_EXPORT", SevUserDataPdhCertExport, {})
+        pdh, chain = self.kernel.alloc(lens.pdh_cert_len), self.kernel.alloc(lens.cert_chain_len)
+        try:
+            out = self._sev_dev(SevUserCmd.PDH_CERT_EXPORT, "PDH_CERT_EXPORT", SevUserDataPdhCertExport, dict(
+                pdh_cert_address=pdh, pdh_cert_len=lens.pdh_cert_len,
+                cert_chain_address=chain, cert_chain_len=lens.cert_chain_len), check=True)
+            certs = self.kernel.read(pdh, out.pdh_cert_len), self.kernel.read(chain, out.cert_chain_len)
+        finally:
+            self.kernel.free(pdh)
+            self.kernel.free(chain)
+        need = self._sev_dev(SevUserCmd.GET_ID2, "GET_ID2", SevUserDataGetId2, {}).length
+        buf = self.kernel.alloc(need)
+        try:
+            out = self._sev_dev(SevUserCmd.GET_ID2, "GET_ID2", SevUserDataGetId2, dict(address=buf, length=need),
+                                check=True)
+            chip_id = self.kernel.read(buf, out.length)
+        finally:
+            self.kernel.free(buf)
+        return certs[0], certs[1], chip_id
+
+    # -- debug access -----------------------------------------------------------------------------
+    def dbg_decrypt(self, gpa: int, length: int) -> bytes:
+        """Plaintext of guest memory: exactly one KVM_SEV_DBG_DECRYPT ioctl (any alignment).
+        A zero length returns b"" without a round trip."""
+        if length == 0:
+            return b""
+        self._check_span(gpa, length)
+        buf = self.kernel.alloc(length)
+        try:
+            self._op(SevCmdId.DBG_DECRYPT, "DBG_DECRYPT", KvmSevDbg,
+                     dict(src_uaddr=self._ram_hva + gpa, dst_uaddr=buf, len=length), span=(gpa, length))
+            return self.kernel.read(buf, length)
+        finally:
+            self.kernel.free(buf)
+
+    def dbg_encrypt(self, gpa: int, data: bytes) -> None:
+        """Write plaintext into guest memory with its key: exactly one KVM_SEV_DBG_ENCRYPT ioctl.
+        Note the classic kernel's RMW bug: an unaligned write may silently drop its last bytes."""
+        if not data:
+            return
+        self._check_span(gpa, len(data))
+        buf = self.kernel.alloc(len(data))
+        try:
+            self.kernel.write(buf, data)
+            self._op(SevCmdId.DBG_ENCRYPT, "DBG_ENCRYPT", KvmSevDbg,
+                     dict(src_uaddr=buf, dst_uaddr=self._ram_hva + gpa, len=len(data)), span=(gpa, len(data)))
+        finally:
+            self.kernel.free(buf)
+
+    # -- the guest's own CPU (simulation only) ---------------------------------------------------
+    def guest_write(self, gpa: int, data: bytes, private: bool = True) -> None:
+        """A store by the guest itself: C-bit=1 goes through its key, C-bit=0 is shared plaintext.
+        Models the memory controller: no ioctl, no PSP command, not counted."""
+        try:
+            self.kernel.guest_store(gpa, data, c_bit=private)
+        except LookupError as e:
+            raise SevError(f"SEV: guest write at {gpa:#x} impossible: {e}") from None
+
+    def guest_read(self, gpa: int, n: int, private: bool = True) -> bytes:
+        """A load by the guest itself (see :meth:`guest_write`)."""
+        try:
+            return self.kernel.guest_load(gpa, n, c_bit=private)
+        except LookupError as e:
+            raise SevError(f"SEV: guest read at {gpa:#x} impossible: {e}") from None
+
+    def close(self) -> None:
+        """Close the VM (KVM deactivates and decommissions the guest, frees the ASID)."""
+        self.kernel.close()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _check_span(self, gpa: int, length: int) -> None:
+        if gpa < 0 or length < 0:
+            raise ValueError("negative guest address or length")
+        if length > _U32:
+            raise ValueError("a single debug access is limited to 4 GiB - 1 (kvm_sev_dbg.len is u32)")
+
+    def _first_hole(self, gpa: int, length: int) -> int | None:
+        """The first guest address of ``[gpa, gpa+length)`` that is not RAM, if any."""
+        limit = self.ram.size >> PAGE_SHIFT
+        for pfn in range(gpa >> PAGE_SHIFT, ((gpa + length - 1) >> PAGE_SHIFT) + 1):
+            if pfn >= limit or not self.ram.has(pfn):
+                return max(gpa, pfn << PAGE_SHIFT)
+        return None
+
+    def _platform_status(self) -> tuple[int, int, int]:
+        st = self._sev_dev(SevUserCmd.PLATFORM_STATUS, "PLATFORM_STATUS", SevUserDataStatus, {}, check=True)
+        return st.api_major, st.api_minor, st.build
+
+    def _sev_dev(self, cmd: int, what: str, struct, values: dict, *, check: bool = False):
+        """One ``SEV_ISSUE_CMD`` on ``/dev/sev``. Without ``check`` an INVALID_LEN answer is
+        expected (a length query) and anything else fails."""
+        k = self.kernel
+        data = k.alloc(struct.sizeof())
+        inp = k.alloc(SevIssueCmd.sizeof())
+        try:
+            k.write(data, struct.build(values))
+            k.write(inp, SevIssueCmd.build(dict(cmd=cmd, data=data)))
+            err = 0
+            try:
+                k.ioctl(k.sev_fd, SEV_ISSUE_CMD, inp)
+            except OSError as e:
+                err = e.errno
+            fw = SevIssueCmd.parse(k.read(inp, SevIssueCmd.sizeof())).error
+            out = struct.parse(k.read(data, struct.sizeof()))
+        finally:
+            k.free(data)
+            k.free(inp)
+        if err and (check or err != E.EIO or fw != SevRet.INVALID_LEN):
+            raise self._error(what, err, fw if err == E.EIO else None)
+        return out
+
+    def _ioctl_struct(self, request: int, struct, values: dict, what: str) -> None:
+        k = self.kernel
+        hva = k.alloc(struct.sizeof())
+        try:
+            k.write(hva, struct.build(values))
+            try:
+                k.ioctl(k.vm_fd, request, hva)
+            except OSError as e:
+                raise self._error(what, e.errno, None) from None
+        finally:
+            k.free(hva)
+
+    def _op(self, cmd_id: int, what: str, struct=None, values: dict | None = None, *,
+            check: bool = True, span: tuple[int, int] | None = None):
+        """One KVM_MEMORY_ENCRYPT_OP round trip; returns the per-command struct as copied back."""
+        k = self.kernel
+        data = 0
+        if struct is not None:
+            data = k.alloc(struct.sizeof())
+            k.write(data, struct.build(values or {}))
+        cmd = k.alloc(KvmSevCmd.sizeof())
+        try:
+            k.write(cmd, KvmSevCmd.build(dict(id=cmd_id, data=data, sev_fd=k.sev_fd)))
+            err = 0
+            try:
+                k.ioctl(k.vm_fd, KVM_MEMORY_ENCRYPT_OP, cmd)
+            except OSError as e:
+                err = e.errno
+            fw = KvmSevCmd.parse(k.read(cmd, KvmSevCmd.sizeof())).error
+            out = struct.parse(k.read(data, struct.sizeof())) if struct is not None else None
+        finally:
+            k.free(cmd)
+            if data:
+                k.free(data)
+        if err and check:
+            gpa = self._first_hole(*span) if span and err in (E.ENOMEM, E.EFAULT) else None
+            raise self._error(what, err, fw if err == E.EIO else None, gpa)
+        return out
+
+    @staticmethod
+    def _error(what: str, err: int, fw: int | None, gpa: int | None = None) -> SevError:
+        if gpa is not None:
+            msg = (f"SEV: {what} failed: guest physical address {gpa:#x} is not RAM "
+                   f"(the kernel could not pin its page: errno {E.errorcode.get(err, err)})")
+        elif fw is not None:
+            msg = f"SEV: {what} failed: {fw_error_to_str(fw) or 'success'} (fw error {fw})"
+        else:
+            msg = f"SEV: {what} failed: {os.strerror(err)} (errno {E.errorcode.get(err, err)})"
+        return SevError(msg, errno=err, fw_error=fw, gpa=gpa)
