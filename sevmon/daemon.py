@@ -44,6 +44,13 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
         await server.shutdown.wait()
         ticker.cancel()
     finally:
+        job = machine.dump
+        if job is not None and job.active:  # SIGTERM mid-dump: stop it; it removes its partial file
+            job.cancel.set()
+            for _ in range(200):
+                if not job.active:
+                    break
+                await asyncio.sleep(0.05)
         if hmp_server is not None:
             await hmp_server.close()
         await server.close()

@@ -44,7 +44,8 @@ class DebugMemory:
         self.batch = batch
 
     # -- reads -----------------------------------------------------------------------------
-    def read_frames(self, pfns: Iterable[int], *, private: bool = True) -> dict[int, bytes]:
+    def read_frames(self, pfns: Iterable[int], *, private: bool = True, fill: bool = True) -> dict[int, bytes]:
+        """Plaintext of the frames that are RAM; ``fill=False`` streams without caching."""
         cache = self.cache if private else self.shared_cache
         out: dict[int, bytes] = {}
         missing = []
@@ -60,16 +61,17 @@ class DebugMemory:
             blob = self.ops.read_run(first << PAGE_SHIFT, count << PAGE_SHIFT, private)
             for i in range(count):
                 page = blob[i << PAGE_SHIFT:(i + 1) << PAGE_SHIFT]
-                cache.put(first + i, page)
+                if fill:
+                    cache.put(first + i, page)
                 out[first + i] = page
         return out
 
-    def read(self, gpa: int, size: int, *, private: bool = True) -> bytes:
+    def read(self, gpa: int, size: int, *, private: bool = True, fill: bool = True) -> bytes:
         """``size`` bytes at ``gpa``; MemoryAccessError (at the first bad address) otherwise."""
         if size <= 0:
             return b""
         first, last = gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT
-        pages = self.read_frames(range(first, last + 1), private=private)
+        pages = self.read_frames(range(first, last + 1), private=private, fill=fill)
         out = bytearray()
         for pfn in range(first, last + 1):
             page = pages.get(pfn)
@@ -78,6 +80,16 @@ class DebugMemory:
             out += page
         off = gpa & (PAGE_SIZE - 1)
         return bytes(out[off:off + size])
+
+    def read_zero_filled(self, gpa: int, size: int, *, private: bool = True) -> bytes:
+        """Like ``read`` but non-RAM reads as zeros (QEMU's unassigned memory), uncached:
+        for streaming copies (pmemsave, dumps) that must not evict the walkers' tables."""
+        first, last = gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT
+        pages = self.read_frames(range(first, last + 1), private=private, fill=False)
+        zero = bytes(PAGE_SIZE)
+        out = b"".join(pages.get(p, zero) for p in range(first, last + 1))
+        off = gpa & (PAGE_SIZE - 1)
+        return out[off:off + size]
 
     # -- writes ----------------------------------------------------------------------------
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:

@@ -3,14 +3,21 @@
 Sources: the built-in guest (default), a QEMU ELF core (``--core``) or a raw RAM image
 (``--raw`` + ``--cpu-state``). With ``--sev`` (the default for the built-in guest) the
 guest runs on the SEV platform model: its image goes through LAUNCH_UPDATE_DATA and its
-RAM is ciphertext from then on.
+RAM is ciphertext from then on; the monitor reaches it only through DBG_DECRYPT.
 """
 
 from __future__ import annotations
 
-from sevmon.machine.cpu import CpuState
-from sevmon.machine.ram import RAM
+import logging
+
+from sevmon.debug.access import DebugMemory
+from sevmon.debug.ops import PlainOps, SevOps
+from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_raw
+from sevmon.machine.ram import PAGE_SHIFT
+from sevmon.machine.sevify import set_cbit
 from sevmon.machine.vm import Machine, MachineConfig
+
+log = logging.getLogger("sevmon")
 
 
 class GuestError(Exception):
@@ -18,6 +25,51 @@ class GuestError(Exception):
 
 
 def build_machine(args) -> Machine:
-    ram = RAM(args.memory << 20)
-    cpu = CpuState(0, {"cr0": 0x60000010})
-    return Machine(ram, [cpu], config=MachineConfig(), running=True)
+    try:
+        return _build(args)
+    except ImageError as e:
+        raise GuestError(str(e)) from None
+    except Exception as e:
+        from sevmon.sev import transport, vm
+        if isinstance(e, vm.SevError | getattr(transport, "SevUnavailable", vm.SevError)):
+            raise GuestError(str(e)) from None
+        raise
+
+
+def _sev_kernel(args):
+    """The kernel transport: the simulated platform, or real /dev/kvm + /dev/sev."""
+    if not args.kvm:
+        return None
+    from sevmon.sev.transport import LinuxSevTransport
+    return LinuxSevTransport()  # raises SevUnavailable with one sentence on hosts without SEV
+
+
+def _build(args) -> Machine:
+    debug_allowed = args.debug_policy == "on"
+    cache_pages = max(0, args.debug_cache_mb) << (20 - PAGE_SHIFT)
+    if args.core or args.raw:
+        if args.raw and not args.cpu_state:
+            raise GuestError("--raw needs --cpu-state FILE.json: a raw image carries no registers")
+        image = load_core(args.core) if args.core else load_raw(args.raw)
+        if args.cpu_state:
+            apply_cpu_json(image, args.cpu_state)
+        ram, cpus = image.ram, image.cpus
+        sev = None
+        if args.sev:
+            from sevmon.sev.vm import SevVm
+            set_cbit(ram, cpus[0], args.cbitpos)
+            sev = SevVm(ram, policy=args.policy, cbitpos=args.cbitpos,
+                        reduced_phys_bits=args.reduced_phys_bits, kernel=_sev_kernel(args))
+            runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
+            sev.launch(runs)
+            sev.finish()
+        config = MachineConfig(kvm_enabled=sev is not None, source="core" if args.core else "raw",
+                               debug_policy=debug_allowed)
+        machine = Machine(ram, cpus, config=config, sev=sev, running=False)
+    else:
+        from sevmon.machine.builtin_guest import build_builtin
+        machine = build_builtin(args)
+    ops = (SevOps(machine.ram, machine.sev, allowed=debug_allowed) if machine.sev is not None
+           else PlainOps(machine.ram, allowed=debug_allowed))
+    machine.memory = DebugMemory(machine.ram, ops, cache_pages=cache_pages)
+    return machine

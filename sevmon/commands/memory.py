@@ -1,0 +1,198 @@
+"""Guest memory on the monitor: info mem/tlb/registers, gva2gpa, x, xp, memsave, pmemsave,
+and sevmon's debug statistics. Everything reads through ``machine.memory`` (the debug
+access layer); the walkers strip the C-bit (``me_mask``) from CR3 and every entry.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sevmon.debug.ops import DebugRefused
+from sevmon.hmp.memory_dump import _printc, memory_dump
+from sevmon.machine.ram import PAGE_SIZE, MemoryAccessError
+from sevmon.qmp.errors import QMPError
+from sevmon.x86 import paging
+from sevmon.x86.registers import info_registers
+
+COPY_CHUNK = 1 << 20       # memsave/pmemsave stream this much per read (bounded memory)
+U64 = (1 << 64) - 1
+
+
+def me_mask(machine) -> int:
+    return machine.sev.me_mask if machine.sev is not None else 0
+
+
+def virtual_reader(machine, cpu):
+    """``read(va, n)`` through the vCPU's page tables: each page translated, then read
+    private or shared as its leaf entry says (x, memsave)."""
+    mem, mask = machine.memory, me_mask(machine)
+
+    def read(va: int, n: int) -> bytes:
+        out = bytearray()
+        while n > 0:
+            chunk = min(n, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
+            t = paging.translate(mem, cpu, va, mask)
+            if t is None:
+                raise MemoryAccessError(va)
+            gpa, private = t
+            out += mem.read(gpa, chunk, private=private)
+            va = (va + chunk) & U64
+            n -= chunk
+        return bytes(out)
+
+    return read
+
+
+def _open_for_write(filename: str):
+    try:
+        return open(filename, "wb")
+    except OSError as e:
+        raise QMPError(f"Could not open '{filename}': {os.strerror(e.errno)}") from None
+
+
+def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) -> None:
+    idx = 0 if cpu_index is None else cpu_index
+    if not 0 <= idx < len(machine.cpus):
+        raise QMPError("Parameter 'cpu-index' expects a CPU number")
+    read = virtual_reader(machine, machine.cpus[idx])
+    addr, left = val & U64, size
+    with _open_for_write(filename) as f:
+        if size < 0:
+            raise QMPError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
+        while left > 0:
+            n = min(left, COPY_CHUNK)
+            try:
+                data = read(addr, n)
+            except MemoryAccessError:
+                raise QMPError(f"Invalid addr 0x{val & U64:016x}/size {size} specified") from None
+            _write(f, data)
+            addr = (addr + n) & U64
+            left -= n
+
+
+def pmemsave(machine, val: int, size: int, filename: str) -> None:
+    addr, left = val & U64, size
+    with _open_for_write(filename) as f:
+        while left > 0:
+            n = min(left, COPY_CHUNK, (1 << 64) - addr)
+            try:
+                data = machine.memory.read_zero_filled(addr, n)
+            except DebugRefused as e:
+                raise QMPError(e.reason) from None
+            _write(f, data)
+            addr = (addr + n) & U64
+            left -= n
+
+
+def _write(f, data: bytes) -> None:
+    try:
+        f.write(data)
+    except OSError:
+        raise QMPError("An IO error has occurred") from None
+
+
+def debug_stats(machine) -> dict:
+    return machine.memory.stats()
+
+
+def register(registry, hmp, info) -> None:
+    @registry.register("memsave")
+    def qmp_memsave(ctx, val, size, filename, cpu_index=None):
+        memsave(ctx.machine, val, size, filename, cpu_index)
+        return {}
+
+    @registry.register("pmemsave")
+    def qmp_pmemsave(ctx, val, size, filename):
+        pmemsave(ctx.machine, val, size, filename)
+        return {}
+
+    registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
+
+    def walk_lines(ctx, fn) -> None:
+        try:
+            for line in fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine)):
+                ctx.print(line)
+        except DebugRefused as e:
+            ctx.print(f"Error: {e.reason}")
+
+    @info.command("mem", "", "", "show the active virtual memory mappings")
+    def info_mem(ctx):
+        walk_lines(ctx, paging.info_mem)
+
+    @info.command("tlb", "", "", "show virtual to physical memory mappings")
+    def info_tlb(ctx):
+        walk_lines(ctx, paging.info_tlb)
+
+    @info.command("registers", "cpustate_all:-a,vcpu:i?", "[-a|vcpu]",
+                  "show the cpu registers (-a: show register info for all cpus; vcpu: specific vCPU to query; "
+                  "show the current CPU's registers if no argument is specified)")
+    def info_regs(ctx, cpustate_all=False, vcpu=None):
+        cpus = ctx.machine.cpus
+        if cpustate_all:
+            chosen = cpus
+        elif vcpu is not None:
+            if not 0 <= vcpu < len(cpus):
+                ctx.print(f"CPU#{vcpu} not available")
+                return
+            chosen = [cpus[vcpu]]
+        else:
+            chosen = [ctx.cpu]
+        for cpu in chosen:
+            ctx.print(info_registers(cpu), end="")
+
+    @info.command("sev-debug", "", "", "show SEV debug-access statistics (round trips, cache)")
+    def info_sev_debug(ctx):
+        for k, v in debug_stats(ctx.machine).items():
+            ctx.print(f"{k}: {v}")
+
+    @hmp.command("gva2gpa", "addr:l", "addr",
+                 "print the guest physical address corresponding to a guest virtual address")
+    def hmp_gva2gpa(ctx, addr):
+        try:
+            ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, me_mask(ctx.machine)))
+        except DebugRefused as e:
+            ctx.print(f"Error: {e.reason}")
+
+    @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'")
+    def hmp_x(ctx, count, format, size, addr):
+        read = virtual_reader(ctx.machine, ctx.cpu)
+        for line in memory_dump(read, addr, count, format, size, virtual=True):
+            ctx.print(line, end="")
+
+    @hmp.command("xp", "fmt:/,addr:l", "/fmt addr", "physical memory dump starting at 'addr'")
+    def hmp_xp(ctx, count, format, size, addr):
+        mem = ctx.machine.memory
+        for line in memory_dump(lambda a, n: mem.read(a, n), addr, count, format, size, virtual=False):
+            ctx.print(line, end="")
+
+    @hmp.command("memsave", "val:l,size:i,filename:s", "addr size file",
+                 "save to disk virtual memory dump starting at 'addr' of size 'size'")
+    def hmp_memsave(ctx, val, size, filename):
+        try:
+            memsave(ctx.machine, val, size, filename, ctx.cpu_index)
+        except QMPError as e:
+            ctx.print(f"Error: {e.desc}")
+
+    @hmp.command("pmemsave", "val:l,size:i,filename:s", "addr size file",
+                 "save to disk physical memory dump starting at 'addr' of size 'size'")
+    def hmp_pmemsave(ctx, val, size, filename):
+        try:
+            pmemsave(ctx.machine, val, size, filename)
+        except QMPError as e:
+            ctx.print(f"Error: {e.desc}")
+
+    @hmp.command("print|p", "fmt:/,val:l", "/fmt expr", "print expression value (use $reg for CPU register access)")
+    def hmp_print(ctx, count, format, size, val):
+        v = val & U64
+        signed = v - (1 << 64) if v >> 63 else v
+        if format == "o":
+            text = f"0{v:o}" if v else "0"
+        elif format == "x":
+            text = f"{v:#x}" if v else "0"
+        elif format == "u":
+            text = str(v)
+        elif format == "c":
+            text = _printc(v & 0xFF)
+        else:
+            text = str(signed)
+        ctx.print(text)

@@ -1,0 +1,61 @@
+"""Make a plain guest image look like a Linux SEV guest's memory: set the C-bit in CR3 and
+in every present entry of every table reachable from it (64-bit entries only: PAE,
+4-level, 5-level), as ``sme_enable`` + ``_PAGE_ENC`` do in a real guest. Runs on the
+plaintext image before launch encrypts it; 32-bit 2-level tables have no C-bit.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from sevmon.machine.cpu import CpuState
+from sevmon.machine.ram import PAGE_SHIFT, RAM
+
+ADDR_MASK = 0x000FFFFFFFFFF000
+PRESENT, PSE = 1 << 0, 1 << 7
+_LEVELS = {"pae": 3, "4level": 4, "5level": 5}
+_PAE_ROOT_ENTRIES = 4
+
+
+def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
+    """Set the C-bit in the tables reachable from CR3 (and in CR3 in long mode).
+
+    Returns the number of table pages rewritten. Tables are visited once even when
+    shared; large leaves (PS at the PDPT/PD level) end the descent.
+    """
+    mode = cpu.paging_mode()
+    if mode not in _LEVELS:
+        return 0
+    cbit = 1 << cbitpos
+    levels = _LEVELS[mode]
+    cr3 = cpu.cr3 & ~cbit
+    if mode == "pae":
+        root_addr = cr3 & 0xFFFFFFE0
+        frontier = {root_addr >> PAGE_SHIFT: (root_addr & 0xFFF, _PAE_ROOT_ENTRIES)}
+    else:
+        frontier = {(cr3 & ADDR_MASK) >> PAGE_SHIFT: (0, 512)}
+        cpu.set("cr3", cpu.cr3 | cbit)
+    done: set[int] = set()
+    rewritten = 0
+    for depth in range(levels):
+        nxt: dict[int, tuple[int, int]] = {}
+        leaf_level = depth == levels - 1
+        for pfn, (offset, count) in frontier.items():
+            if pfn in done:
+                continue
+            done.add(pfn)
+            frame = ram.frame(pfn)
+            if frame is None:
+                continue
+            entries = list(struct.unpack_from(f"<{count}Q", frame, offset))
+            for i, e in enumerate(entries):
+                if not e & PRESENT:
+                    continue
+                entries[i] = e | cbit
+                large = e & PSE and depth in (levels - 3, levels - 2) and not (mode == "pae" and depth == 0)
+                if not leaf_level and not large:
+                    nxt[((e & ~cbit) & ADDR_MASK) >> PAGE_SHIFT] = (0, 512)
+            struct.pack_into(f"<{count}Q", frame, offset, *entries)
+            rewritten += 1
+        frontier = nxt
+    return rewritten

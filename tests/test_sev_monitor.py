@@ -1,0 +1,117 @@
+"""SEV on the monitor, end to end through a real daemon: query-sev*, info sev, info kvm,
+the launch measurement verified independently, migration blockers, --kvm on this host,
+debug refused under NODBG or --debug-policy off, and ciphertext at rest."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+import subprocess
+import sys
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from tests.conftest import FIXTURES
+
+
+def connect(d):
+    q = QEMUMonitorProtocol(d.qmp)
+    q.connect()
+    return q
+
+
+def hmp(q, line):
+    return q.cmd_obj({"execute": "human-monitor-command", "arguments": {"command-line": line}})["return"]
+
+
+def test_launch_with_bios_and_independent_measurement_check(make_daemon, tmp_path):
+    bios = tmp_path / "bios.bin"
+    bios.write_bytes(bytes(range(256)) * 256)
+    d = make_daemon("--bios", str(bios))
+    q = connect(d)
+    info = q.cmd("query-sev")
+    assert info["enabled"] is True and info["state"] == "running" and info["policy"] == 0
+    assert info["handle"] >= 1
+    blob = base64.b64decode(q.cmd("query-sev-launch-measure")["data"])
+    assert len(q.cmd("query-sev-launch-measure")["data"]) == 64 and len(blob) == 48
+    measure, mnonce = blob[:32], blob[32:]
+    digest = hashlib.sha256(bios.read_bytes()).digest()
+    msg = bytes([0x04, info["api-major"], info["api-minor"], info["build-id"]]) + struct.pack("<I", 0) + digest + mnonce
+    assert hmac.new(bytes(16), msg, hashlib.sha256).digest() == measure
+    assert hmp(q, "info kvm") == "kvm support: enabled\r\nmemory encryption: enabled\r\n"
+    lines = hmp(q, "info sev").split("\r\n")
+    assert lines[:2] == [f"handle: {info['handle']}", "state: running"]
+    assert lines[3] == f"api version: {info['api-major']}.{info['api-minor']}"
+    assert lines[4:6] == ["debug: on", "key-sharing: on"]
+    caps = q.cmd("query-sev-capabilities")
+    assert caps["cbitpos"] == 47 and caps["reduced-phys-bits"] == 1
+    r = q.cmd_obj({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1"}})
+    assert r["error"] == {"class": "GenericError", "desc": "SEV: Migration is not implemented"}
+    assert hmp(q, "savevm s1") == "Error: SEV: Migration is not implemented\r\n"
+    assert hmp(q, "migrate tcp:127.0.0.1:1") == "Error: SEV: Migration is not implemented\r\n"
+    r = q.cmd_obj({"execute": "query-sev-attestation-report", "arguments": {"mnonce": "AAAA"}})
+    assert r["error"]["desc"] == "SEV: mnonce must be 16 bytes (got 3)"
+    r = q.cmd_obj({"execute": "sev-inject-launch-secret", "arguments": {"packet-header": "AA==", "secret": "AA==",
+                                                                         "gpa": 4096}})
+    assert r["error"]["desc"] == "SEV: Not in correct state. (LSECRET) 3"
+    q.close()
+
+
+def test_no_sev_answers_as_qemu_without_sev(make_daemon):
+    q = connect(make_daemon("--no-sev"))
+    assert q.cmd("query-sev") == {"enabled": False, "api-minor": 0, "handle": 0, "state": "uninit",
+                                  "api-major": 0, "build-id": 0, "policy": 0}
+    for cmd, args, desc in [("query-sev-launch-measure", {}, "SEV launch measurement is not available"),
+                            ("query-sev-capabilities", {}, "KVM not enabled"),
+                            ("query-sev-attestation-report", {"mnonce": "x"}, "SEV is not enabled"),
+                            ("sev-inject-launch-secret", {"packet-header": "a", "secret": "b"},
+                             "SEV not enabled for guest")]:
+        assert q.cmd_obj({"execute": cmd, "arguments": args})["error"]["desc"] == desc
+    assert hmp(q, "info sev") == "SEV is not enabled\r\n"
+    assert hmp(q, "info kvm") == "kvm support: disabled\r\nmemory encryption: disabled\r\n"
+    q.close()
+
+
+def test_kvm_flag_on_a_host_without_sev_fails_with_one_sentence(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sevmon", "serve", "--kvm", "--qmp", str(tmp_path / "q.sock")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "SEV" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def _all_output(q, gva, gpa):
+    outs = [hmp(q, c) for c in ("info mem", "info tlb", f"gva2gpa {gva:#x}", f"x /32xb {gva:#x}",
+                                f"xp /32xb {gpa:#x}", f"xp /8c {gpa:#x}")]
+    return outs
+
+
+def test_debug_refused_under_nodbg_and_security_policy(make_daemon, tmp_path):
+    fx = FIXTURES / "linux-4level"
+    base = ["--core", str(fx / "core.elf"), "--cpu-state", str(fx / "cpu.json"), "--sev"]
+    plain = connect(make_daemon(*base, hmp=False))
+    secret_x = hmp(plain, "x /4xg 0x4000e8")
+    assert "0x0000000600000001" in secret_x
+    for extra in (["--policy", "0x1"], ["--debug-policy", "off"]):
+        d = make_daemon(*base, *extra, hmp=False)
+        q = connect(d)
+        outs = _all_output(q, 0x4000E8, 0xB2A80E8)
+        assert outs[3] == "00000000004000e8: Cannot access memory\r\n"
+        assert outs[4] == "000000000b2a80e8: Cannot access memory\r\n"
+        for o in (outs[0], outs[1], outs[2]):
+            assert o.count("\r\n") == 1 and ("policy" in o), o
+        for path_cmd in ("memsave", "pmemsave"):
+            f = tmp_path / f"{path_cmd}-{extra[0]}.bin"
+            addr = 0x4000E8 if path_cmd == "memsave" else 0xB2A80E8
+            r = q.cmd_obj({"execute": path_cmd, "arguments": {"val": addr, "size": 4096, "filename": str(f)}})
+            assert "error" in r
+            assert b"\x01\x00\x00\x00\x06\x00\x00\x00" not in f.read_bytes()
+        dump = tmp_path / f"dump{extra[0]}.elf"
+        r = q.cmd_obj({"execute": "dump-guest-memory", "arguments": {"paging": False, "protocol": f"file:{dump}"}})
+        assert "error" in r and not dump.exists()
+        stats = q.cmd("query-sev-debug-stats")
+        assert stats["bytes-decrypted"] == 0
+        q.close()
+    plain.close()
