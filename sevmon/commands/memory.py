@@ -110,10 +110,12 @@ def register(registry, hmp, info) -> None:
 
     def walk_lines(ctx, fn) -> None:
         try:
-            for line in fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine)):
-                ctx.print(line)
+            lines = list(fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine)))
         except DebugRefused as e:
             ctx.print(f"Error: {e.reason}")
+            return
+        if lines:
+            ctx.print("\n".join(lines))
 
     @info.command("mem", "", "", "show the active virtual memory mappings")
     def info_mem(ctx):

@@ -18,6 +18,7 @@ The caller appends the ``\\r\\n`` line terminator.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -50,7 +51,14 @@ def _escape_char(m: re.Match[str]) -> str:
     return f"\\u{cp:04X}"
 
 
+# Strings made only of these characters come out of json.dumps exactly as QEMU writes them
+# (printable ASCII plus \b \t \n \f \r): take that C-speed path for big HMP replies.
+_JSON_DUMPS_SAFE = re.compile(r"[^\x08-\x0a\x0c\x0d\x20-\x7e]")
+
+
 def _quoted(s: str) -> str:
+    if len(s) > 256 and _JSON_DUMPS_SAFE.search(s) is None:
+        return json.dumps(s)
     return '"' + _NEEDS_ESCAPE.sub(_escape_char, s) + '"'
 
 

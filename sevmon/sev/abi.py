@@ -410,3 +410,30 @@ QEMU_DEFAULT_POLICY = 0x1  # QEMU's sev-guest default: debugging disabled
 def policy_api_version(policy: int) -> tuple[int, int]:
     """The (major, minor) minimum firmware version a SEND target must have."""
     return (policy >> 16) & 0xFF, (policy >> 24) & 0xFF
+
+
+class _Compiled:
+    """A construct ``Struct`` compiled to generated code, with its fixed size computed once.
+
+    Every DBG ioctl packs and unpacks several of these structs on the way through the
+    kernel and the firmware, so the cold-walk cost of the simulated platform is dominated
+    by construct's interpretive parse/build/sizeof unless they are compiled. The layout
+    stays available as ``.struct`` / ``.subcons`` for introspection and tests.
+    """
+
+    def __init__(self, struct: Struct):
+        self.struct = struct
+        self.subcons = struct.subcons
+        self._compiled = struct.compile()
+        self._size = struct.sizeof()
+        self.parse = self._compiled.parse
+        self.build = self._compiled.build
+
+    def sizeof(self, **_context) -> int:
+        return self._size
+
+
+for _name, _obj in list(globals().items()):
+    if isinstance(_obj, Struct):
+        globals()[_name] = _Compiled(_obj)
+del _name, _obj

@@ -183,13 +183,12 @@ class _Tables:
 
     def leaves(self) -> Iterator[tuple[int, int, int, int, bool]]:
         """Leaves in VA order as ``(raw va, entry without C-bit, level index, prot, private)``."""
-        return self._descend(0, self.root, 0, PROT_MASK)
-
-    def _descend(self, depth: int, entries: tuple[int, ...], base: int, pprot: int):
-        levels = self.mode.levels
         me = self.me
-        shift = levels[depth].shift
-        if depth == len(levels) - 1:
+        for item in self.chunks():
+            if len(item) == 5:
+                yield item
+                continue
+            base, entries, depth, pprot = item
             # 4 KiB leaf table: the hot loop (a million iterations for a million pages).
             if me:
                 for i, e in enumerate(entries):
@@ -200,6 +199,19 @@ class _Tables:
                 for i, e in enumerate(entries):
                     if e & PG_PRESENT:
                         yield base + (i << 12), e, depth, e & pprot, True
+
+    def chunks(self):
+        """VA-ordered walk output: large leaves as ``(va, entry, depth, prot, private)``, and whole
+        4 KiB leaf tables as ``(base va, raw entries, depth, parent prot)`` so a consumer can
+        process a table in one tight loop instead of one generator step per page."""
+        return self._descend(0, self.root, 0, PROT_MASK)
+
+    def _descend(self, depth: int, entries: tuple[int, ...], base: int, pprot: int):
+        levels = self.mode.levels
+        me = self.me
+        shift = levels[depth].shift
+        if depth == len(levels) - 1:
+            yield base, entries, depth, pprot
             return
         lvl = levels[depth]
         ps_leaf = PG_PSE if lvl.leaf_mask else 0
@@ -252,6 +264,16 @@ def _flag_table() -> tuple[str, ...]:
 
 
 _FLAGS = _flag_table()
+_LOW_DIGITS: dict[tuple[int, int], list[str]] = {}
+
+
+def _low_digits(span_base: int, n: int) -> list[str]:
+    """The low 6 hex digits of ``span_base + (i << 12)`` for i < n (cached per table span)."""
+    key = (span_base, n)
+    low = _LOW_DIGITS.get(key)
+    if low is None:
+        low = _LOW_DIGITS[key] = [f"{span_base | (i << 12):06x}" for i in range(n)]
+    return low
 
 
 def info_tlb(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[str]:
@@ -266,9 +288,20 @@ def info_tlb(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
     cbit = mode.canon_bit
     sext = -(1 << (cbit + 1)) & _U64 if cbit else 0
     flags = _FLAGS
-    for va, e, depth, _prot, _priv in t.leaves():
-        if depth == last:
-            e &= ~PG_PSE          # print_pte(..., pte & ~PG_PSE_MASK, ...): PAT is not "P" on 4K lines
+    pa4k = masks[last] & ~t.me & _U64
+    for item in t.chunks():
+        if len(item) == 4:
+            # a whole 4 KiB table at once; print_pte(..., pte & ~PG_PSE_MASK, ...): PAT is not "P"
+            base, entries, _depth, _pprot = item
+            if cbit and base >> cbit & 1:
+                base |= sext
+            # The VA of entry i is base + (i << 12): its top 10 hex digits are the table's, the low 6
+            # come from a per-span cache, so each line costs one hex conversion (the PA), not two.
+            pre, low = f"{base:016x}"[:10], _low_digits(base & 0xFFFFFF, len(entries))
+            yield from [f"{pre}{low[i]}: {e & pa4k:016x} {flags[((e >> 54) & 0x200) | (e & 0x17E)]}"
+                        for i, e in enumerate(entries) if e & PG_PRESENT]
+            continue
+        va, e, depth, _prot, _priv = item
         if cbit and va >> cbit & 1:
             va |= sext
         yield f"{va:016x}: {e & masks[depth]:016x} {flags[((e >> 54) & 0x200) | (e & 0x1FE)]}"
