@@ -1,0 +1,250 @@
+"""``sevmon bench``: what sevmon exists for, measured side by side in one run.
+
+Round trips and firmware calls are deterministic counts from the kernel transport;
+wall times are medians of ``--repeat`` runs and only meaningful as ratios within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from sevmon.bench.readers import make_reader
+from sevmon.machine.ram import PAGE_SHIFT
+from sevmon.x86 import paging
+
+PMEMSAVE_SIZE = 64 << 20
+CHUNK = 1 << 20
+
+
+def _consume(lines) -> int:
+    n = 0
+    for _ in lines:
+        n += 1
+    return n
+
+
+def _pmemsave(reader, ram) -> None:
+    """The pmemsave loop over the first 64 MiB of the guest's RAM that exists."""
+    first = next(iter(ram.frames()), 0) << PAGE_SHIFT
+    for off in range(0, PMEMSAVE_SIZE, CHUNK):
+        gpa = first + off
+        pfns = [p for p in range(gpa >> PAGE_SHIFT, (gpa + CHUNK) >> PAGE_SHIFT) if ram.has(p)]
+        if pfns:
+            reader.read_frames(pfns, fill=False) if hasattr(reader, "cache") else \
+                [reader.read(p << PAGE_SHIFT, 1024) for p in pfns for _ in range(4)]
+
+
+def _workloads(machine):
+    cpu, mask = machine.cpus[0], machine.sev.me_mask if machine.sev else 0
+    return {
+        "info tlb": lambda mem: _consume(paging.info_tlb(mem, cpu, mask)),
+        "info mem": lambda mem: _consume(paging.info_mem(mem, cpu, mask)),
+        "pmemsave 64MiB": lambda mem: _pmemsave(mem, machine.ram),
+    }
+
+
+def _measure(machine, kind: str, fn, repeat: int) -> dict:
+    ops = machine.memory.ops
+    reader = make_reader(kind, machine.ram, ops, entry_size=8 if machine.cpus[0].paging_mode() != "32" else 4)
+    out = {}
+    for phase in ("cold", "warm"):
+        times = []
+        for r in range(repeat if kind != "naive" else 1):
+            if phase == "cold":
+                reader.invalidate()
+            before = dict(ops.stats())
+            cb = (reader.cache.hits, reader.cache.misses) if hasattr(reader, "cache") else (0, 0)
+            t0 = time.perf_counter()
+            fn(reader)
+            times.append((time.perf_counter() - t0) * 1000)
+            after = ops.stats()
+            ca = (reader.cache.hits, reader.cache.misses) if hasattr(reader, "cache") else (0, 0)
+            if r == 0:
+                out[phase] = {k: after[k] - before[k] for k in ("round-trips", "firmware-calls", "bytes-decrypted")}
+                out[phase].update({"cache-hits": ca[0] - cb[0], "cache-misses": ca[1] - cb[1]})
+        out[phase]["wall-ms"] = round(statistics.median(times), 3)
+    return out
+
+
+def _side_by_side(machine, repeat: int) -> dict:
+    report = {}
+    for name, fn in _workloads(machine).items():
+        built = _measure(machine, "sevmon", fn, repeat)
+        per_page = _measure(machine, "per-page", fn, repeat)
+        naive = _measure(machine, "naive", fn, 1)
+        for phase in ("cold", "warm"):
+            built[phase]["per-page-round-trips"] = per_page[phase]["round-trips"]
+            built[phase]["per-page-wall-ms"] = per_page[phase]["wall-ms"]
+            built[phase]["naive-round-trips"] = naive["cold"]["round-trips"]
+            built[phase]["naive-wall-ms"] = naive["cold"]["wall-ms"]
+        report[name] = built
+    pages, runs = paging.count_table_reads(make_reader("sevmon", machine.ram, machine.memory.ops),
+                                           machine.cpus[0], machine.sev.me_mask if machine.sev else 0)
+    report["level-batched lower bound"] = {"table-pages": pages, "round-trips": runs,
+                                           "achieved-round-trips": report["info tlb"]["cold"]["round-trips"]}
+    return report
+
+
+# -- scale ---------------------------------------------------------------------------------------
+def scale_child(n: int) -> dict:
+    """Runs in a fresh process so peak RSS belongs to this size alone."""
+    from sevmon.bench.scale import build_scale_guest, make_scale_ram
+    from sevmon.debug.access import DebugMemory
+    from sevmon.debug.ops import SevOps
+    from sevmon.sev.vm import SevVm
+
+    ram = make_scale_ram()
+    sev = SevVm(ram, policy=0)
+    sev.launch([(0, bytes(4096))])
+    sev.finish()
+    t0 = time.perf_counter()
+    cpu = build_scale_guest(n, sev.guest_write, sev.me_mask)
+    build_s = time.perf_counter() - t0
+    mem = DebugMemory(ram, SevOps(ram, sev), cache_pages=1 << 20)
+    t0 = time.perf_counter()
+    lines_mem = _consume(paging.info_mem(mem, cpu, sev.me_mask))
+    mem_s = time.perf_counter() - t0
+    mem.invalidate()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w") as f:
+        lines_tlb = 0
+        for line in paging.info_tlb(mem, cpu, sev.me_mask):
+            f.write(line + "\n")
+            lines_tlb += 1
+    tlb_s = time.perf_counter() - t0
+    assert lines_tlb == n
+    return {"pages": n, "build-s": round(build_s, 3), "info mem cold-s": round(mem_s, 3),
+            "info tlb to file cold-s": round(tlb_s, 3), "info mem lines": lines_mem,
+            "peak-rss-mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "round-trips": sev.stats.round_trips}
+
+
+def _scale(n: int) -> dict:
+    rows = []
+    for size in (max(1, n // 10), n):
+        out = subprocess.run([sys.executable, "-c", f"import json,sevmon.bench.run as r; "
+                              f"print(json.dumps(r.scale_child({size})))"], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(out.stderr.strip().splitlines()[-1])
+        rows.append(json.loads(out.stdout))
+    small, big = rows
+    growth = {k: round(big[k] / small[k], 2) for k in ("info mem cold-s", "info tlb to file cold-s") if small[k]}
+    return {"sizes": rows, "growth x10 pages": growth,
+            "goal": "1,000,000 mappings in under 5 s with peak RSS under 1 GiB"}
+
+
+# -- latency ---------------------------------------------------------------------------------------
+def _latency(guest_argv: list[str]) -> dict:
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    tmp = tempfile.mkdtemp(prefix="sevmon-bench-")
+    sock = os.path.join(tmp, "qmp.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "sevmon", "serve", "--qmp", sock, *guest_argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+
+        async def client(cmd, n, lat):
+            c = QMPClient("bench")
+            await c.connect(sock)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                if cmd == "query-status":
+                    await c.execute("query-status")
+                else:
+                    await c.execute("human-monitor-command", {"command-line": cmd})
+                lat.append((time.perf_counter() - t0) * 1000)
+            await c.disconnect()
+
+        async def run(cmd, clients, n):
+            lat: list[float] = []
+            await asyncio.gather(*(client(cmd, n, lat) for _ in range(clients)))
+            lat.sort()
+            return {"p50-ms": round(lat[len(lat) // 2], 3), "p99-ms": round(lat[int(len(lat) * 0.99) - 1], 3)}
+
+        out = {}
+        for cmd in ("query-status", "info mem"):
+            for clients in (1, 32):
+                out[f"{cmd} x{clients}"] = asyncio.run(run(cmd, clients, 200 if clients == 1 else 20))
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _vs_qemu(kernel: str, initrd: str) -> dict:
+    if shutil.which("qemu-system-x86_64") is None:
+        return {"skipped": "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"}
+    from sevmon.bench.vs_qemu import compare
+    return compare(kernel, initrd)
+
+
+def _guest_argv(args) -> list[str]:
+    argv = []
+    if args.core:
+        argv += ["--core", args.core]
+    if args.raw:
+        argv += ["--raw", args.raw]
+    if args.cpu_state:
+        argv += ["--cpu-state", args.cpu_state]
+    argv += ["--sev" if args.sev else "--no-sev", "--policy", hex(args.policy), "--cbitpos", str(args.cbitpos),
+             "--paging", args.paging, "--no-workload"]
+    return argv
+
+
+def run_bench(args) -> int:
+    from sevmon.machine.builder import GuestError, build_machine
+
+    if args.sev is None:
+        args.sev = True  # the benchmark is about SEV: cores and raw images run encrypted
+    args.workload = False
+    try:
+        machine = build_machine(args)
+    except GuestError as e:
+        print(f"sevmon bench: {e}", file=sys.stderr)
+        return 1
+    machine.status = "paused"
+    report = _side_by_side(machine, args.repeat)
+    report["latency"] = _latency(_guest_argv(args))
+    if args.scale:
+        report["scale"] = _scale(args.scale)
+    if args.vs_qemu:
+        report["vs-qemu"] = _vs_qemu(*args.vs_qemu)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_table(report)
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    cols = ("round-trips", "firmware-calls", "bytes-decrypted", "cache-hits", "cache-misses", "wall-ms",
+            "per-page-round-trips", "naive-round-trips", "naive-wall-ms")
+    print(f"{'command':16} {'phase':5} " + " ".join(f"{c:>20}" for c in cols))
+    for name in ("info tlb", "info mem", "pmemsave 64MiB"):
+        for phase in ("cold", "warm"):
+            row = report[name][phase]
+            print(f"{name:16} {phase:5} " + " ".join(f"{row.get(c, ''):>20}" for c in cols))
+    lb = report["level-batched lower bound"]
+    print(f"\nlevel-batched lower bound for this guest: {lb['round-trips']} round trips over {lb['table-pages']} "
+          f"table pages; sevmon achieved {lb['achieved-round-trips']}")
+    print("\nlatency under load:")
+    for k, v in report["latency"].items():
+        print(f"  {k:22} p50 {v['p50-ms']:8} ms   p99 {v['p99-ms']:8} ms")
+    for key in ("scale", "vs-qemu"):
+        if key in report:
+            print(f"\n{key}: {json.dumps(report[key], indent=1)}")
