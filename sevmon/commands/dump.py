@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 
-from sevmon.debug.ops import DebugRefused
+from sevmon.debug.ops import DebugFailed, DebugRefused
 from sevmon.machine.dump import write_core
 from sevmon.machine.ram import PAGE_SHIFT
 from sevmon.qmp.errors import QMPError
@@ -39,6 +39,12 @@ class DumpJob:
     def query(self) -> dict:
         return {"status": self.status, "completed": self.completed, "total": self.total}
 
+    def _remove_partial(self) -> None:
+        """A failed dump leaves no half-written file behind (only regular files are removed)."""
+        with contextlib.suppress(OSError):
+            if os.path.isfile(self.path):
+                os.unlink(self.path)
+
     def run(self) -> None:
         m = self.machine
         runs = [(first << PAGE_SHIFT, n << PAGE_SHIFT) for first, n in m.ram.runs()]
@@ -58,14 +64,13 @@ class DumpJob:
             self.status = "completed"
         except Cancelled:
             self.status, self.error = "failed", "dump cancelled: sevmon is shutting down"
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-        except DebugRefused as e:
+            self._remove_partial()
+        except (DebugRefused, DebugFailed) as e:
             self.status, self.error = "failed", e.reason
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            self._remove_partial()
         except OSError as e:
             self.status, self.error = "failed", f"dump: failed to save memory: {os.strerror(e.errno or 5)}"
+            self._remove_partial()
         except Exception as e:  # never leave a half-written file without a message
             self.status, self.error = "failed", f"dump failed: {e}"
         finally:

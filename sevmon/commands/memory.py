@@ -5,9 +5,10 @@ access layer); the walkers strip the C-bit (``me_mask``) from CR3 and every entr
 
 from __future__ import annotations
 
+import itertools
 import os
 
-from sevmon.debug.ops import DebugRefused
+from sevmon.debug.ops import DebugFailed, DebugRefused
 from sevmon.hmp.memory_dump import _printc, memory_dump
 from sevmon.machine.ram import PAGE_SIZE, MemoryAccessError
 from sevmon.qmp.errors import QMPError
@@ -63,6 +64,8 @@ def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) 
             n = min(left, COPY_CHUNK)
             try:
                 data = read(addr, n)
+            except (DebugRefused, DebugFailed) as e:
+                raise QMPError(e.reason) from None
             except MemoryAccessError:
                 raise QMPError(f"Invalid addr 0x{val & U64:016x}/size {size} specified") from None
             _write(f, data)
@@ -77,7 +80,7 @@ def pmemsave(machine, val: int, size: int, filename: str) -> None:
             n = min(left, COPY_CHUNK, (1 << 64) - addr)
             try:
                 data = machine.memory.read_zero_filled(addr, n)
-            except DebugRefused as e:
+            except (DebugRefused, DebugFailed) as e:
                 raise QMPError(e.reason) from None
             _write(f, data)
             addr = (addr + n) & U64
@@ -109,13 +112,12 @@ def register(registry, hmp, info) -> None:
     registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
+        lines = fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine))
         try:
-            lines = list(fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine)))
-        except DebugRefused as e:
+            while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
+                ctx.print("\n".join(batch))
+        except (DebugRefused, DebugFailed) as e:
             ctx.print(f"Error: {e.reason}")
-            return
-        if lines:
-            ctx.print("\n".join(lines))
 
     @info.command("mem", "", "", "show the active virtual memory mappings")
     def info_mem(ctx):
@@ -152,7 +154,7 @@ def register(registry, hmp, info) -> None:
     def hmp_gva2gpa(ctx, addr):
         try:
             ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, me_mask(ctx.machine)))
-        except DebugRefused as e:
+        except (DebugRefused, DebugFailed) as e:
             ctx.print(f"Error: {e.reason}")
 
     @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'")

@@ -10,10 +10,16 @@ not allowed, so no ioctl is issued and no plaintext can leave.
 from __future__ import annotations
 
 from sevmon.machine.ram import PAGE_SHIFT, RAM, MemoryAccessError
+from sevmon.sev.vm import SevError
 
 
 class DebugRefused(MemoryAccessError):
     """Debug access is forbidden (guest policy NODBG, or the security policy)."""
+
+
+class DebugFailed(MemoryAccessError):
+    """The kernel or the firmware failed a debug request; ``reason`` is its one sentence
+    (e.g. "SEV: DBG_DECRYPT failed: ... (fw error 7)"). Nothing of the request was kept."""
 
 
 class PlainOps:
@@ -64,13 +70,19 @@ class SevOps(PlainOps):
         self._ensure_ram(gpa, size)
         if not private:
             return self.ram.read(gpa, size)
-        return self.sev.dbg_decrypt(gpa, size)
+        try:
+            return self.sev.dbg_decrypt(gpa, size)
+        except SevError as e:
+            raise DebugFailed(gpa, str(e)) from None
 
     def write(self, gpa: int, data: bytes, private: bool) -> None:
         self.check(gpa)
         self._ensure_ram(gpa, len(data))
         if private:
-            self.sev.dbg_encrypt(gpa, data)
+            try:
+                self.sev.dbg_encrypt(gpa, data)
+            except SevError as e:
+                raise DebugFailed(gpa, str(e)) from None
         else:
             self.ram.write(gpa, data)
 

@@ -19,13 +19,19 @@ from sevmon.hmp.table import CommandTable, HmpCommand
 log = logging.getLogger("sevmon.hmp")
 
 
-class HmpContext:
-    """What an HMP handler gets: the machine, the selected vCPU, and an output buffer."""
+class OutputLimit(Exception):
+    """One command printed more than its monitor accepts."""
 
-    def __init__(self, monitor: HumanMonitor, cpu_index: int):
+
+class HmpContext:
+    """What an HMP handler gets: the machine, the selected vCPU, and a bounded output buffer."""
+
+    def __init__(self, monitor: HumanMonitor, cpu_index: int, limit: int):
         self.monitor = monitor
         self.machine = monitor.machine
         self.cpu_index = cpu_index
+        self.limit = limit
+        self._size = 0
         self._out: list[str] = []
 
     @property
@@ -33,6 +39,9 @@ class HmpContext:
         return self.machine.cpus[self.cpu_index]
 
     def print(self, text: str = "", end: str = "\n") -> None:
+        self._size += len(text) + len(end)
+        if self._size > self.limit:
+            raise OutputLimit()
         self._out.append(text + end)
 
     def text(self) -> str:
@@ -51,11 +60,17 @@ class HumanMonitor:
         if info is not None:
             info.sub_table = info_table.commands
 
-    def run(self, line: str, cpu_index: int = 0) -> str:
-        """Execute one command line; return its output (``\\n`` line ends)."""
-        ctx = HmpContext(self, cpu_index)
+    def run(self, line: str, cpu_index: int = 0, limit: int = 8 << 20) -> str:
+        """Execute one command line; return its output (``\\n`` line ends).
+
+        Output beyond ``limit`` characters is cut with a final line saying so: a QMP reply
+        is one line, and qemu.qmp clients drop the connection on lines over 10 MiB.
+        """
+        ctx = HmpContext(self, cpu_index, limit)
         try:
             self._dispatch(ctx, line)
+        except OutputLimit:
+            ctx._out.append(f"sevmon: output truncated: one command may print at most {limit >> 20} MiB\n")
         except Exception as e:  # a bug prints one line, never a traceback
             log.exception("HMP command failed: %r", line)
             ctx.print(f"Error: internal error: {e}")

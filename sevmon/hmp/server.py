@@ -19,6 +19,7 @@ log = logging.getLogger("sevmon.hmp")
 
 PROMPT = "(qemu) "
 MAX_LINE = 1 << 20
+HMP_SOCKET_OUTPUT_LIMIT = 64 << 20  # a terminal has no 10 MiB line limit; memory stays bounded
 
 
 class HMPServer:
@@ -57,7 +58,7 @@ class HMPServer:
                 def run(line=line):
                     with self.machine.lock:
                         self.machine.begin_command()
-                        return self.monitor.run(line)
+                        return self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT)
 
                 out = await loop.run_in_executor(self.executor, run)
                 writer.write((out.replace("\n", "\r\n") + PROMPT).encode("utf-8", "replace"))
