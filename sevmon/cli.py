@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sevmon", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sevmon {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="subcommand", required=True)
 
     serve = sub.add_parser("serve", help="run the monitor daemon (QMP, and HMP with --hmp)")
     serve.add_argument("--qmp", metavar="PATH", action="append",
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sevmon: %(message)s", stream=sys.stderr)
-    if args.command == "serve":
+    if args.subcommand == "serve":
         from sevmon.daemon import serve
         return serve(args)
-    if args.command == "shell":
+    if args.subcommand == "shell":
         from sevmon.shell.app import run_shell
         return run_shell(args)
     from sevmon.bench.run import run_bench

@@ -128,8 +128,9 @@ class GuestOS:
         ksize = 4 << 20 if mode == "32" else 2 << 20
         for off in range(0, 4 << 20, ksize):
             self.map(kernel_va + off, KERNEL_PA + off, P | A | D | G, ksize)
-        for off in range(0, 4 << 20, PAGE_SIZE * 64):   # a few resident text pages
-            self.write(KERNEL_PA + off, f"kernel text +{off:#x}".encode().ljust(64, b"\x90"))
+        # the whole kernel image is resident (x $rip works), each page tagged for tests
+        self.write(KERNEL_PA, b"".join(f"kernel text +{off:#x}".encode().ljust(PAGE_SIZE, b"\x90")
+                                       for off in range(0, 4 << 20, PAGE_SIZE)))
         if direct is not None:  # direct map of RAM in 1 GiB pages, as Linux does when it can
             for off in range(0, self.ram.size, 1 << 30):
                 self.map(direct + off, off, P | RW | A | D | G | nx, 1 << 30)
