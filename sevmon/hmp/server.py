@@ -44,10 +44,8 @@ class HMPServer:
             while True:
                 try:
                     raw = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as e:
-                    if not e.partial:
-                        break
-                    raw = e.partial
+                except asyncio.IncompleteReadError:
+                    break  # as in QEMU, a line runs only when its newline arrives
                 except asyncio.LimitOverrunError:
                     await _discard_line(reader)
                     writer.write(f"Error: line longer than {MAX_LINE} bytes ignored\r\n{PROMPT}".encode())
@@ -65,7 +63,7 @@ class HMPServer:
                 await writer.drain()
                 if reader.at_eof():
                     break
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.CancelledError):
             pass
         except Exception:
             log.exception("HMP client failed")
@@ -78,7 +76,8 @@ class HMPServer:
             srv.close()
         for w in list(self.writers):
             with contextlib.suppress(Exception):
-                w.close()
+                w.transport.abort()  # unsent output to a client that stopped reading is dropped
+        await asyncio.sleep(0)
 
 
 async def _discard_line(reader: asyncio.StreamReader) -> None:

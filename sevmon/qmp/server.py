@@ -60,6 +60,8 @@ class QMPServer:
         self.sessions.add(session)
         try:
             await session.run()
+        except asyncio.CancelledError:  # the daemon is shutting down
+            pass
         except Exception:  # a bug must not take the daemon down
             log.exception("QMP session failed")
         finally:
@@ -78,6 +80,10 @@ class QMPServer:
             s.close()
         if sessions:
             await asyncio.wait([asyncio.ensure_future(s.finished.wait()) for s in sessions], timeout=2)
+        for s in sessions:  # a client that does not read gets no more grace
+            if not s.finished.is_set():
+                s.writer.transport.abort()
+        await asyncio.sleep(0)
 
     # -- events ------------------------------------------------------------------------
     def _on_event(self, name: str, data: dict | None) -> None:
