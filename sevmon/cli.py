@@ -32,6 +32,9 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="security-policy object: 'off' forbids debug access even if the guest policy allows it")
     g.add_argument("--debug-cache-mb", type=int, default=64, help="debug page cache size (MiB)")
     g.add_argument("--kvm", action="store_true", help="use the real /dev/kvm + /dev/sev (SEV hardware only)")
+    g.add_argument("-S", dest="prelaunch", action="store_true",
+                   help="freeze the CPU at startup (QEMU's -S): the SEV guest stays in launch-secret, where "
+                        "sev-inject-launch-secret works, until the first cont runs LAUNCH_FINISH")
     g.add_argument("--no-workload", dest="workload", action="store_false",
                    help="built-in guest: do not run the page-mapping workload while running")
 

@@ -114,3 +114,27 @@ def test_memsave_pmemsave_errors_in_qemus_words(daemon, tmp_path):
     data = f.read_bytes()
     assert len(data) == 8192 and data.startswith(b"user page 0") and data[4096:].startswith(b"user page 1")
     q.close()
+
+
+def test_debug_write_goes_through_dbg_encrypt_and_keeps_the_cache_coherent():
+    import argparse
+
+    from sevmon.cli import add_guest_options
+    from sevmon.machine.builder import build_machine
+
+    p = argparse.ArgumentParser()
+    add_guest_options(p)
+    m = build_machine(p.parse_args(["--no-workload"]))
+    mem, sev = m.memory, m.sev
+    gpa = 0x1000000 + 0x40
+    before = mem.read(gpa, 16)                       # now cached
+    at_rest = bytes(m.ram.frame(gpa >> 12))
+    stats = sev.stats
+    mem.write(gpa + 3, b"patched by the debugger")   # unaligned: the kernel's RMW path
+    after = sev.stats
+    assert after.round_trips - stats.round_trips == 1 and after.bytes_encrypted > stats.bytes_encrypted
+    assert mem.read(gpa, 26) == before[:3] + b"patched by the debugger"  # served from the patched cache
+    assert sev.stats.round_trips == after.round_trips
+    assert bytes(m.ram.frame(gpa >> 12)) != at_rest and b"patched" not in bytes(m.ram.frame(gpa >> 12))
+    mem.invalidate()                                 # and the firmware agrees after a fresh decrypt
+    assert mem.read(gpa + 3, 23) == b"patched by the debugger"

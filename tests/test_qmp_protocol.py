@@ -230,3 +230,23 @@ def test_hmp_over_qmp(raw):
     for line in hmp("info")["return"].split("\r\n")[:-1]:
         assert line.startswith("info ") and len(line.split()) >= 2, line
     assert hmp("x /4zg 0") == {"return": "invalid char in format: 'z'\r\nTry \"help x\" for more information\r\n"}
+
+
+def test_query_qmp_schema_has_qemus_schemainfo_shapes(raw):
+    c = raw()
+    schema = c.cmd("query-qmp-schema")["return"]
+    by_name = {e["name"]: e for e in schema}
+    status = by_name["query-status"]
+    assert status["meta-type"] == "command" and status["arg-type"] == "0"
+    ret = by_name[status["ret-type"]]
+    assert ret["meta-type"] == "object"
+    assert {m["name"] for m in ret["members"]} == {"running", "singlestep", "status"}
+    runstate = by_name[next(m["type"] for m in ret["members"] if m["name"] == "status")]
+    assert runstate["meta-type"] == "enum" and "prelaunch" in runstate["values"]
+    assert by_name["0"] == {"name": "0", "members": [], "meta-type": "object"}
+    assert by_name["int"] == {"name": "int", "json-type": "int", "meta-type": "builtin"}
+    hmc = by_name[by_name["human-monitor-command"]["arg-type"]]
+    assert {"name": "cpu-index", "type": "int", "default": None} in hmc["members"]
+    assert by_name["STOP"]["meta-type"] == "event"
+    commands = {e["name"] for e in schema if e["meta-type"] == "command"}
+    assert commands == {e["name"] for e in c.cmd("query-commands")["return"]}

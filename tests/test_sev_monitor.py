@@ -115,3 +115,39 @@ def test_debug_refused_under_nodbg_and_security_policy(make_daemon, tmp_path):
         assert stats["bytes-decrypted"] == 0
         q.close()
     plain.close()
+
+
+def test_launch_secret_injected_by_the_guest_owner_under_prelaunch(make_daemon):
+    """-S keeps the guest in launch-secret; the owner verifies the measurement, wraps a
+    secret with the (all-zero, no DH session) TEK/TIK, and the guest sees it in its RAM."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    q = connect(make_daemon("-S", hmp=False))
+    assert q.cmd("query-status") == {"status": "prelaunch", "singlestep": False, "running": False}
+    assert q.cmd("query-sev")["state"] == "launch-secret"
+    measure = base64.b64decode(q.cmd("query-sev-launch-measure")["data"])[:32]
+    secret, iv, gpa = b"disk key: 0123456789abcdef012345", os.urandom(16), 0x800000
+    wrapped = Cipher(algorithms.AES(bytes(16)), modes.CTR(iv)).encryptor().update(secret)
+    mac = hmac.new(bytes(16), b"\x01" + struct.pack("<I", 0) + iv + struct.pack("<II", len(secret), len(wrapped))
+                   + wrapped + measure, hashlib.sha256).digest()
+    header = struct.pack("<I", 0) + iv + mac
+
+    def inject(hdr: bytes):
+        return q.cmd_obj({"execute": "sev-inject-launch-secret", "arguments": {
+            "packet-header": base64.b64encode(hdr).decode(), "secret": base64.b64encode(wrapped).decode(),
+            "gpa": gpa}})
+
+    bad = inject(header[:-1] + bytes([header[-1] ^ 1]))
+    assert bad["error"]["desc"].startswith("SEV: failed to inject secret ret=-1 fw_error=")
+    assert inject(header) == {"return": {}}
+    dump = hmp(q, f"xp /4xg {gpa:#x}")
+    words = [int(w, 16) for w in dump.split() if w.startswith("0x")]
+    assert b"".join(w.to_bytes(8, "little") for w in words) == secret
+    assert hmp(q, "info mem") == "PG disabled\r\n"
+    q.cmd("cont")
+    assert q.cmd("query-sev")["state"] == "running"
+    assert inject(header)["error"]["desc"] == "SEV: Not in correct state. (LSECRET) 3"
+    assert hmp(q, "info mem").startswith("0000000000400000-")  # the guest booted on the first run
+    q.close()

@@ -62,10 +62,13 @@ def _build(args) -> Machine:
                         reduced_phys_bits=args.reduced_phys_bits, kernel=_sev_kernel(args))
             runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
             sev.launch(runs)
-            sev.finish()
+            if not args.prelaunch:
+                sev.finish()
         config = MachineConfig(kvm_enabled=sev is not None, source="core" if args.core else "raw",
                                debug_policy=debug_allowed)
-        machine = Machine(ram, cpus, config=config, sev=sev, running=False)
+        machine = Machine(ram, cpus, config=config, sev=sev, running=False, prelaunch=args.prelaunch)
+        if args.prelaunch and sev is not None:
+            machine.first_run = sev.finish
     else:
         from sevmon.machine.builtin_guest import build_builtin
         machine = build_builtin(args)

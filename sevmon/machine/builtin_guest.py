@@ -192,16 +192,27 @@ def build_builtin(args) -> Machine:
         sev = SevVm(ram, policy=args.policy, cbitpos=args.cbitpos, reduced_phys_bits=args.reduced_phys_bits,
                     kernel=_sev_kernel(args))
         sev.launch(images)
-        sev.finish()
         guest = GuestOS(ram, sev.guest_write, sev.me_mask, args.paging)
     else:
         for gpa, blob in images:
             ram.write(gpa, blob)
         guest = GuestOS(ram, lambda gpa, data, private=True: ram.write(gpa, data), 0, args.paging)
-    cpu = guest.boot()
     config = MachineConfig(kvm_enabled=sev is not None, source="builtin", debug_policy=args.debug_policy == "on")
-    machine = Machine(ram, [cpu], config=config, sev=sev, running=True)
-    if args.workload:
-        machine.workload = Workload(guest, WORKLOAD_VA[args.paging])
+    # Under -S the vCPU sits at the reset vector (paging off) and the launch is not finished.
+    cpu = CpuState(0, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})
+    machine = Machine(ram, [cpu], config=config, sev=sev, running=not args.prelaunch, prelaunch=args.prelaunch)
     machine.guest = guest
+
+    def first_run() -> None:
+        """LAUNCH_FINISH, then the guest boots: builds its tables through its own key."""
+        if sev is not None:
+            sev.finish()
+        cpu.regs = guest.boot().regs
+        if args.workload:
+            machine.workload = Workload(guest, WORKLOAD_VA[args.paging])
+
+    if args.prelaunch:
+        machine.first_run = first_run
+    else:
+        first_run()
     return machine

@@ -37,16 +37,17 @@ class Machine:
     """Run state machine + event emitter + the guest's parts."""
 
     def __init__(self, ram: RAM, cpus: list[CpuState], *, config: MachineConfig | None = None,
-                 sev=None, running: bool = False):
+                 sev=None, running: bool = False, prelaunch: bool = False):
         self.ram = ram
         self.cpus = cpus
         self.config = config or MachineConfig()
         self.sev = sev                   # sevmon.sev.vm.SevVm or None
         self.memory = None               # debug access (sevmon.debug.access.DebugMemory), set by the builder
         self.workload = None             # optional guest activity (built-in guest), has .step() and .reset()
-        self.status = "running" if running else "paused"
+        self.status = "prelaunch" if prelaunch else "running" if running else "paused"
         self.reset_required = False
-        self.dump = None                 # the current/last dump job (sevmon.machine.dumpjob), for query-dump
+        self.dump = None                 # the current/last dump job (sevmon.commands.dump), for query-dump
+        self.first_run = None            # under -S: what the first cont does first (LAUNCH_FINISH, boot)
         self._listeners: list[EventListener] = []
         self.lock = threading.RLock()
         self.quit_requested = threading.Event()
@@ -76,6 +77,9 @@ class Machine:
 
     def cont(self) -> None:
         if self.status != "running":
+            if self.first_run is not None:  # QEMU finishes the SEV launch on the first run
+                start, self.first_run = self.first_run, None
+                start()
             self.status = "running"
             self._invalidate()
             self.emit("RESUME")
