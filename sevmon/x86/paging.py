@@ -332,13 +332,25 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
     # space. The leaves alone carry the same information: a range ends where the next leaf is not adjacent
     # (an absent entry starts there) or changes prot, and the last one ends at its own end (2^32, 2^48 or 2^57
     # when it reaches the top). Present leaves always have prot != 0 (P is set all the way down).
-    for va, _e, depth, prot, _priv in t.leaves():
-        if va != end or prot != cur:
-            if start >= 0:
-                yield line(start, end, cur)
-            start = va
-            cur = prot
-        end = va + (1 << shifts[depth])
+    for item in t.chunks():
+        if len(item) == 5:
+            va, _e, depth, prot, _priv = item
+            if va != end or prot != cur:
+                if start >= 0:
+                    yield line(start, end, cur)
+                start, cur = va, prot
+            end = va + (1 << shifts[depth])
+            continue
+        # a whole 4 KiB table in one local loop (no generator step per page)
+        base, entries, _depth, pprot = item
+        for i, e in enumerate(entries):
+            if e & PG_PRESENT:
+                va, prot = base + (i << 12), e & pprot
+                if va != end or prot != cur:
+                    if start >= 0:
+                        yield line(start, end, cur)
+                    start, cur = va, prot
+                end = va + 4096
     if start >= 0:
         yield line(start, end, cur)
 
