@@ -24,9 +24,11 @@ rules with the final flush at 2^57). The PAE *4 KiB* column does keep NX in QEMU
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sevmon.debug import PhysicalMemory
 from sevmon.machine.cpu import CR4_PSE, CpuState
@@ -153,14 +155,24 @@ class _Tables:
         tmask = mode.table_mask
         nme = ~me
         level: list[int] = []       # frames of the current level (below the root)
+        esize = 8 if mode.wide else 4
+        entry_fmt = "<Q" if mode.wide else "<I"
         for depth, lvl in enumerate(mode.levels[:-1]):
             ps_leaf = PG_PSE if lvl.leaf_mask else 0
             nxt: set[int] = set()
-            tables = [self.root] if depth == 0 else (
-                self.unpack(d) for d in map(self.frames.__getitem__, level) if d is not None)
-            for entries in tables:
-                for e in entries:
+            if depth == 0:
+                for e in self.root:
                     if e & PG_PRESENT and not e & ps_leaf:
+                        nxt.add((e & nme & tmask) >> 12)
+            else:
+                # Only the entries that point to tables are visited: their low byte says so
+                # (P set, PS clear where PS makes a leaf), found in C from the raw page.
+                pointers = _POINTS_DOWN[1 if ps_leaf else 0]
+                for d in map(self.frames.__getitem__, level):
+                    if d is None:
+                        continue
+                    for hit in _ONES.finditer(d[::esize].translate(pointers)):
+                        e = struct.unpack_from(entry_fmt, d, hit.start() * esize)[0]
                         nxt.add((e & nme & tmask) >> 12)
             if not nxt:
                 break
@@ -185,10 +197,10 @@ class _Tables:
         """Leaves in VA order as ``(raw va, entry without C-bit, level index, prot, private)``."""
         me = self.me
         for item in self.chunks():
-            if len(item) == 5:
+            if type(item) is not _LeafTable:
                 yield item
                 continue
-            base, entries, depth, pprot = item
+            base, entries, depth, pprot, _raw = item
             # 4 KiB leaf table: the hot loop (a million iterations for a million pages).
             if me:
                 for i, e in enumerate(entries):
@@ -201,17 +213,17 @@ class _Tables:
                         yield base + (i << 12), e, depth, e & pprot, True
 
     def chunks(self):
-        """VA-ordered walk output: large leaves as ``(va, entry, depth, prot, private)``, and whole
-        4 KiB leaf tables as ``(base va, raw entries, depth, parent prot)`` so a consumer can
-        process a table in one tight loop instead of one generator step per page."""
+        """VA-ordered walk output: large leaves as ``(va, entry, depth, prot, private)`` tuples, and
+        whole 4 KiB leaf tables as ``_LeafTable`` so a consumer can process a table in one
+        tight loop (or in C, from its raw bytes) instead of one generator step per page."""
         return self._descend(0, self.root, 0, PROT_MASK)
 
-    def _descend(self, depth: int, entries: tuple[int, ...], base: int, pprot: int):
+    def _descend(self, depth: int, entries: tuple[int, ...], base: int, pprot: int, raw: bytes = b""):
         levels = self.mode.levels
         me = self.me
         shift = levels[depth].shift
         if depth == len(levels) - 1:
-            yield base, entries, depth, pprot
+            yield _LeafTable(base, entries, depth, pprot, raw)
             return
         lvl = levels[depth]
         ps_leaf = PG_PSE if lvl.leaf_mask else 0
@@ -229,7 +241,7 @@ class _Tables:
             data = frames.get((e & tmask) >> 12)
             if data is not None:
                 yield from self._descend(depth + 1, self.unpack(data), va,
-                                         pprot & e if lvl.ands_prot else pprot)
+                                         pprot & e if lvl.ands_prot else pprot, data)
 
 
 def _tables(mem: PhysicalMemory, cpu: CpuState, me_mask: int) -> _Tables | None:
@@ -264,6 +276,25 @@ def _flag_table() -> tuple[str, ...]:
 
 
 _FLAGS = _flag_table()
+
+
+class _LeafTable(NamedTuple):
+    """One 4 KiB-leaf table of the walk: its VA, entries (C-bit still set), raw page bytes."""
+
+    base: int
+    entries: tuple[int, ...]
+    depth: int
+    pprot: int
+    raw: bytes
+
+
+# info mem: a present entry's low byte -> its U|W|P ANDed with the parent prot; absent -> 0
+_PROT_CODES = [bytes((b & p & PROT_MASK) if b & PG_PRESENT else 0 for b in range(256)) for p in range(8)]
+_PROT_RUNS = re.compile(rb"([\x01-\x07])\1*")
+# walk: a low byte -> 1 if the entry points to a next-level table ([0]: PS ignored, [1]: PS = leaf)
+_POINTS_DOWN = [bytes(1 if b & PG_PRESENT else 0 for b in range(256)),
+                bytes(1 if b & PG_PRESENT and not b & PG_PSE else 0 for b in range(256))]
+_ONES = re.compile(rb"\x01")
 _LOW_DIGITS: dict[tuple[int, int], list[str]] = {}
 
 
@@ -290,9 +321,9 @@ def info_tlb(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
     flags = _FLAGS
     pa4k = masks[last] & ~t.me & _U64
     for item in t.chunks():
-        if len(item) == 4:
+        if type(item) is _LeafTable:
             # a whole 4 KiB table at once; print_pte(..., pte & ~PG_PSE_MASK, ...): PAT is not "P"
-            base, entries, _depth, _pprot = item
+            base, entries = item.base, item.entries
             if cbit and base >> cbit & 1:
                 base |= sext
             # The VA of entry i is base + (i << 12): its top 10 hex digits are the table's, the low 6
@@ -332,8 +363,9 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
     # space. The leaves alone carry the same information: a range ends where the next leaf is not adjacent
     # (an absent entry starts there) or changes prot, and the last one ends at its own end (2^32, 2^48 or 2^57
     # when it reaches the top). Present leaves always have prot != 0 (P is set all the way down).
+    esize = 8 if mode.wide else 4
     for item in t.chunks():
-        if len(item) == 5:
+        if type(item) is not _LeafTable:
             va, _e, depth, prot, _priv = item
             if va != end or prot != cur:
                 if start >= 0:
@@ -341,16 +373,17 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
                 start, cur = va, prot
             end = va + (1 << shifts[depth])
             continue
-        # a whole 4 KiB table in one local loop (no generator step per page)
-        base, entries, _depth, pprot = item
-        for i, e in enumerate(entries):
-            if e & PG_PRESENT:
-                va, prot = base + (i << 12), e & pprot
-                if va != end or prot != cur:
-                    if start >= 0:
-                        yield line(start, end, cur)
-                    start, cur = va, prot
-                end = va + 4096
+        # A whole 4 KiB table in C: P/RW/US sit in each entry's low byte, so one slice and one
+        # translate give every entry's prot (0 when absent), and a regex finds the equal runs.
+        base = item.base
+        codes = item.raw[::esize].translate(_PROT_CODES[item.pprot & PROT_MASK])
+        for run in _PROT_RUNS.finditer(codes):
+            va, prot = base + (run.start() << 12), codes[run.start()]
+            if va != end or prot != cur:
+                if start >= 0:
+                    yield line(start, end, cur)
+                start, cur = va, prot
+            end = base + (run.end() << 12)
     if start >= 0:
         yield line(start, end, cur)
 
