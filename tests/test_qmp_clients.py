@@ -147,3 +147,30 @@ def test_bad_clients_do_not_affect_others(daemon):
     deaf.close()
     good.send('{"execute":"query-kvm","id":"end"}')
     assert good.recv()["id"] == "end"
+
+
+def test_state_queries_answer_while_another_client_runs_a_long_command(make_daemon, tmp_path):
+    import json as _json
+
+    raw = tmp_path / "ram.bin"
+    raw.write_bytes(os.urandom(128 << 20))
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(_json.dumps({"cr0": "0x11"}))
+    d = make_daemon("--raw", str(raw), "--cpu-state", str(cpu), "--sev", hmp=False)
+    busy, quick = RawClient(d.qmp), RawClient(d.qmp)
+    busy.negotiate()
+    quick.negotiate()
+    busy.send(_json.dumps({"execute": "pmemsave", "id": "long",
+                           "arguments": {"val": 0, "size": 128 << 20, "filename": "/dev/null"}}))
+    time.sleep(0.05)
+    quick.send('{"execute":"query-status","id":"q"}')
+    assert quick.recv()["id"] == "q"
+    busy.sock.settimeout(0)  # the long command is still running: its reply is not there yet
+    try:
+        pending = busy.sock.recv(1 << 16)
+    except BlockingIOError:
+        pending = b""
+    assert b'"long"' not in pending
+    busy.sock.settimeout(60)
+    busy.buf += pending
+    assert busy.recv() == {"return": {}, "id": "long"}

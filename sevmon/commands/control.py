@@ -9,15 +9,15 @@ from sevmon.qmp.errors import QMPError
 def register(registry, hmp, info) -> None:
     schema = registry.schema
 
-    @registry.register("query-version")
+    @registry.register("query-version", inline=True)
     def query_version(ctx):
         return ctx.server.version_info()
 
-    @registry.register("query-commands")
+    @registry.register("query-commands", inline=True)
     def query_commands(ctx):
         return [{"name": n} for n in registry.names()]
 
-    @registry.register("query-qmp-schema")
+    @registry.register("query-qmp-schema", inline=True)
     def query_qmp_schema(ctx):
         return [e for e in schema.introspect()
                 if e["meta-type"] != "command" or e["name"] in registry.handlers]

@@ -124,7 +124,7 @@ def register(registry, hmp, info) -> None:
         start_dump(ctx.machine, paging, protocol, detach, begin, length, format)
         return {}
 
-    @registry.register("query-dump")
+    @registry.register("query-dump", inline=True)
     def qmp_query_dump(ctx):
         job = ctx.machine.dump
         return job.query() if job is not None else {"status": "none", "completed": 0, "total": 0}

@@ -109,7 +109,7 @@ def register(registry, hmp, info) -> None:
         pmemsave(ctx.machine, val, size, filename)
         return {}
 
-    registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
+    registry.register("query-sev-debug-stats", inline=True)(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
         lines = fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine))

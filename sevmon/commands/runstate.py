@@ -24,14 +24,14 @@ def kvm_info(machine) -> dict:
 
 
 def register(registry, hmp, info) -> None:
-    registry.register("query-status")(lambda ctx: query_status(ctx.machine))
+    registry.register("query-status", inline=True)(lambda ctx: query_status(ctx.machine))
     registry.register("stop")(lambda ctx: ctx.machine.stop() or {})
     registry.register("cont")(lambda ctx: cont(ctx.machine) or {})
     registry.register("system_reset")(lambda ctx: ctx.machine.system_reset() or {})
     registry.register("system_powerdown")(lambda ctx: ctx.machine.system_powerdown() or {})
-    registry.register("query-kvm")(lambda ctx: kvm_info(ctx.machine))
+    registry.register("query-kvm", inline=True)(lambda ctx: kvm_info(ctx.machine))
 
-    @registry.register("query-cpus-fast")
+    @registry.register("query-cpus-fast", inline=True)
     def query_cpus_fast(ctx):
         tid = threading.get_native_id()
         return [{"thread-id": tid, "props": {"core-id": 0, "thread-id": 0, "socket-id": cpu.index},

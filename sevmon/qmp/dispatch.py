@@ -33,13 +33,19 @@ class CommandRegistry:
     def __init__(self, schema: Schema):
         self.schema = schema
         self.handlers: dict[str, Callable] = {}
+        self.inline: set[str] = set()
 
-    def register(self, name: str):
+    def register(self, name: str, *, inline: bool = False):
+        """``inline``: the handler only reads state that is safe to read without the machine
+        lock (run state, versions, counters), so it answers at once even while another
+        client's long command holds the machine thread."""
         if name not in self.schema.commands:
             raise KeyError(f"command {name} has no schema in schemas/")
 
         def deco(fn):
             self.handlers[name] = fn
+            if inline:
+                self.inline.add(name)
             return fn
         return deco
 

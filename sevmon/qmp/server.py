@@ -102,11 +102,16 @@ class QMPServer:
     async def execute(self, req: Request, session: QMPSession | None):
         handler = self.registry.handlers[req.name]
         ctx = CommandContext(self, session)
+        kwargs = {k.replace("-", "_"): v for k, v in req.args.items()}
+        if req.name in self.registry.inline:
+            result = handler(ctx, **kwargs)
+            await asyncio.sleep(0)  # one request at a time per turn: a pipelining client cannot hog the loop
+            return result
 
         def run():
             with self.machine.lock:
                 self.machine.begin_command()
-                return handler(ctx, **{k.replace("-", "_"): v for k, v in req.args.items()})
+                return handler(ctx, **kwargs)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, run)
