@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 
 from sevmon.commands import build
 from sevmon.machine.builder import GuestError, build_machine
@@ -19,6 +20,10 @@ GUEST_TICK = 0.05  # seconds between guest time slices while running
 
 
 async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None) -> None:
+    # The machine thread runs long pure-Python walks; a short GIL switch interval lets the
+    # event loop answer state queries and other clients' I/O in between (measured by
+    # sevmon bench: query-status p99 under 31 concurrent info mem clients).
+    sys.setswitchinterval(0.0005)
     registry, hmp = build(machine)
     server = QMPServer(machine, registry, hmp)
     hmp_server = None

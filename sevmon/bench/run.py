@@ -175,10 +175,19 @@ def _latency(guest_argv: list[str]) -> dict:
             lat.sort()
             return {"p50-ms": round(lat[len(lat) // 2], 3), "p99-ms": round(lat[int(len(lat) * 0.99) - 1], 3)}
 
+        async def mixed():
+            """query-status latency while 31 other clients keep the machine thread busy."""
+            lat: list[float] = []
+            busy: list[float] = []
+            await asyncio.gather(client("query-status", 100, lat), *(client("info mem", 20, busy) for _ in range(31)))
+            lat.sort()
+            return {"p50-ms": round(lat[len(lat) // 2], 3), "p99-ms": round(lat[int(len(lat) * 0.99) - 1], 3)}
+
         out = {}
         for cmd in ("query-status", "info mem"):
             for clients in (1, 32):
                 out[f"{cmd} x{clients}"] = asyncio.run(run(cmd, clients, 200 if clients == 1 else 20))
+        out["query-status x1 + info mem x31"] = asyncio.run(mixed())
         return out
     finally:
         proc.terminate()
