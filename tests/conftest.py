@@ -154,3 +154,17 @@ def raw(daemon):
     yield connect
     for c in clients:
         c.close()
+
+
+def qmp_connect(daemon: Daemon):
+    """qemu.qmp's legacy synchronous client, connected and negotiated."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    q = QEMUMonitorProtocol(daemon.qmp)
+    q.connect()
+    return q
+
+
+def hmp(q, line: str) -> str:
+    """One HMP command through human-monitor-command; the returned text, \\r\\n line ends."""
+    return q.cmd_obj({"execute": "human-monitor-command", "arguments": {"command-line": line}})["return"]

@@ -7,19 +7,8 @@ from __future__ import annotations
 import re
 import time
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from sevmon.machine.builtin_guest import WORKLOAD_VA
-
-
-def connect(d):
-    q = QEMUMonitorProtocol(d.qmp)
-    q.connect()
-    return q
-
-
-def hmp(q, line):
-    return q.cmd_obj({"execute": "human-monitor-command", "arguments": {"command-line": line}})["return"]
+from tests.conftest import hmp, qmp_connect
 
 
 def tick_of(q, gpa):
@@ -28,7 +17,7 @@ def tick_of(q, gpa):
 
 
 def test_running_guest_is_never_stale_and_paused_cache_persists(daemon):
-    q = connect(daemon)
+    q = qmp_connect(daemon)
     va = WORKLOAD_VA["4"]
     seen_mapped, seen_unmapped, ticks = 0, 0, set()
     deadline = time.monotonic() + 20
@@ -61,7 +50,7 @@ def test_running_guest_is_never_stale_and_paused_cache_persists(daemon):
 
 def test_shared_page_is_read_plain_and_private_pages_are_ciphertext_at_rest(make_daemon):
     d = make_daemon("--no-workload")
-    q = connect(d)
+    q = qmp_connect(d)
     tlb = hmp(q, "info tlb")
     assert "user page" not in tlb
     gpa = int(hmp(q, "gva2gpa 0x400000").split()[1], 16)
@@ -77,7 +66,7 @@ def test_shared_page_is_read_plain_and_private_pages_are_ciphertext_at_rest(make
 
 def test_dump_detached_progress_event_and_reload(make_daemon, tmp_path):
     d = make_daemon("--no-workload")
-    q = connect(d)
+    q = qmp_connect(d)
     before = hmp(q, "info mem")
     path = tmp_path / "guest.elf"
     q.cmd("dump-guest-memory", paging=False, protocol=f"file:{path}", detach=True)
@@ -93,7 +82,7 @@ def test_dump_detached_progress_event_and_reload(make_daemon, tmp_path):
     # The plaintext dump still holds the guest's own C-bits in its tables: reopen it as
     # an SEV guest (sevmon strips the C-bit) to see the same mappings.
     d2 = make_daemon("--core", str(path), "--sev", hmp=False)
-    q2 = connect(d2)
+    q2 = qmp_connect(d2)
     assert hmp(q2, "info mem") == before
     gpa = int(hmp(q2, "gva2gpa 0x400000").split()[1], 16)
     assert "user page 0" in "".join(re.findall(r"'(.)'", hmp(q2, f"xp /12c {gpa:#x}")))
@@ -101,7 +90,7 @@ def test_dump_detached_progress_event_and_reload(make_daemon, tmp_path):
 
 
 def test_memsave_pmemsave_errors_in_qemus_words(daemon, tmp_path):
-    q = connect(daemon)
+    q = qmp_connect(daemon)
     r = q.cmd_obj({"execute": "pmemsave", "arguments": {"val": 0, "size": 16, "filename": "/nonexistent-dir/x"}})
     assert r["error"]["desc"] == "Could not open '/nonexistent-dir/x': No such file or directory"
     r = q.cmd_obj({"execute": "memsave", "arguments": {"val": -1, "size": 16, "filename": str(tmp_path / "m")}})

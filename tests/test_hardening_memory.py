@@ -9,12 +9,11 @@ import os
 import signal
 
 import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from sevmon.cli import add_guest_options
 from sevmon.commands import build
 from sevmon.machine.builder import build_machine
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, hmp, qmp_connect
 
 FX = FIXTURES / "linux-4level"
 
@@ -25,14 +24,6 @@ def guest_args(*extra):
     return p.parse_args(list(extra))
 
 
-def connect(d):
-    q = QEMUMonitorProtocol(d.qmp)
-    q.connect()
-    return q
-
-
-def hmp(q, line):
-    return q.cmd_obj({"execute": "human-monitor-command", "arguments": {"command-line": line}})["return"]
 
 
 def test_firmware_error_in_the_middle_of_a_multi_page_read():
@@ -54,7 +45,7 @@ def test_huge_xp_count_is_bounded_and_the_daemon_stays_small(make_daemon, tmp_pa
     cpu = tmp_path / "cpu.json"
     cpu.write_text(json.dumps({"cr0": "0x11", "cr3": "0x0", "cr4": "0x0", "efer": "0x0"}))
     d = make_daemon("--raw", str(raw), "--cpu-state", str(cpu), "--sev", hmp=False)
-    q = connect(d)
+    q = qmp_connect(d)
     out = hmp(q, "xp /100000000xg 0")
     assert len(out) < 10 << 20 and out.endswith("sevmon: output truncated: one command may print at most 8 MiB\r\n")
     out = hmp(q, "x /100000000xb 0")  # paging off: virtual == physical
@@ -67,7 +58,7 @@ def test_huge_xp_count_is_bounded_and_the_daemon_stays_small(make_daemon, tmp_pa
 
 def test_memsave_beyond_the_mapped_range_and_failed_dumps(make_daemon, tmp_path):
     d = make_daemon("--no-workload", hmp=False)
-    q = connect(d)
+    q = qmp_connect(d)
     f = tmp_path / "m.bin"
     r = q.cmd_obj({"execute": "memsave", "arguments": {"val": 0x400000, "size": 64 << 20, "filename": str(f)}})
     assert r["error"]["desc"] == f"Invalid addr 0x{0x400000:016x}/size {64 << 20} specified"
@@ -87,7 +78,7 @@ def test_sigterm_while_a_dump_runs(make_daemon, tmp_path):
     cpu = tmp_path / "cpu.json"
     cpu.write_text(json.dumps({"cr0": "0x11"}))
     d = make_daemon("--raw", str(raw), "--cpu-state", str(cpu), "--sev")
-    q = connect(d)
+    q = qmp_connect(d)
     out = tmp_path / "dump.elf"
     q.cmd("dump-guest-memory", paging=False, protocol=f"file:{out}", detach=True)
     assert q.cmd("query-dump")["status"] == "active"
@@ -101,7 +92,7 @@ def test_sigterm_while_a_dump_runs(make_daemon, tmp_path):
 @pytest.mark.parametrize("refusal", [["--policy", "0x1"], ["--debug-policy", "off"]])
 def test_no_plaintext_leaves_from_any_entry_point(make_daemon, tmp_path, refusal):
     d = make_daemon("--no-workload", *refusal)
-    q = connect(d)
+    q = qmp_connect(d)
     outputs = []
     for line in ("info mem", "info tlb", "gva2gpa 0x400000", "x /64xb 0x400000", "x /512c 0x400000",
                  "xp /64xb 0x0", "info registers", "info sev"):

@@ -11,26 +11,14 @@ import struct
 import subprocess
 import sys
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
-from tests.conftest import FIXTURES
-
-
-def connect(d):
-    q = QEMUMonitorProtocol(d.qmp)
-    q.connect()
-    return q
-
-
-def hmp(q, line):
-    return q.cmd_obj({"execute": "human-monitor-command", "arguments": {"command-line": line}})["return"]
+from tests.conftest import FIXTURES, hmp, qmp_connect
 
 
 def test_launch_with_bios_and_independent_measurement_check(make_daemon, tmp_path):
     bios = tmp_path / "bios.bin"
     bios.write_bytes(bytes(range(256)) * 256)
     d = make_daemon("--bios", str(bios))
-    q = connect(d)
+    q = qmp_connect(d)
     info = q.cmd("query-sev")
     assert info["enabled"] is True and info["state"] == "running" and info["policy"] == 0
     assert info["handle"] >= 1
@@ -60,7 +48,7 @@ def test_launch_with_bios_and_independent_measurement_check(make_daemon, tmp_pat
 
 
 def test_no_sev_answers_as_qemu_without_sev(make_daemon):
-    q = connect(make_daemon("--no-sev"))
+    q = qmp_connect(make_daemon("--no-sev"))
     assert q.cmd("query-sev") == {"enabled": False, "api-minor": 0, "handle": 0, "state": "uninit",
                                   "api-major": 0, "build-id": 0, "policy": 0}
     for cmd, args, desc in [("query-sev-launch-measure", {}, "SEV launch measurement is not available"),
@@ -91,12 +79,12 @@ def _all_output(q, gva, gpa):
 def test_debug_refused_under_nodbg_and_security_policy(make_daemon, tmp_path):
     fx = FIXTURES / "linux-4level"
     base = ["--core", str(fx / "core.elf"), "--cpu-state", str(fx / "cpu.json"), "--sev"]
-    plain = connect(make_daemon(*base, hmp=False))
+    plain = qmp_connect(make_daemon(*base, hmp=False))
     secret_x = hmp(plain, "x /4xg 0x4000e8")
     assert "0x0000000600000001" in secret_x
     for extra in (["--policy", "0x1"], ["--debug-policy", "off"]):
         d = make_daemon(*base, *extra, hmp=False)
-        q = connect(d)
+        q = qmp_connect(d)
         outs = _all_output(q, 0x4000E8, 0xB2A80E8)
         assert outs[3] == "00000000004000e8: Cannot access memory\r\n"
         assert outs[4] == "000000000b2a80e8: Cannot access memory\r\n"
@@ -124,7 +112,7 @@ def test_launch_secret_injected_by_the_guest_owner_under_prelaunch(make_daemon):
 
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    q = connect(make_daemon("-S", hmp=False))
+    q = qmp_connect(make_daemon("-S", hmp=False))
     assert q.cmd("query-status") == {"status": "prelaunch", "singlestep": False, "running": False}
     assert q.cmd("query-sev")["state"] == "launch-secret"
     measure = base64.b64decode(q.cmd("query-sev-launch-measure")["data"])[:32]
