@@ -9,6 +9,11 @@ import sys
 from sevmon import __version__
 
 
+def integer(text: str) -> int:
+    """An integer in C notation (0x1f, 017, 31), as QEMU's options take them."""
+    return int(text, 0)
+
+
 def add_guest_options(p: argparse.ArgumentParser) -> None:
     """Options that choose and configure the guest (shared by serve and bench)."""
     g = p.add_argument_group("guest")
@@ -20,7 +25,7 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     sev.add_argument("--sev", dest="sev", action="store_true", default=None,
                      help="run the guest as an SEV guest on the platform model (default for the built-in guest)")
     sev.add_argument("--no-sev", dest="sev", action="store_false", help="plain, unencrypted memory")
-    g.add_argument("--policy", type=lambda s: int(s, 0), default=0x0,
+    g.add_argument("--policy", type=integer, default=0x0,
                    help="SEV guest policy (default 0x0: debugging allowed; QEMU's default 0x1 forbids it)")
     g.add_argument("--cbitpos", type=int, default=47, help="C-bit position, CPUID 0x8000001F EBX[5:0] (default 47)")
     g.add_argument("--reduced-phys-bits", type=int, default=1, help="CPUID 0x8000001F EBX[11:6] (default 1)")

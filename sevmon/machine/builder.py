@@ -29,6 +29,8 @@ def build_machine(args) -> Machine:
         return _build(args)
     except ImageError as e:
         raise GuestError(str(e)) from None
+    except OSError as e:  # --bios/--pflash and friends
+        raise GuestError(f"{e.filename}: {e.strerror.lower() if e.strerror else e}") from None
     except Exception as e:
         from sevmon.sev import transport, vm
         if isinstance(e, vm.SevError | getattr(transport, "SevUnavailable", vm.SevError)):
