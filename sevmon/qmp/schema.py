@@ -11,11 +11,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from sevmon.qmp.errors import QMPError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent.parent / "schemas"
+
+def _schema_dir():
+    """The top-level schemas/ folder, installed (or mapped, in an editable install) as the
+    package data ``sevmon.schemas`` (a Traversable); a source tree that was never installed
+    falls back to the folder beside the package."""
+    try:
+        return resources.files("sevmon.schemas")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent.parent / "schemas"
+
+
+SCHEMA_DIR = _schema_dir()
 
 _INT_RANGES = {
     "int8": (-(1 << 7), (1 << 7) - 1), "int16": (-(1 << 15), (1 << 15) - 1),
@@ -58,11 +70,14 @@ def _members(data: dict | None) -> list[Member]:
 class Schema:
     """All definitions from a schema directory, by name."""
 
-    def __init__(self, directory: Path = SCHEMA_DIR):
+    def __init__(self, directory=SCHEMA_DIR):
         self.commands: dict[str, Definition] = {}
         self.events: dict[str, Definition] = {}
         self.types: dict[str, Definition] = {}
-        for path in sorted(directory.glob("*.json")):
+        files = sorted((f for f in directory.iterdir() if f.name.endswith(".json")), key=lambda f: f.name)
+        if not files:
+            raise FileNotFoundError(f"no QMP schema (*.json) in {directory}")
+        for path in files:
             for item in json.loads(path.read_text()):
                 self._add(item)
 
