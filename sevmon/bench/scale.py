@@ -12,9 +12,13 @@ import struct
 
 from sevmon.machine.cpu import CpuState
 from sevmon.machine.ram import PAGE_SIZE, RAM
-
-P, RW, US, A, D = 1, 2, 4, 32, 64
-TABLE = P | RW | US | A
+from sevmon.x86.pte import PG_ACCESSED as A
+from sevmon.x86.pte import PG_ADDRESS_MASK
+from sevmon.x86.pte import PG_DIRTY as D
+from sevmon.x86.pte import PG_PRESENT as P
+from sevmon.x86.pte import PG_RW as RW
+from sevmon.x86.pte import PG_USER as US
+from sevmon.x86.pte import TABLE_FLAGS as TABLE
 
 
 def build_scale_guest(n_pages: int, write, cbit: int, ram_size: int = 1 << 40, seed: int = 1) -> CpuState:
@@ -50,7 +54,7 @@ def build_scale_guest(n_pages: int, write, cbit: int, ram_size: int = 1 << 40, s
                 child = alloc()
                 tables[child] = [0] * 512
                 tables[table][idx] = child | TABLE | cbit
-            table = tables[table][idx] & ~cbit & 0x000FFFFFFFFFF000
+            table = tables[table][idx] & ~cbit & PG_ADDRESS_MASK
         tables[table][(va >> 21) & 511] = pt | TABLE | cbit
     for pa, entries in tables.items():
         write(pa, struct.pack("<512Q", *entries))

@@ -21,10 +21,16 @@ import random
 from sevmon.machine.cpu import CpuState
 from sevmon.machine.ram import PAGE_SIZE, RAM
 from sevmon.machine.vm import Machine, MachineConfig
-
-P, RW, US, PWT, PCD, A, D, PS, G = 1, 2, 4, 8, 16, 32, 64, 128, 256
-NX = 1 << 63
-TABLE = P | RW | US | A
+from sevmon.x86.pte import PG_ACCESSED as A
+from sevmon.x86.pte import PG_ADDRESS_MASK
+from sevmon.x86.pte import PG_DIRTY as D
+from sevmon.x86.pte import PG_GLOBAL as G
+from sevmon.x86.pte import PG_NX as NX
+from sevmon.x86.pte import PG_PRESENT as P
+from sevmon.x86.pte import PG_PSE as PS
+from sevmon.x86.pte import PG_RW as RW
+from sevmon.x86.pte import PG_USER as US
+from sevmon.x86.pte import TABLE_FLAGS as TABLE
 
 FIRMWARE_SIZE = 64 * 1024
 KERNEL_PA = 0x1000000
@@ -88,7 +94,7 @@ class GuestOS:
                 pae_root = self.paging == "pae" and shift == 30
                 self.set_entry(table, idx, self.enc(child | (P if pae_root else TABLE)))
                 entry = self.tables[table][idx]
-            table = entry & ~self.cbit & 0x000FFFFFFFFFF000
+            table = entry & ~self.cbit & PG_ADDRESS_MASK
 
     def unmap(self, va: int) -> None:
         table = self.root
@@ -100,7 +106,7 @@ class GuestOS:
             entry = self.tables[table][idx]
             if not entry & P:
                 return
-            table = entry & ~self.cbit & 0x000FFFFFFFFFF000
+            table = entry & ~self.cbit & PG_ADDRESS_MASK
 
     def data_page(self, text: str, private: bool = True) -> int:
         pa = self.alloc()

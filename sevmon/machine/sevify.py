@@ -10,9 +10,8 @@ import struct
 
 from sevmon.machine.cpu import CpuState
 from sevmon.machine.ram import PAGE_SHIFT, RAM
+from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE
 
-ADDR_MASK = 0x000FFFFFFFFFF000
-PRESENT, PSE = 1 << 0, 1 << 7
 _LEVELS = {"pae": 3, "4level": 4, "5level": 5}
 _PAE_ROOT_ENTRIES = 4
 
@@ -33,7 +32,7 @@ def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
         root_addr = cr3 & 0xFFFFFFE0
         frontier = {root_addr >> PAGE_SHIFT: (root_addr & 0xFFF, _PAE_ROOT_ENTRIES)}
     else:
-        frontier = {(cr3 & ADDR_MASK) >> PAGE_SHIFT: (0, 512)}
+        frontier = {(cr3 & PG_ADDRESS_MASK) >> PAGE_SHIFT: (0, 512)}
         cpu.set("cr3", cpu.cr3 | cbit)
     done: set[int] = set()
     rewritten = 0
@@ -49,12 +48,12 @@ def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
                 continue
             entries = list(struct.unpack_from(f"<{count}Q", frame, offset))
             for i, e in enumerate(entries):
-                if not e & PRESENT:
+                if not e & PG_PRESENT:
                     continue
                 entries[i] = e | cbit
-                large = e & PSE and depth in (levels - 3, levels - 2) and not (mode == "pae" and depth == 0)
+                large = e & PG_PSE and depth in (levels - 3, levels - 2) and not (mode == "pae" and depth == 0)
                 if not leaf_level and not large:
-                    nxt[((e & ~cbit) & ADDR_MASK) >> PAGE_SHIFT] = (0, 512)
+                    nxt[((e & ~cbit) & PG_ADDRESS_MASK) >> PAGE_SHIFT] = (0, 512)
             struct.pack_into(f"<{count}Q", frame, offset, *entries)
             rewritten += 1
         frontier = nxt

@@ -32,20 +32,13 @@ from typing import NamedTuple
 
 from sevmon.debug import PhysicalMemory
 from sevmon.machine.cpu import CR4_PSE, CpuState
+from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE, PG_RW, PG_USER
 
 __all__ = [
     "Mapping", "walk", "info_tlb", "info_mem", "translate", "gva2gpa_text", "count_table_reads",
 ]
 
-# Entry bits (target/i386/cpu.h).
-PG_PRESENT = 1 << 0
-PG_RW = 1 << 1
-PG_USER = 1 << 2
-PG_PSE = 1 << 7
-PG_NX = 1 << 63
 PROT_MASK = PG_USER | PG_RW | PG_PRESENT
-#: Address bits 12..51: what the CPU (and QEMU's gva2gpa) uses.
-PG_ADDRESS_MASK = 0x000FFFFFFFFFF000
 #: Address bits 12..49: what QEMU's ``info tlb`` / ``info mem`` use for CR3 and table pointers.
 _MON_TABLE_MASK = 0x3FFFFFFFFF000
 

@@ -36,7 +36,7 @@ data in the real guest (and, for the 32-bit guest, FPR6), which a memory image c
 
 from __future__ import annotations
 
-from sevmon.machine.cpu import CpuState
+from sevmon.machine.cpu import EFER_LMA, CpuState
 
 DESC_A = 1 << 8
 DESC_W = DESC_R = 1 << 9
@@ -48,7 +48,6 @@ DESC_P = 1 << 15
 DESC_L = 1 << 21
 DESC_B = 1 << 22
 
-EFER_LMA = 1 << 10
 CR4_OSXSAVE = 1 << 18
 EFLAGS_VM = 1 << 17
 EFLAGS_DF = 1 << 10
