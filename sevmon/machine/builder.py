@@ -32,8 +32,9 @@ def build_machine(args) -> Machine:
     except OSError as e:  # --bios/--pflash and friends
         raise GuestError(f"{e.filename}: {e.strerror.lower() if e.strerror else e}") from None
     except Exception as e:
-        from sevmon.sev import transport, vm
-        if isinstance(e, vm.SevError | getattr(transport, "SevUnavailable", vm.SevError)):
+        from sevmon.sev.linux import SevUnavailable
+        from sevmon.sev.vm import SevError
+        if isinstance(e, SevError | SevUnavailable):
             raise GuestError(str(e)) from None
         raise
 
@@ -42,7 +43,7 @@ def _sev_kernel(args):
     """The kernel transport: the simulated platform, or real /dev/kvm + /dev/sev."""
     if not args.kvm:
         return None
-    from sevmon.sev.transport import LinuxSevTransport
+    from sevmon.sev.linux import LinuxSevTransport
     return LinuxSevTransport()  # raises SevUnavailable with one sentence on hosts without SEV
 
 

@@ -1,6 +1,7 @@
-"""The kernel side: ``KVM_MEMORY_ENCRYPT_OP`` is the only way in.
+"""The kernel side, simulated: ``KVM_MEMORY_ENCRYPT_OP`` is the only way in.
 
-:class:`SimulatedKvm` is one VM file descriptor in one VMM process on a
+(The same structs on real hardware: :mod:`sevmon.sev.linux`. Host physical memory:
+:mod:`sevmon.sev.hostmem`.) :class:`SimulatedKvm` is one VM file descriptor in one VMM process on a
 :class:`SimulatedHost`. It models Linux's *classic* ``arch/x86/kvm/svm/sev.c`` (v4.16 up to
 the 2026 rewrite, with the Nov-2020 offset fix; sev-api.md §2.1) closely enough that round
 trips, firmware calls, errno values, the ``error`` field and the known bugs come out as on
@@ -42,10 +43,7 @@ Choices where the model has to decide (documented, not guessed at silently):
 
 from __future__ import annotations
 
-import bisect
-import ctypes
 import errno as E
-import mmap
 import os
 import threading
 from dataclasses import dataclass, fields
@@ -55,7 +53,6 @@ from construct import Container
 from sevmon.machine.ram import RAM, MemoryAccessError
 
 from .abi import (
-    KVM_CREATE_VM,
     KVM_MEMORY_ENCRYPT_OP,
     KVM_MEMORY_ENCRYPT_REG_REGION,
     KVM_MEMORY_ENCRYPT_UNREG_REGION,
@@ -92,9 +89,10 @@ from .abi import (
     SevUserDataPdhCertExport,
     SevUserDataStatus,
 )
-from .cpuid import LEAF, SevCpuid
+from .cpuid import SevCpuid
 from .engine import MemoryController
 from .firmware import SevFirmware
+from .hostmem import HostMemory, _Extents
 
 # Process virtual layout (x86-64 user space) and host physical zones.
 GUEST_HVA_BASE = 0x7F00_0000_0000
@@ -103,10 +101,6 @@ KERNEL_HPA_BASE = 0x0010_0000          # bounce pages and kernel copies of user 
 USER_HPA_BASE = 0x0001_0000_0000       # pages backing the VMMs' heaps
 GUEST_HPA_SPACING = 1 << 42            # guest RAM of VM slot k lives at (k + 1) << 42
 _U64 = (1 << 64) - 1
-
-
-class SevUnavailable(RuntimeError):
-    """This host cannot run SEV guests; ``str()`` is one sentence saying why."""
 
 
 class _Errno(Exception):
@@ -132,141 +126,6 @@ class KernelStats:
 
     def __sub__(self, other: KernelStats) -> KernelStats:
         return KernelStats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
-
-
-class _Extents:
-    """Non-overlapping ``[base, base+size)`` ranges with a payload, and first-fit allocation."""
-
-    def __init__(self, lo: int, hi: int):
-        self.lo, self.hi = lo, hi
-        self._bases: list[int] = []
-        self._items: dict[int, tuple[int, object]] = {}
-
-    def add(self, base: int, size: int, payload: object) -> None:
-        self._items[base] = (size, payload)  # item before index: lock-free readers stay consistent
-        bisect.insort(self._bases, base)
-
-    def remove(self, base: int) -> object:
-        self._bases.remove(base)
-        return self._items.pop(base)[1]
-
-    def alloc(self, size: int, payload: object) -> int:
-        """Place ``size`` bytes (page-granular, with a guard page) at the first free address."""
-        size = (size + PAGE_SIZE - 1) & PAGE_MASK or PAGE_SIZE
-        at = self.lo
-        for b in self._bases:
-            if b - at >= size + PAGE_SIZE:
-                break
-            at = max(at, b + self._items[b][0] + PAGE_SIZE)
-        if at + size > self.hi:
-            raise MemoryError("simulated address space exhausted")
-        self.add(at, size, payload)
-        return at
-
-    def find(self, addr: int) -> tuple[int, int, object] | None:
-        i = bisect.bisect_right(self._bases, addr) - 1
-        if i >= 0:
-            base = self._bases[i]
-            size, payload = self._items[base]
-            if addr < base + size:
-                return base, size, payload
-        return None
-
-    def next_base(self, addr: int) -> int:
-        i = bisect.bisect_right(self._bases, addr)
-        return self._bases[i] if i < len(self._bases) else 1 << 64
-
-
-class HostMemory:
-    """Host physical memory (DRAM) by system physical address, as the PSP sees it.
-
-    Regions are bytearrays (kernel pages, VMM heap buffers) or a guest's sparse RAM store
-    mapped at its host physical base. Anything else reads as zeros and keeps what is written.
-    """
-
-    def __init__(self):
-        self._regions = _Extents(0, 1 << 52)
-        self._loose: dict[int, bytearray] = {}
-
-    def map(self, base: int, backing: bytearray | RAM, size: int | None = None) -> None:
-        size = len(backing) if size is None else size
-        self._regions.add(base, size, backing)
-
-    def unmap(self, base: int) -> None:
-        self._regions.remove(base)
-
-    def read(self, spa: int, n: int) -> bytes:
-        parts = []
-        while n > 0:
-            hit = self._regions.find(spa)
-            if hit is None:
-                take = min(n, self._regions.next_base(spa) - spa)
-                parts.append(self._loose_read(spa, take))
-            else:
-                base, size, backing = hit
-                take = min(n, base + size - spa)
-                off = spa - base
-                if isinstance(backing, RAM):
-                    parts.append(_ram_read(backing, off, take))
-                else:
-                    parts.append(bytes(backing[off:off + take]))
-            spa += take
-            n -= take
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def write(self, spa: int, data: bytes) -> None:
-        mv = memoryview(data)
-        while len(mv):
-            hit = self._regions.find(spa)
-            if hit is None:
-                take = min(len(mv), self._regions.next_base(spa) - spa)
-                self._loose_write(spa, mv[:take])
-            else:
-                base, size, backing = hit
-                take = min(len(mv), base + size - spa)
-                off = spa - base
-                if isinstance(backing, RAM):
-                    backing.write(off, mv[:take])
-                else:
-                    backing[off:off + take] = mv[:take]
-            spa += take
-            mv = mv[take:]
-
-    def _loose_read(self, spa: int, n: int) -> bytes:
-        out = bytearray(n)
-        pos = 0
-        while pos < n:
-            pfn, off = (spa + pos) >> PAGE_SHIFT, (spa + pos) & (PAGE_SIZE - 1)
-            take = min(n - pos, PAGE_SIZE - off)
-            page = self._loose.get(pfn)
-            if page is not None:
-                out[pos:pos + take] = page[off:off + take]
-            pos += take
-        return bytes(out)
-
-    def _loose_write(self, spa: int, mv: memoryview) -> None:
-        pos = 0
-        while pos < len(mv):
-            pfn, off = (spa + pos) >> PAGE_SHIFT, (spa + pos) & (PAGE_SIZE - 1)
-            take = min(len(mv) - pos, PAGE_SIZE - off)
-            self._loose.setdefault(pfn, bytearray(PAGE_SIZE))[off:off + take] = mv[pos:pos + take]
-            pos += take
-
-
-def _ram_read(ram: RAM, off: int, n: int) -> bytes:
-    """Bytes at rest in a RAM store; frames that do not exist read as zeros (plain DRAM)."""
-    parts = []
-    zero = bytes(PAGE_SIZE)
-    while n > 0:
-        pfn, o = off >> PAGE_SHIFT, off & (PAGE_SIZE - 1)
-        take = min(n, PAGE_SIZE - o)
-        f = ram.frame(pfn)
-        if f is None:
-            f = zero
-        parts.append(f if take == PAGE_SIZE else f[o:o + take])
-        off += take
-        n -= take
-    return b"".join(parts)
 
 
 class SimulatedHost:
@@ -1120,100 +979,3 @@ class SimulatedKvm:
         SevCmdId.SNP_ENABLE_REQ_CERTS: _op_enotty,
     }
 
-
-def _libc_ioctl(fd: int, request: int, arg: int) -> int:
-    """ioctl(2) with a pointer-sized argument (``fcntl.ioctl`` only takes a C int or a buffer)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.ioctl
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    r = fn(fd, request, arg or None)
-    if r < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return r
-
-
-class LinuxSevTransport:
-    """The same surface as :class:`SimulatedKvm`, on a real host: packed structs in this
-    process's memory, ``fcntl.ioctl`` on a real VM fd and ``/dev/sev``.
-
-    Guest RAM is an anonymous mapping seeded from the RAM store; the guest's own CPU accesses
-    and fault injection do not exist here. Only ``round_trips`` is counted (the PSP is opaque).
-    """
-
-    def __init__(self, vm_fd: int | None = None, *, sev_path: str = "/dev/sev", kvm_path: str = "/dev/kvm"):
-        if not os.path.exists(sev_path):
-            raise SevUnavailable(
-                f"SEV is not available on this host: {sev_path} does not exist (needs an AMD EPYC host with "
-                "SEV enabled in the BIOS and the kvm_amd.sev=1 module parameter)")
-        try:
-            self.sev_fd = os.open(sev_path, os.O_RDWR)
-        except OSError as e:
-            raise SevUnavailable(f"SEV is not available to this process: cannot open {sev_path}: {e.strerror}") from None
-        self._own_vm = vm_fd is None
-        try:
-            if vm_fd is None:
-                kvm = os.open(kvm_path, os.O_RDWR)
-                try:
-                    vm_fd = _libc_ioctl(kvm, KVM_CREATE_VM, 0)
-                finally:
-                    os.close(kvm)
-        except OSError as e:
-            os.close(self.sev_fd)
-            raise SevUnavailable(f"SEV is not available to this process: cannot create a VM with {kvm_path}: "
-                                 f"{e.strerror}") from None
-        self.vm_fd = vm_fd
-        self.stats = KernelStats()
-        self._bufs: dict[int, ctypes.Array] = {}
-        self._maps: list[mmap.mmap] = []
-
-    def ioctl(self, fd: int, request: int, arg: int = 0) -> int:
-        self.stats.round_trips += 1
-        return _libc_ioctl(fd, request, arg)
-
-    def alloc(self, n: int) -> int:
-        buf = ctypes.create_string_buffer(max(n, 1))
-        addr = ctypes.addressof(buf)
-        self._bufs[addr] = buf
-        return addr
-
-    def free(self, hva: int) -> None:
-        self._bufs.pop(hva, None)
-
-    def read(self, hva: int, n: int) -> bytes:
-        return ctypes.string_at(hva, n)
-
-    def write(self, hva: int, data: bytes) -> None:
-        ctypes.memmove(hva, bytes(data), len(data))
-
-    def map_guest_ram(self, ram: RAM) -> int:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        m = mmap.mmap(-1, ram.size, flags=flags)
-        self._maps.append(m)
-        for pfn in ram.frames():
-            m[pfn << PAGE_SHIFT:(pfn + 1) << PAGE_SHIFT] = ram.frame(pfn)
-        return ctypes.addressof(ctypes.c_char.from_buffer(m))
-
-    def cpuid(self) -> SevCpuid:
-        try:
-            fd = os.open("/dev/cpu/0/cpuid", os.O_RDONLY)
-            try:
-                regs = os.pread(fd, 16, LEAF)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise SevUnavailable(f"cannot read CPUID Fn8000_001F: /dev/cpu/0/cpuid: {e.strerror} "
-                                 "(load the cpuid module)") from None
-        return SevCpuid(*(int.from_bytes(regs[i:i + 4], "little") for i in range(0, 16, 4)))
-
-    def guest_store(self, gpa: int, data: bytes, *, c_bit: bool = True) -> None:
-        raise SevUnavailable("the guest's own CPU accesses exist only in the simulation")
-
-    def guest_load(self, gpa: int, n: int, *, c_bit: bool = True) -> bytes:
-        raise SevUnavailable("the guest's own CPU accesses exist only in the simulation")
-
-    def close(self) -> None:
-        if self._own_vm:
-            os.close(self.vm_fd)
-        os.close(self.sev_fd)

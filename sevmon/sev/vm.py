@@ -2,7 +2,7 @@
 
 Everything goes through the kernel object's ``ioctl`` with packed structs in the process's
 own memory, so the same code drives :class:`~sevmon.sev.transport.SimulatedKvm` and
-:class:`~sevmon.sev.transport.LinuxSevTransport`. Debug accesses are exactly one
+:class:`~sevmon.sev.linux.LinuxSevTransport`. Debug accesses are exactly one
 ``KVM_SEV_DBG_*`` ioctl each: round trips are the cost the monitor's page cache minimises.
 """
 

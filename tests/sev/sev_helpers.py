@@ -7,7 +7,7 @@ from sevmon.sev import SevVm, SimulatedHost, SimulatedKvm
 from sevmon.sev.abi import KVM_MEMORY_ENCRYPT_OP, KvmSevCmd
 from sevmon.sev.engine import MemoryController
 from sevmon.sev.firmware import SevFirmware
-from sevmon.sev.transport import HostMemory
+from sevmon.sev.hostmem import HostMemory
 
 MiB = 1 << 20
 IMAGE_GPA = 0x100000

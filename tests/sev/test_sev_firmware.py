@@ -34,7 +34,7 @@ from sevmon.sev.abi import (
 )
 from sevmon.sev.engine import MemoryController
 from sevmon.sev.firmware import SevFirmware, launch_measurement, package_secret
-from sevmon.sev.transport import HostMemory
+from sevmon.sev.hostmem import HostMemory
 
 EMPTY_SHA256 = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
 NONCE1 = bytes.fromhex("4fbe0bedbad6c86ae8f68971d103e554")
