@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--scale", type=int, nargs="?", const=1_000_000, default=None, metavar="N")
     bench.add_argument("--vs-qemu", nargs=2, metavar=("KERNEL", "INITRD"))
+    bench.add_argument("--qemu-cpu", default="max,la57=off", metavar="MODEL",
+                       help="-cpu for --vs-qemu (\"max\" lets Linux use 5-level paging)")
     bench.add_argument("--repeat", type=int, default=5)
     add_guest_options(bench)
 

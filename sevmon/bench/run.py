@@ -195,11 +195,11 @@ def _latency(guest_argv: list[str]) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _vs_qemu(kernel: str, initrd: str) -> dict:
+def _vs_qemu(kernel: str, initrd: str, cpu_model: str = "max,la57=off") -> dict:
     if shutil.which("qemu-system-x86_64") is None:
         return {"skipped": "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"}
     from sevmon.bench.vs_qemu import compare
-    return compare(kernel, initrd)
+    return compare(kernel, initrd, cpu_model)
 
 
 def _guest_argv(args) -> list[str]:
@@ -232,7 +232,7 @@ def run_bench(args) -> int:
     if args.scale:
         report["scale"] = _scale(args.scale)
     if args.vs_qemu:
-        report["vs-qemu"] = _vs_qemu(*args.vs_qemu)
+        report["vs-qemu"] = _vs_qemu(*args.vs_qemu, args.qemu_cpu)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
