@@ -99,16 +99,17 @@ class Machine:
 
     # -- guest execution -----------------------------------------------------------------
     def run_guest(self) -> None:
-        """Let the guest run a slice (between monitor commands). Only while running."""
-        if self.status == "running" and self.workload is not None:
-            self.workload.step()
+        """Let a running guest run a slice (between monitor commands): its memory may have
+        changed, so nothing cached stays valid."""
+        if self.status == "running":
+            if self.workload is not None:
+                self.workload.step()
             self._invalidate()
 
     def begin_command(self) -> None:
-        """Called before each monitor command: a running guest may have changed anything."""
-        if self.status == "running":
-            self.run_guest()
-            self._invalidate()
+        """Called before each monitor command: while running, each command starts from an
+        empty cache (consistent within the command, never stale across commands)."""
+        self.run_guest()
 
     def _invalidate(self) -> None:
         if self.memory is not None:
