@@ -740,6 +740,14 @@ class SimulatedKvm:
     def _op_launch_measure(self, cmd: Container) -> int:
         self._require_sev()
         params = self._data(cmd, KvmSevLaunchMeasure)
+        return self._blob_to_user(cmd, params, KvmSevLaunchMeasure, FwCmd.LAUNCH_MEASURE, SevDataLaunchUpdate)
+
+    def _blob_to_user(self, cmd: Container, params: Container, kvm_struct, fwcmd: int, fw_struct,
+                      **fields) -> int:
+        """KVM's pattern for the commands that hand back a firmware blob (LAUNCH_MEASURE,
+        ATTESTATION_REPORT): ``len == 0`` is a length query; otherwise the PSP writes into a
+        kernel buffer that is copied to the user's. The PSP's ``len`` is copied back either
+        way. ``fields`` are extra inputs sent only with a real request."""
         blob = None
         address = length = 0
         if params.len and params.uaddr:
@@ -747,16 +755,18 @@ class SimulatedKvm:
                 raise _Errno(E.EINVAL)
             blob, _ = self.host.kalloc(params.len)
             address, length = blob, params.len
+        else:
+            fields = {k: bytes(len(v)) for k, v in fields.items()}
         try:
-            buf = bytearray(SevDataLaunchUpdate.build(dict(handle=self._handle, address=address, len=length)))
-            r = self._sev_issue(FwCmd.LAUNCH_MEASURE, buf, cmd)
+            buf = bytearray(fw_struct.build(dict(handle=self._handle, address=address, len=length, **fields)))
+            r = self._sev_issue(fwcmd, buf, cmd)
             if params.len:  # not a length query
                 if r:
                     return r
                 if blob is not None:
                     self._uwrite(params.uaddr, self.host.dram.read(blob, params.len))
-            params.len = SevDataLaunchUpdate.parse(bytes(buf)).len
-            self._uwrite(cmd.data, KvmSevLaunchMeasure.build(params))
+            params.len = fw_struct.parse(bytes(buf)).len
+            self._uwrite(cmd.data, kvm_struct.build(params))
             return r
         finally:
             if blob is not None:
@@ -801,29 +811,8 @@ class SimulatedKvm:
     def _op_attestation(self, cmd: Container) -> int:
         self._require_sev()
         params = self._data(cmd, KvmSevAttestationReport)
-        blob = None
-        address = length = 0
-        mnonce = bytes(16)
-        if params.len and params.uaddr:
-            if params.len > SEV_FW_BLOB_MAX_SIZE:
-                raise _Errno(E.EINVAL)
-            blob, _ = self.host.kalloc(params.len)
-            address, length, mnonce = blob, params.len, params.mnonce
-        try:
-            buf = bytearray(SevDataAttestationReport.build(dict(
-                handle=self._handle, address=address, len=length, mnonce=mnonce)))
-            r = self._sev_issue(FwCmd.ATTESTATION_REPORT, buf, cmd)
-            if params.len:
-                if r:
-                    return r
-                if blob is not None:
-                    self._uwrite(params.uaddr, self.host.dram.read(blob, params.len))
-            params.len = SevDataAttestationReport.parse(bytes(buf)).len
-            self._uwrite(cmd.data, KvmSevAttestationReport.build(params))
-            return r
-        finally:
-            if blob is not None:
-                self.host.kfree(blob)
+        return self._blob_to_user(cmd, params, KvmSevAttestationReport, FwCmd.ATTESTATION_REPORT,
+                                  SevDataAttestationReport, mnonce=bytes(params.mnonce))
 
     def _op_unmodelled(self, cmd: Container) -> int:
         self._require_sev()
