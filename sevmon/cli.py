@@ -7,6 +7,8 @@ import logging
 import sys
 
 from sevmon import __version__
+from sevmon.machine.spec import GuestSpec, SevSpec
+from sevmon.x86.modes import CLI_NAMES
 
 
 def integer(text: str) -> int:
@@ -42,6 +44,19 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                         "sev-inject-launch-secret works, until the first cont runs LAUNCH_FINISH")
     g.add_argument("--no-workload", dest="workload", action="store_false",
                    help="built-in guest: do not run the page-mapping workload while running")
+
+
+def guest_spec(args: argparse.Namespace) -> GuestSpec:
+    """The guest options as a :class:`GuestSpec` (the machine layer never sees argparse)."""
+    source = "core" if args.core else "raw" if args.raw else "builtin"
+    # SEV is the default for the built-in guest only; --sev/--no-sev decide for images.
+    sev_on = args.sev is not False if source == "builtin" else bool(args.sev)
+    sev = SevSpec(policy=args.policy, cbitpos=args.cbitpos, reduced_phys_bits=args.reduced_phys_bits,
+                  kvm=args.kvm) if sev_on else None
+    return GuestSpec(source=source, image=args.core or args.raw, cpu_state=args.cpu_state, sev=sev,
+                     bios=args.bios, pflash=tuple(args.pflash), paging=CLI_NAMES[args.paging],
+                     memory_mib=args.memory, debug_policy=args.debug_policy == "on",
+                     debug_cache_mb=args.debug_cache_mb, prelaunch=args.prelaunch, workload=args.workload)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import sys
 
 from sevmon.commands import build
 from sevmon.machine.builder import GuestError, build_machine
+from sevmon.machine.runner import MachineRunner
 from sevmon.qmp.server import QMPServer
 from sevmon.unixsock import SocketInUse
 
@@ -24,62 +25,53 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
     # event loop answer state queries and other clients' I/O in between (measured by
     # sevmon bench: query-status p99 under 31 concurrent info mem clients).
     sys.setswitchinterval(0.0005)
-    registry, hmp = build(machine)
-    server = QMPServer(machine, registry, hmp)
+    runner = MachineRunner(machine)
+    registry, hmp = build(runner)
+    server = QMPServer(runner, registry, hmp)
     hmp_server = None
     paths: list[str] = []
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the sockets exist: a client may signal at once
+        loop.add_signal_handler(sig, lambda: machine.quit("host-signal"))
     try:
         for path in qmp_paths:
             await server.listen(path)
             paths.append(path)
         if hmp_paths:
             from sevmon.hmp.server import HMPServer
-            hmp_server = HMPServer(machine, hmp, server.executor)
+            hmp_server = HMPServer(runner, hmp)
             for path in hmp_paths:
                 await hmp_server.listen(path)
                 paths.append(path)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: machine.quit("host-signal"))
         log.info("listening: QMP on %s%s", ", ".join(qmp_paths),
                  f", HMP on {', '.join(hmp_paths)}" if hmp_paths else "")
         if ready is not None:
             ready()
-        ticker = asyncio.create_task(_guest_ticker(machine, server))
+        ticker = asyncio.create_task(_guest_ticker(runner))
         await server.shutdown.wait()
         ticker.cancel()
     finally:
-        job = machine.dump
-        if job is not None and job.active:  # SIGTERM mid-dump: stop it; it removes its partial file
-            job.cancel.set()
-            for _ in range(200):
-                if not job.active:
-                    break
-                await asyncio.sleep(0.05)
+        await runner.cancel_jobs()  # SIGTERM mid-dump: the dump stops and removes its partial file
         if hmp_server is not None:
             await hmp_server.close()
         await server.close()
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        server.executor.shutdown(wait=False, cancel_futures=True)
+        runner.shutdown()
 
 
-async def _guest_ticker(machine, server) -> None:
+async def _guest_ticker(runner: MachineRunner) -> None:
     """Give a running guest time slices on the machine thread, between commands."""
-    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(GUEST_TICK)
-        if machine.running and machine.workload is not None:
-            def tick():
-                with machine.lock:
-                    machine.run_guest()
-            await loop.run_in_executor(server.executor, tick)
+        await runner.guest_slice()
 
 
 def serve(args) -> int:
+    from sevmon.cli import guest_spec
     try:
-        machine = build_machine(args)
+        machine = build_machine(guest_spec(args))
     except GuestError as e:
         log.error("%s", e)
         return 1

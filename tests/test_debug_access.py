@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import time
 
-from sevmon.machine.builtin_guest import WORKLOAD_VA
+from sevmon.machine.builtin_guest import LAYOUTS
 from tests.conftest import hmp, qmp_connect
 
 
@@ -18,7 +18,7 @@ def tick_of(q, gpa):
 
 def test_running_guest_is_never_stale_and_paused_cache_persists(daemon):
     q = qmp_connect(daemon)
-    va = WORKLOAD_VA["4"]
+    va = LAYOUTS["4level"].workload
     seen_mapped, seen_unmapped, ticks = 0, 0, set()
     deadline = time.monotonic() + 20
     while (seen_mapped < 2 or seen_unmapped < 2 or len(ticks) < 3) and time.monotonic() < deadline:
@@ -106,14 +106,10 @@ def test_memsave_pmemsave_errors_in_qemus_words(daemon, tmp_path):
 
 
 def test_debug_write_goes_through_dbg_encrypt_and_keeps_the_cache_coherent():
-    import argparse
-
-    from sevmon.cli import add_guest_options
     from sevmon.machine.builder import build_machine
+    from sevmon.machine.spec import GuestSpec
 
-    p = argparse.ArgumentParser()
-    add_guest_options(p)
-    m = build_machine(p.parse_args(["--no-workload"]))
+    m = build_machine(GuestSpec(workload=False))
     mem, sev = m.memory, m.sev
     gpa = 0x1000000 + 0x40
     before = mem.read(gpa, 16)                       # now cached

@@ -3,32 +3,25 @@ interrupted, and proof that no plaintext leaves when debugging is forbidden."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 
 import pytest
 
-from sevmon.cli import add_guest_options
 from sevmon.commands import build
 from sevmon.machine.builder import build_machine
+from sevmon.machine.runner import MachineRunner
+from sevmon.machine.spec import GuestSpec, SevSpec
 from tests.conftest import FIXTURES, hmp, qmp_connect
 
 FX = FIXTURES / "linux-4level"
 
 
-def guest_args(*extra):
-    p = argparse.ArgumentParser()
-    add_guest_options(p)
-    return p.parse_args(list(extra))
-
-
-
-
 def test_firmware_error_in_the_middle_of_a_multi_page_read():
-    m = build_machine(guest_args("--core", str(FX / "core.elf"), "--cpu-state", str(FX / "cpu.json"), "--sev"))
-    _, monitor = build(m)
+    m = build_machine(GuestSpec(source="core", image=str(FX / "core.elf"), cpu_state=str(FX / "cpu.json"),
+                                sev=SevSpec()))
+    _, monitor = build(MachineRunner(m))
     expected = json.loads((FX / "hmp.json").read_text())["info tlb"].replace("\r\n", "\n")
     m.sev.kernel.fail_firmware_call(50, 0x13)  # the 50th PSP command from now: HWSEV_RET_PLATFORM
     out = monitor.run("info tlb")

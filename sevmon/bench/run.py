@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from sevmon.bench.readers import make_reader
-from sevmon.machine.ram import PAGE_SHIFT
+from sevmon.memory.ram import PAGE_SHIFT
 from sevmon.x86 import paging
 
 PMEMSAVE_SIZE = 64 << 20
@@ -216,17 +216,18 @@ def _guest_argv(args) -> list[str]:
 
 
 def run_bench(args) -> int:
+    from sevmon.cli import guest_spec
     from sevmon.machine.builder import GuestError, build_machine
 
     if args.sev is None:
         args.sev = True  # the benchmark is about SEV: cores and raw images run encrypted
     args.workload = False
     try:
-        machine = build_machine(args)
+        machine = build_machine(guest_spec(args))
     except GuestError as e:
         print(f"sevmon bench: {e}", file=sys.stderr)
         return 1
-    machine.status = "paused"
+    machine.stop()  # a paused guest: warm runs keep their cache
     report = _side_by_side(machine, args.repeat)
     report["latency"] = _latency(_guest_argv(args))
     if args.scale:

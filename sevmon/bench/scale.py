@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 import struct
 
-from sevmon.machine.cpu import CpuState
-from sevmon.machine.ram import PAGE_SIZE, RAM
+from sevmon.memory.ram import PAGE_SIZE, RAM
+from sevmon.x86.cpu import CpuState
 from sevmon.x86.pte import PG_ACCESSED as A
 from sevmon.x86.pte import PG_ADDRESS_MASK
 from sevmon.x86.pte import PG_DIRTY as D

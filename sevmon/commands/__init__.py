@@ -13,26 +13,12 @@ from sevmon.qmp.dispatch import CommandRegistry
 from sevmon.qmp.schema import Schema
 
 
-def build(machine) -> tuple[CommandRegistry, HumanMonitor]:
-    """The QMP registry and the human monitor for ``machine``, every command registered."""
-    from sevmon.commands import control, runstate  # noqa: PLC0415 (registration order)
+def build(runner) -> tuple[CommandRegistry, HumanMonitor]:
+    """The QMP registry and the human monitor for ``runner``'s machine, every command registered."""
+    from sevmon.commands import control, dump, memory, runstate, sev
 
     registry = CommandRegistry(Schema())
     hmp, info = CommandTable(), CommandTable()
-    for module in (control, runstate, *_optional_modules()):
+    for module in (control, runstate, sev, memory, dump):
         module.register(registry, hmp, info)
-    return registry, HumanMonitor(machine, hmp, info)
-
-
-def _optional_modules():
-    """Areas added as they land (SEV, memory); each has register(registry, hmp, info)."""
-    import importlib
-
-    out = []
-    for name in ("sev", "memory", "dump"):
-        try:
-            out.append(importlib.import_module(f"sevmon.commands.{name}"))
-        except ModuleNotFoundError as e:
-            if e.name != f"sevmon.commands.{name}":
-                raise
-    return out
+    return registry, HumanMonitor(runner, hmp, info)

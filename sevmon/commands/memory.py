@@ -10,7 +10,7 @@ import os
 
 from sevmon.debug.ops import DebugFailed, DebugRefused
 from sevmon.hmp.memory_dump import _printc, memory_dump
-from sevmon.machine.ram import PAGE_SIZE, MemoryAccessError
+from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
 from sevmon.qmp.errors import QMPError
 from sevmon.x86 import paging
 from sevmon.x86.registers import info_registers
@@ -109,7 +109,8 @@ def register(registry, hmp, info) -> None:
         pmemsave(ctx.machine, val, size, filename)
         return {}
 
-    registry.register("query-sev-debug-stats", inline=True)(lambda ctx: debug_stats(ctx.machine))
+    # On the machine thread, between commands: counters of a half-done command would not add up.
+    registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
         lines = fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine))

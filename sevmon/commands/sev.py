@@ -11,6 +11,7 @@ import binascii
 import re
 
 from sevmon.qmp.errors import QMPError
+from sevmon.sev.abi import Policy
 
 SEV_MIGRATION_BLOCKER = "SEV: Migration is not implemented"
 
@@ -78,7 +79,7 @@ def inject_launch_secret(machine, packet_header: str, secret: str, gpa: int | No
     if not data:
         raise QMPError("SEV: Failed to decode data")
     for pfn in range(gpa >> 12, ((gpa + len(data) - 1) >> 12) + 1):
-        if not machine.ram.has(pfn) and (pfn << 12) >= machine.ram.size:
+        if not sev.ram.has(pfn) and (pfn << 12) >= sev.ram.size:
             raise QMPError(f"SEV: Failed to calculate guest address: No memory is mapped at address 0x{gpa:x}")
     try:
         sev.inject_launch_secret(hdr, data, gpa)
@@ -129,7 +130,7 @@ def register(registry, hmp, info) -> None:
         ctx.print(f"state: {s['state']}")
         ctx.print(f"build: {s['build-id']}")
         ctx.print(f"api version: {s['api-major']}.{s['api-minor']}")
-        ctx.print(f"debug: {'off' if s['policy'] & 0x1 else 'on'}")
+        ctx.print(f"debug: {'off' if s['policy'] & Policy.NODBG else 'on'}")
         ctx.print(f"key-sharing: {'off' if s['policy'] & 0x2 else 'on'}")
 
     @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created")

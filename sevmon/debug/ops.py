@@ -9,7 +9,8 @@ not allowed, so no ioctl is issued and no plaintext can leave.
 
 from __future__ import annotations
 
-from sevmon.machine.ram import PAGE_SHIFT, RAM, MemoryAccessError
+from sevmon.memory.ram import PAGE_SHIFT, RAM, MemoryAccessError
+from sevmon.sev.abi import Policy
 from sevmon.sev.vm import SevError
 
 
@@ -61,7 +62,7 @@ class SevOps(PlainOps):
     def __init__(self, ram: RAM, sev, *, allowed: bool = True):
         super().__init__(ram, allowed=allowed)
         self.sev = sev
-        if self.refusal is None and sev.policy & 0x1:
+        if self.refusal is None and sev.policy & Policy.NODBG:
             self.refusal = (f"the SEV guest policy 0x{sev.policy:x} forbids debug access (NODBG): "
                             "guest memory cannot be decrypted")
 

@@ -24,11 +24,12 @@ class OutputLimit(Exception):
 
 
 class HmpContext:
-    """What an HMP handler gets: the machine, the selected vCPU, and a bounded output buffer."""
+    """What an HMP handler gets: the machine, its runner (jobs), the selected vCPU, and a bounded output buffer."""
 
     def __init__(self, monitor: HumanMonitor, cpu_index: int, limit: int):
         self.monitor = monitor
         self.machine = monitor.machine
+        self.runner = monitor.runner
         self.cpu_index = cpu_index
         self.limit = limit
         self._size = 0
@@ -51,8 +52,9 @@ class HmpContext:
 class HumanMonitor:
     """Shared by every HMP user of one machine (the format defaults are global in QEMU)."""
 
-    def __init__(self, machine, table: CommandTable, info_table: CommandTable):
-        self.machine = machine
+    def __init__(self, runner, table: CommandTable, info_table: CommandTable):
+        self.runner = runner
+        self.machine = runner.machine
         self.table = table
         self.info_table = info_table
         self.fmt = FmtDefaults()

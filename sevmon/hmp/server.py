@@ -23,10 +23,9 @@ HMP_SOCKET_OUTPUT_LIMIT = 64 << 20  # a terminal has no 10 MiB line limit; memor
 
 
 class HMPServer:
-    def __init__(self, machine, monitor, executor):
-        self.machine = machine
+    def __init__(self, runner, monitor):
+        self.runner = runner
         self.monitor = monitor
-        self.executor = executor
         self.servers = []
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -36,7 +35,6 @@ class HMPServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
-        loop = asyncio.get_running_loop()
         try:
             writer.write(f"sevmon {__version__} monitor - type 'help' for more information\r\n{PROMPT}"
                          .encode())
@@ -53,12 +51,8 @@ class HMPServer:
                     continue
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
 
-                def run(line=line):
-                    with self.machine.lock:
-                        self.machine.begin_command()
-                        return self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT)
-
-                out = await loop.run_in_executor(self.executor, run)
+                out = await self.runner.command(
+                    lambda line=line: self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT))
                 writer.write((out.replace("\n", "\r\n") + PROMPT).encode("utf-8", "replace"))
                 await writer.drain()
                 if reader.at_eof():

@@ -37,7 +37,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
-from sevmon.machine.cpu import EFER_LMA, CpuState
+from sevmon.x86.cpu import EFER_LMA, CpuState
 
 EM_386 = 3
 EM_X86_64 = 62

@@ -3,7 +3,7 @@
 * :func:`load_core` reads an ELF core (ELFCLASS32 or 64, little-endian, ET_CORE,
   EM_X86_64 or EM_386) with pyelftools. Every PT_LOAD with ``p_filesz > 0`` puts its file
   bytes at guest-physical ``p_paddr``; only those pages exist in the sparse
-  :class:`~sevmon.machine.ram.RAM` (a page only partly covered at a segment edge exists,
+  :class:`~sevmon.memory.ram.RAM` (a page only partly covered at a segment edge exists,
   zero-filled around the covered bytes; the ``p_memsz - p_filesz`` tail is *not*
   created: QEMU writes it only when the memory was filtered out of the dump). Registers
   come from QEMU's notes: one ``NT_PRSTATUS`` per vCPU (x86_64 or i386 layout,
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from sevmon.machine.cpu import CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, CpuState
 from sevmon.machine.dump import parse_prstatus, parse_qemu_cpustate
-from sevmon.machine.ram import PAGE_SHIFT, PAGE_SIZE, RAM
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, RAM
+from sevmon.x86.cpu import CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, CpuState
 
 __all__ = ["ImageError", "LoadedImage", "load_core", "load_raw", "load_image", "apply_cpu_json"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import struct
 
-from sevmon.machine.cpu import CpuState
-from sevmon.machine.ram import PAGE_SHIFT, RAM
+from sevmon.memory.ram import PAGE_SHIFT, RAM
+from sevmon.x86.cpu import CpuState
 from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE
 
 _LEVELS = {"pae": 3, "4level": 4, "5level": 5}

@@ -1,15 +1,14 @@
 """The QMP server: UNIX sockets with mode 0600, sessions, event broadcast, command execution.
 
-Commands execute one at a time on the machine thread (QEMU's big lock) so the asyncio
-loop stays free for I/O: greetings, parse errors and other clients are never held up by
-a client that is slow to read or write.
+Commands execute one at a time on the machine thread (:mod:`sevmon.machine.runner`, QEMU's big lock) so the
+asyncio loop stays free for I/O: greetings, parse errors and other clients are never held up by a client that is
+slow to read or write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from sevmon import PACKAGE, QEMU_VERSION
 from sevmon.qmp.dispatch import CommandRegistry, Request
@@ -21,26 +20,26 @@ log = logging.getLogger("sevmon.qmp")
 
 
 class CommandContext:
-    """What a QMP handler may use: the machine, the server (for HMP), the session."""
+    """What a QMP handler may use: the machine, its runner (jobs), the server (for HMP), the session."""
 
     def __init__(self, server: QMPServer, session: QMPSession | None):
         self.server = server
         self.machine = server.machine
+        self.runner = server.runner
         self.session = session
 
 
 class QMPServer:
-    def __init__(self, machine, registry: CommandRegistry, hmp, *, executor: ThreadPoolExecutor | None = None):
-        self.machine = machine
+    def __init__(self, runner, registry: CommandRegistry, hmp):
+        self.runner = runner
+        self.machine = runner.machine
         self.registry = registry
         self.hmp = hmp
-        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="machine")
         self.sessions: set[QMPSession] = set()
         self.servers: list[asyncio.base_events.Server] = []
-        self.paths: list[str] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shutdown = asyncio.Event()
-        machine.add_listener(self._on_event)
+        self.machine.add_listener(self._on_event)
 
     @staticmethod
     def version_info() -> dict:
@@ -53,7 +52,6 @@ class QMPServer:
         sock = listen_unix(path)
         srv = await asyncio.start_unix_server(self._client, sock=sock, limit=1 << 20)
         self.servers.append(srv)
-        self.paths.append(path)
 
     async def _client(self, reader, writer) -> None:
         session = QMPSession(self, reader, writer)
@@ -71,8 +69,7 @@ class QMPServer:
         """Stop listening, let in-flight commands finish and their replies flush, close."""
         for srv in self.servers:
             srv.close()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, lambda: None)  # the machine thread is idle
+        await self.runner.idle()  # the machine thread is idle
         for _ in range(3):
             await asyncio.sleep(0)  # sessions enqueue the replies of those commands
         sessions = list(self.sessions)
@@ -108,18 +105,10 @@ class QMPServer:
             await asyncio.sleep(0)  # one request at a time per turn: a pipelining client cannot hog the loop
             return result
 
-        def run():
-            with self.machine.lock:
-                self.machine.begin_command()
-                return handler(ctx, **kwargs)
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            return await self.runner.command(lambda: handler(ctx, **kwargs))
         except QMPError:
             raise
         except Exception as e:  # never a traceback on the wire
             log.exception("command %s failed", req.name)
             raise QMPError(f"{req.name}: internal error: {e}") from None
-
-    def request_shutdown(self) -> None:
-        self.shutdown.set()

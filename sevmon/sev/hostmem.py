@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
 
 from .abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 

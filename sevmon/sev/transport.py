@@ -25,7 +25,7 @@ RAM mapped at :data:`GUEST_HVA_BASE`, a heap for the VMM's buffers), host physic
 
 Choices where the model has to decide (documented, not guessed at silently):
 
-* A guest frame absent from the sparse :class:`~sevmon.machine.ram.RAM` store is a hole in the
+* A guest frame absent from the sparse :class:`~sevmon.memory.ram.RAM` store is a hole in the
   VMM's mapping: pinning it fails, and Linux's ``sev_pin_memory`` turns any pin failure into
   ``-ENOMEM`` — so a debug read of a frame that is not RAM fails with ``ENOMEM`` instead of
   returning the garbage a real PSP would produce for a zero page.
@@ -50,7 +50,7 @@ from dataclasses import dataclass, fields
 
 from construct import Container
 
-from sevmon.machine.ram import RAM, MemoryAccessError
+from sevmon.memory.ram import RAM, MemoryAccessError
 
 from .abi import (
     KVM_MEMORY_ENCRYPT_OP,

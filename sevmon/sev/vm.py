@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno as E
 import os
 
-from sevmon.machine.ram import PAGE_SHIFT, RAM
+from sevmon.memory.ram import PAGE_SHIFT, RAM
 
 from .abi import (
     KVM_MEMORY_ENCRYPT_OP,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from sevmon.hmp.errors import HmpError
 from sevmon.hmp.expr import check_int_arg, monitor_reg_lookup, parse_expr
-from sevmon.machine.cpu import CpuState
+from sevmon.x86.cpu import CpuState
 
 NOREG = lambda name: None  # noqa: E731
 

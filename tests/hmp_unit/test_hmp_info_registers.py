@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sevmon.machine.cpu import CpuState
 from sevmon.machine.images import apply_cpu_json, load_core
+from sevmon.x86.cpu import CpuState
 from sevmon.x86.registers import info_registers
 
 FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))

@@ -14,7 +14,7 @@ from sevmon.hmp.errors import HmpError
 from sevmon.hmp.expr import parse_expr
 from sevmon.hmp.memory_dump import FmtDefaults, memory_dump, parse_fmt, parse_fmt_at
 from sevmon.machine.images import load_core
-from sevmon.machine.ram import RAM, MemoryAccessError
+from sevmon.memory.ram import RAM, MemoryAccessError
 
 FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
 GUESTS = ("linux-4level", "linux-pae", "linux-32bit")

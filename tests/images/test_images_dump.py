@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from sevmon.machine.cpu import CpuState
 from sevmon.machine.dump import CHUNK, PN_XNUM, build_notes, dump_layout, write_core
 from sevmon.machine.images import apply_cpu_json, load_core
-from sevmon.machine.ram import PAGE_SIZE
+from sevmon.memory.ram import PAGE_SIZE
+from sevmon.x86.cpu import CpuState
 
 FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
 GUESTS = ("linux-4level", "linux-pae", "linux-32bit")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from sevmon.machine.cpu import CpuState
 from sevmon.machine.dump import write_core
 from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_image, load_raw
-from sevmon.machine.ram import PAGE_SIZE, MemoryAccessError
+from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
+from sevmon.x86.cpu import CpuState
 
 FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
 GUESTS = ("linux-4level", "linux-pae", "linux-32bit")

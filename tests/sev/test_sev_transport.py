@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sev_helpers import IMAGE_GPA, new_vm, raw_op
 
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
 from sevmon.sev import LinuxSevTransport, SevError, SevUnavailable, SevVm, SimulatedHost, SimulatedKvm
 from sevmon.sev.abi import (
     KVM_MEMORY_ENCRYPT_OP,

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from sev_helpers import IMAGE_GPA, new_vm, raw_op
 
-from sevmon.machine.ram import RAM, MemoryAccessError
+from sevmon.memory.ram import RAM, MemoryAccessError
 from sevmon.sev import SevError, SevVm, SimulatedHost, SimulatedKvm
 from sevmon.sev.abi import (
     KvmSevGuestStatus,

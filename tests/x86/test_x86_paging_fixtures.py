@@ -8,8 +8,8 @@ from functools import cache
 import pytest
 from x86_testmem import CountingMemory, copy_ram, count_runs, load_fixture, ram_q, sev_copy
 
-from sevmon.machine.cpu import CpuState
 from sevmon.x86 import paging
+from sevmon.x86.cpu import CpuState
 
 FIXTURES = ("linux-4level", "linux-pae", "linux-32bit")
 # Cold `info tlb` through a run-grouping cache: (read_frames calls, distinct table pages, contiguous runs).

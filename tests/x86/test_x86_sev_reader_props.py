@@ -15,7 +15,7 @@ from x86_testmem import CountingMemory
 
 from sevmon.bench.readers import make_reader
 from sevmon.debug.ops import SevOps
-from sevmon.machine.ram import PAGE_SHIFT, RAM
+from sevmon.memory.ram import PAGE_SHIFT, RAM
 from sevmon.sev.vm import SevVm
 from sevmon.x86 import paging
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from x86_testmem import ram_l, ram_q
 
-from sevmon.machine.cpu import CR4_PSE, CpuState
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
+from sevmon.x86.cpu import CR4_PSE, CpuState
 
 U64 = (1 << 64) - 1
 ADDR = 0x000FFFFFFFFFF000
