@@ -90,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="sevmon: %(message)s", stream=sys.stderr)
     if args.subcommand == "serve":
         from sevmon.daemon import serve
-        return serve(args)
+        return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp)
     if args.subcommand == "shell":
         from sevmon.shell.app import run_shell
         return run_shell(args)
     from sevmon.bench.run import run_bench
-    return run_bench(args)
+    if args.sev is None:
+        args.sev = True  # the benchmark is about SEV: cores and raw images run encrypted
+    args.workload = False
+    return run_bench(args, guest_spec(args))

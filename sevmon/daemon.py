@@ -12,6 +12,7 @@ import sys
 from sevmon.commands import build
 from sevmon.machine.builder import GuestError, build_machine
 from sevmon.machine.runner import MachineRunner
+from sevmon.machine.spec import GuestSpec
 from sevmon.qmp.server import QMPServer
 from sevmon.unixsock import SocketInUse
 
@@ -68,16 +69,15 @@ async def _guest_ticker(runner: MachineRunner) -> None:
         await runner.guest_slice()
 
 
-def serve(args) -> int:
-    from sevmon.cli import guest_spec
+def serve(spec: GuestSpec, qmp: list[str], hmp: list[str]) -> int:
+    """``sevmon serve``: build the machine ``spec`` describes and serve it until quit or a signal."""
     try:
-        machine = build_machine(guest_spec(args))
+        machine = build_machine(spec)
     except GuestError as e:
         log.error("%s", e)
         return 1
-    qmp = args.qmp or ["./sevmon-qmp.sock"]
     try:
-        asyncio.run(run_daemon(machine, qmp, args.hmp))
+        asyncio.run(run_daemon(machine, qmp, hmp))
     except SocketInUse as e:
         log.error("%s", e)
         return 1

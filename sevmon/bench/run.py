@@ -215,15 +215,12 @@ def _guest_argv(args) -> list[str]:
     return argv
 
 
-def run_bench(args) -> int:
-    from sevmon.cli import guest_spec
+def run_bench(args, spec) -> int:
+    """``sevmon bench``: ``spec`` is the guest (SEV, no workload); ``args`` the bench's own options."""
     from sevmon.machine.builder import GuestError, build_machine
 
-    if args.sev is None:
-        args.sev = True  # the benchmark is about SEV: cores and raw images run encrypted
-    args.workload = False
     try:
-        machine = build_machine(guest_spec(args))
+        machine = build_machine(spec)
     except GuestError as e:
         print(f"sevmon bench: {e}", file=sys.stderr)
         return 1

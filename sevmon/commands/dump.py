@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 
-from sevmon.debug.ops import DebugFailed, DebugRefused
+from sevmon.debug.ops import DebugError
 from sevmon.machine.dump import write_core
 from sevmon.machine.interface import RunState
 from sevmon.memory.ram import PAGE_SHIFT
@@ -71,7 +71,7 @@ class DumpJob:
         except Cancelled:
             self.status, self.error = "failed", "dump cancelled: sevmon is shutting down"
             self._remove_partial()
-        except (DebugRefused, DebugFailed) as e:
+        except DebugError as e:
             self.status, self.error = "failed", e.reason
             self._remove_partial()
         except OSError as e:
@@ -159,10 +159,7 @@ def register(registry, hmp, info) -> None:
             return
         fmt = "kdump-zlib" if zlib else "kdump-lzo" if lzo else "kdump-snappy" if snappy else \
             "win-dmp" if windmp else None
-        try:
-            start_dump(ctx.runner, paging, "file:" + filename, detach, begin, length, fmt)
-        except QMPError as e:
-            ctx.print(f"Error: {e.desc}")
+        start_dump(ctx.runner, paging, "file:" + filename, detach, begin, length, fmt)
 
     @info.command("dump", "", "", "Display the latest dump status")
     def info_dump(ctx):

@@ -45,10 +45,7 @@ def register(registry, hmp, info) -> None:
 
     @hmp.command("cont|c", "", "", "resume emulation")
     def hmp_cont(ctx):
-        try:
-            cont(ctx.runner)
-        except QMPError as e:
-            ctx.print(f"Error: {e.desc}")
+        cont(ctx.runner)
 
     @hmp.command("system_reset", "", "", "reset the system")
     def hmp_system_reset(ctx):

@@ -14,11 +14,15 @@ from sevmon.sev.abi import Policy
 from sevmon.sev.vm import SevError
 
 
-class DebugRefused(MemoryAccessError):
+class DebugError(MemoryAccessError):
+    """Debug access did not happen: ``reason`` is the one sentence a monitor shows (after ``Error: ``)."""
+
+
+class DebugRefused(DebugError):
     """Debug access is forbidden (guest policy NODBG, or the security policy)."""
 
 
-class DebugFailed(MemoryAccessError):
+class DebugFailed(DebugError):
     """The kernel or the firmware failed a debug request; ``reason`` is its one sentence
     (e.g. "SEV: DBG_DECRYPT failed: ... (fw error 7)"). Nothing of the request was kept."""
 

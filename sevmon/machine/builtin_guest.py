@@ -155,8 +155,10 @@ class GuestOS:
             table = entry & ~self.cbit & PG_ADDRESS_MASK
 
     def data_page(self, text: str, private: bool = True) -> int:
+        """A page of ``text``; ``private=False`` writes it shared where the mode can say so (with 4-byte entries
+        every access is private: legacy paging cannot clear a C-bit)."""
         pa = self.alloc()
-        self.write(pa, text.encode().ljust(PAGE_SIZE, b"\0"), private)
+        self.write(pa, text.encode().ljust(PAGE_SIZE, b"\0"), private or not self.mode.wide)
         return pa
 
     # -- boot ----------------------------------------------------------------------------------

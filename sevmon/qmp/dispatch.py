@@ -34,6 +34,7 @@ class CommandRegistry:
         self.schema = schema
         self.handlers: dict[str, Callable] = {}
         self.inline: set[str] = set()
+        self._names: list[str] = []  # registration order, session commands included
 
     def register(self, name: str, *, inline: bool = False):
         """``inline``: the handler only reads state that is safe to read without the machine
@@ -44,13 +45,24 @@ class CommandRegistry:
 
         def deco(fn):
             self.handlers[name] = fn
+            self._names.append(name)
             if inline:
                 self.inline.add(name)
             return fn
         return deco
 
+    def register_session_command(self, name: str) -> None:
+        """A command the session answers itself (``qmp_capabilities``): listed and schema-checked like the
+        others, but never dispatched to the machine."""
+        if name not in self.schema.commands:
+            raise KeyError(f"command {name} has no schema in schemas/")
+        self._names.append(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
     def names(self) -> list[str]:
-        return list(self.handlers)
+        return list(self._names)
 
 
 def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: CommandRegistry) -> Request:
@@ -75,8 +87,8 @@ def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: Command
         raise _Fail(QMPError("QMP input lacks member 'execute'"), rid)
     name = msg[exec_key]
     oob = exec_key == "exec-oob"
-    available = ("qmp_capabilities",) if not negotiated else registry.handlers
-    if name not in available or name not in registry.handlers:
+    available = ("qmp_capabilities",) if not negotiated else registry
+    if name not in available or name not in registry:
         if not negotiated:
             raise _Fail(QMPError("Expecting capabilities negotiation with 'qmp_capabilities'",
                                  COMMAND_NOT_FOUND), rid)

@@ -13,7 +13,7 @@ from sevmon.memory.ram import RAM
 
 from .abi import KVM_CREATE_VM, PAGE_SHIFT
 from .cpuid import LEAF, SevCpuid
-from .transport import KernelStats
+from .stats import KernelStats
 
 
 class SevUnavailable(RuntimeError):

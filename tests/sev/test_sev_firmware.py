@@ -11,7 +11,6 @@ import os
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
-from sev_helpers import raw_firmware
 
 from sevmon.sev import firmware as fwmod
 from sevmon.sev.abi import (
@@ -35,6 +34,7 @@ from sevmon.sev.abi import (
 from sevmon.sev.engine import MemoryController
 from sevmon.sev.firmware import SevFirmware, launch_measurement, package_secret
 from sevmon.sev.hostmem import HostMemory
+from tests.sev.sev_helpers import raw_firmware
 
 EMPTY_SHA256 = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
 NONCE1 = bytes.fromhex("4fbe0bedbad6c86ae8f68971d103e554")

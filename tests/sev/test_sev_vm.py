@@ -11,7 +11,6 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from sev_helpers import IMAGE_GPA, new_vm, raw_op
 
 from sevmon.memory.ram import RAM, MemoryAccessError
 from sevmon.sev import SevError, SevVm, SimulatedHost, SimulatedKvm
@@ -22,6 +21,7 @@ from sevmon.sev.abi import (
     SevCmdId,
     SevRet,
 )
+from tests.sev.sev_helpers import IMAGE_GPA, new_vm, raw_op
 
 A = IMAGE_GPA
 

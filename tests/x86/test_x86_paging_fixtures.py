@@ -6,10 +6,10 @@ import struct
 from functools import cache
 
 import pytest
-from x86_testmem import CountingMemory, copy_ram, count_runs, load_fixture, ram_q, sev_copy
 
 from sevmon.x86 import paging
 from sevmon.x86.cpu import CpuState
+from tests.x86.x86_testmem import CountingMemory, copy_ram, count_runs, load_fixture, ram_q, sev_copy
 
 FIXTURES = ("linux-4level", "linux-pae", "linux-32bit")
 # Cold `info tlb` through a run-grouping cache: (read_frames calls, distinct table pages, contiguous runs).

@@ -6,11 +6,11 @@ import struct
 import time
 
 import pytest
-from x86_testmem import CountingMemory, sev_copy
 
 from sevmon.memory.ram import RAM
 from sevmon.x86 import paging
 from sevmon.x86.cpu import CpuState
+from tests.x86.x86_testmem import CountingMemory, sev_copy
 
 PG, PE = 1 << 31, 1
 CR4_PSE, CR4_PAE, CR4_LA57 = 1 << 4, 1 << 5, 1 << 12

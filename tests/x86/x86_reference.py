@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-from x86_testmem import ram_l, ram_q
-
 from sevmon.memory.ram import RAM
 from sevmon.x86.cpu import CR4_PSE, CpuState
+from tests.x86.x86_testmem import ram_l, ram_q
 
 U64 = (1 << 64) - 1
 ADDR = 0x000FFFFFFFFFF000

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from qemu.qmp import QMPClient
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def run_example(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
