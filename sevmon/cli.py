@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--qmp", metavar="PATH", action="append",
                        help="QMP UNIX socket (repeatable; default ./sevmon-qmp.sock)")
     serve.add_argument("--hmp", metavar="PATH", action="append", default=[], help="HMP UNIX socket (repeatable)")
+    serve.add_argument("--attach", metavar="QEMU_QMP_SOCKET",
+                       help="be the monitor of a running QEMU: its QMP socket, its RAM in a shared backend "
+                            "(see README)")
     add_guest_options(serve)
 
     shell = sub.add_parser("shell", help="interactive HMP shell over QMP")
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sevmon: %(message)s", stream=sys.stderr)
+    if args.subcommand == "serve" and args.attach:
+        from sevmon.attach.serve import serve_attached
+        return serve_attached(args)
     if args.subcommand == "serve":
         from sevmon.daemon import serve
         return serve(args)

@@ -25,6 +25,7 @@ class Request:
     args: dict
     id: object
     oob: bool
+    forward: bool = False  # not sevmon's: the registry's forwarder passes it on as it came
 
 
 class CommandRegistry:
@@ -34,6 +35,9 @@ class CommandRegistry:
         self.schema = schema
         self.handlers: dict[str, Callable] = {}
         self.inline: set[str] = set()
+        # Attached to a QEMU: an object with wants(name, arguments) -> bool and
+        # async forward(ctx, request); requests it wants skip sevmon's schema checks.
+        self.forwarder = None
 
     def register(self, name: str, *, inline: bool = False):
         """``inline``: the handler only reads state that is safe to read without the machine
@@ -75,6 +79,8 @@ def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: Command
         raise _Fail(QMPError("QMP input lacks member 'execute'"), rid)
     name = msg[exec_key]
     oob = exec_key == "exec-oob"
+    if negotiated and registry.forwarder is not None and registry.forwarder.wants(name, msg.get("arguments")):
+        return Request(name, msg.get("arguments", {}), rid, oob, forward=True)
     available = ("qmp_capabilities",) if not negotiated else registry.handlers
     if name not in available or name not in registry.handlers:
         if not negotiated:

@@ -91,7 +91,7 @@ class QMPServer:
         if self.loop is None:
             return
         self.loop.call_soon_threadsafe(self._broadcast, msg)
-        if name == "SHUTDOWN":
+        if name == "SHUTDOWN" and getattr(self.machine, "exit_on_shutdown", True):
             self.loop.call_soon_threadsafe(self.shutdown.set)
 
     def _broadcast(self, msg: dict) -> None:
@@ -100,8 +100,10 @@ class QMPServer:
 
     # -- execution ---------------------------------------------------------------------
     async def execute(self, req: Request, session: QMPSession | None):
-        handler = self.registry.handlers[req.name]
         ctx = CommandContext(self, session)
+        if req.forward:
+            return await self.registry.forwarder.forward(ctx, req)
+        handler = self.registry.handlers[req.name]
         kwargs = {k.replace("-", "_"): v for k, v in req.args.items()}
         if req.name in self.registry.inline:
             result = handler(ctx, **kwargs)

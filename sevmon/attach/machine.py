@@ -1,0 +1,140 @@
+"""``AttachedMachine``: a running QEMU, seen through the surface the commands layer uses
+on the local :class:`sevmon.machine.vm.Machine` (status, running, cpus, memory, config,
+stop/cont/quit, listeners, begin_command, lock), so the memory commands run unchanged.
+
+Coherence: QEMU runs the guest between (and during) commands. ``begin_command`` asks QEMU
+for its run state and takes in every event QEMU sent before that reply: a guest that is
+running, or ran (RESUME) or was reset since the last command, starts the command with an
+empty page cache; a guest that stayed paused keeps it. Registers are fetched fresh for
+each command, for the vCPU the command uses, the first time it is used.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from sevmon.attach.link import QemuLink
+from sevmon.attach.registers import parse_info_registers
+from sevmon.machine.cpu import CpuState
+from sevmon.machine.vm import MachineConfig
+
+_INVALIDATING = ("RESUME", "RESET", "SHUTDOWN")
+
+
+class LiveCpus:
+    """The vCPUs of QEMU, registers read with ``info registers`` on first use per command."""
+
+    def __init__(self, link: QemuLink, count: int):
+        self._link = link
+        self._count = count
+        self._fresh: dict[int, CpuState] = {}
+
+    def forget(self) -> None:
+        self._fresh.clear()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> CpuState:
+        if not -self._count <= i < self._count:
+            raise IndexError(i)
+        i %= self._count
+        cpu = self._fresh.get(i)
+        if cpu is None:
+            text = self._link.call_sync(self._link.hmp("info registers", i))
+            cpu = self._fresh[i] = parse_info_registers(text, i)
+        return cpu
+
+    def __iter__(self):
+        return (self[i] for i in range(self._count))
+
+
+class AttachedMachine:
+    """What sevmon monitors when attached: QEMU's guest, memory through DebugMemory."""
+
+    sev = None
+    workload = None
+    first_run = None
+    exit_on_shutdown = False  # QEMU's SHUTDOWN is relayed; sevmon ends when QEMU closes the link
+
+    def __init__(self, link: QemuLink, ram, memory, cpu_count: int, status: str, *, kvm: dict | None = None):
+        self.link = link
+        self.ram = ram
+        self.memory = memory
+        self.cpus = LiveCpus(link, cpu_count)
+        self.config = MachineConfig(kvm_enabled=bool(kvm and kvm.get("enabled")),
+                                    kvm_present=bool(kvm and kvm.get("present")), source="attach")
+        self.status = status
+        self.reset_required = False
+        self.dump = None
+        self.lock = threading.RLock()
+        self.quit_requested = threading.Event()
+        self.shutdown_seen = False
+        self._listeners: list = []
+        self._dirty = status == "running"
+        link.on_event = self._on_qemu_event
+
+    # -- events ------------------------------------------------------------------------
+    def add_listener(self, fn) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def emit(self, event: str, data: dict | None = None) -> None:
+        for fn in list(self._listeners):
+            fn(event, data)
+
+    def _on_qemu_event(self, msg: dict) -> None:
+        """On the event loop: track run state, then relay QEMU's event to every client."""
+        name = msg.get("event")
+        if name == "STOP":
+            self.status = "paused"
+        elif name == "RESUME":
+            self.status = "running"
+        if name in _INVALIDATING:
+            self._dirty = True
+        if name == "SHUTDOWN":
+            self.shutdown_seen = True
+        self.emit(name, msg.get("data"))
+
+    # -- run state ---------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    def _call(self, name: str, args: dict | None = None):
+        return self.link.call_sync(self.link.execute(name, args))
+
+    def stop(self) -> None:
+        """QEMU stops the guest (dump-guest-memory does this); STOP comes back as an event."""
+        self._call("stop")
+        self.status = "paused"
+
+    def cont(self) -> None:
+        self._call("cont")
+        self.status = "running"
+        self._dirty = True
+
+    def quit(self, reason: str = "host-signal") -> None:
+        """sevmon is told to stop (a signal): detach and leave QEMU running."""
+        self.quit_requested.set()
+        if self.link.loop is not None:
+            self.link.loop.call_soon_threadsafe(self.link.detach.set)
+
+    def begin_command(self) -> None:
+        """On the machine thread, before each owned command."""
+        async def sync():
+            st = await self.link.execute("query-status")
+            self.link.drain()  # events QEMU sent before that reply
+            return st
+        st = self.link.call_sync(sync())
+        self.status = st["status"]
+        self.cpus.forget()
+        if st["running"] or self._dirty:
+            self.memory.invalidate()
+        self._dirty = bool(st["running"])
+
+    def run_guest(self) -> None:
+        pass
