@@ -11,8 +11,7 @@ sevmon's), and ``human-monitor-command`` for owned lines. Owned, HMP: ``x``, ``x
 
 from __future__ import annotations
 
-from sevmon.attach.forward import QmpForwarder, hmp_fallback
-from sevmon.hmp.monitor import HumanMonitor
+from sevmon.attach.forward import AttachedMonitor, QmpForwarder
 from sevmon.hmp.table import CommandTable, HmpCommand
 from sevmon.qmp.dispatch import CommandRegistry
 from sevmon.qmp.errors import QMPError
@@ -24,7 +23,7 @@ OWNED_INFO = ("mem", "tlb", "sev-debug", "dump")
 _TYPE_KEYS = ("arg-type", "ret-type", "element-type", "type")
 
 
-def build_attached(machine) -> tuple[CommandRegistry, HumanMonitor]:
+def build_attached(machine) -> tuple[CommandRegistry, AttachedMonitor]:
     from sevmon.commands import dump, memory
 
     full = CommandRegistry(Schema())
@@ -42,10 +41,9 @@ def build_attached(machine) -> tuple[CommandRegistry, HumanMonitor]:
         if c.names[0] in OWNED_INFO:
             info.add(c)
     link = machine.link
-    fallback = hmp_fallback(link)
-    # "info" itself: a bare "info" (or an item sevmon does not own) is QEMU's
+    # the parent of sevmon's info items; any other info line (a bare "info" too) is QEMU's
     hmp.add(HmpCommand("info", "item:s?", "[subcommand]", "show various information about the system state",
-                       lambda ctx, item=None: fallback(ctx, "info")))
+                       lambda ctx, item=None: ctx.print(ctx.monitor.qemu("info", ctx.cpu_index), end="")))
 
     @info.command("kvm", "", "", "show KVM information")
     def info_kvm(ctx):
@@ -54,8 +52,7 @@ def build_attached(machine) -> tuple[CommandRegistry, HumanMonitor]:
         if out.startswith("kvm support: enabled") or out.startswith("kvm support: disabled"):
             ctx.print("memory encryption: " + ("enabled" if machine.config.extra.get("sev") else "disabled"))
 
-    monitor = HumanMonitor(machine, hmp, info)
-    monitor.fallback = fallback
+    monitor = AttachedMonitor(machine, hmp, info, link)
     forwarder = QmpForwarder(link, registry, monitor, len(machine.cpus))
     registry.forwarder = forwarder
 

@@ -5,20 +5,29 @@ One mechanism for each front end:
 * QMP: :class:`QmpForwarder` is the registry's ``forwarder``. Requests it ``wants`` skip
   sevmon's schema (QEMU checks them); they are sent under an id of the link's own and the
   reply (``return`` or ``error``, QEMU's class and text) goes back under the client's id.
-* HMP: :func:`hmp_fallback` is the human monitor's fallback: a line whose command sevmon
-  does not own runs in QEMU through ``human-monitor-command`` (with the client's vCPU).
+* HMP: :class:`AttachedMonitor` runs the lines sevmon owns in its own table; any other
+  line runs in QEMU through ``human-monitor-command`` (with the client's vCPU).
 """
 
 from __future__ import annotations
 
+import re
+
 from sevmon.attach.errors import AttachError
+from sevmon.hmp.monitor import HumanMonitor
 from sevmon.qmp.errors import QMPError
 
 _OWNED_HMP_ARGS = {"command-line", "cpu-index"}
 
 
+_DISASSEMBLE = re.compile(r"\s*xp?\s*/[^\s]*i")
+
+
 def owned_hmp_line(monitor, line: str) -> bool:
-    """Does sevmon's own table run ``line`` (its command word, or ``info`` + its item)?"""
+    """Does sevmon's own table run ``line`` (its command word, or ``info`` + its item)?
+    ``x``/``xp`` with format ``i`` stay QEMU's: sevmon has no disassembler."""
+    if _DISASSEMBLE.match(line):
+        return False
     words, commands, p = 0, monitor.table.commands, 0
     while words < 2:
         while p < len(line) and line[p].isspace():
@@ -71,13 +80,21 @@ class QmpForwarder:
         return reply.get("return")
 
 
-def hmp_fallback(link):
-    """The human monitor's fallback: run ``line`` in QEMU, print QEMU's text as it is."""
-    def run(ctx, line: str) -> None:
+class AttachedMonitor(HumanMonitor):
+    """The human monitor of an attached sevmon: sevmon's lines here, the rest in QEMU."""
+
+    def __init__(self, machine, table, info_table, link):
+        super().__init__(machine, table, info_table)
+        self.link = link
+
+    def run(self, line: str, cpu_index: int = 0, limit: int = 8 << 20) -> str:
+        if owned_hmp_line(self, line):
+            return super().run(line, cpu_index, limit)
+        return self.qemu(line, cpu_index)
+
+    def qemu(self, line: str, cpu_index: int = 0) -> str:
+        """QEMU's own text for ``line`` (``\n`` line ends)."""
         try:
-            out = link.call_sync(link.hmp(line, ctx.cpu_index))
+            return self.link.call_sync(self.link.hmp(line, cpu_index))
         except AttachError as e:
-            ctx.print(f"Error: {e}")
-            return
-        ctx.print(out, end="")
-    return run
+            return f"Error: {e}\n"
