@@ -9,6 +9,7 @@ thread make synchronous calls on the event loop (``call_sync``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -23,6 +24,8 @@ from sevmon.attach.errors import AttachError
 log = logging.getLogger("sevmon.attach")
 
 GREETING_TIMEOUT = 5.0
+# qemu.qmp logs every failure itself; sevmon says each in one sentence of its own
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 class QemuLink:
@@ -65,9 +68,13 @@ class QemuLink:
             sock.close()
             raise AttachError(f"{self.path}: no QMP greeting within {GREETING_TIMEOUT:g} s: QEMU serves one "
                               "client per monitor and another client probably holds this one") from None
-        except Exception as e:
+        except (EOFError, ConnectionError):
             sock.close()
-            raise AttachError(f"{self.path}: no QMP greeting from QEMU's monitor ({e})") from None
+            raise AttachError(f"{self.path}: the monitor closed the connection before any QMP greeting") from None
+        except Exception:
+            sock.close()
+            raise AttachError(f"{self.path}: no QMP greeting: this socket does not speak QMP (QEMU's -qmp, "
+                              "not -monitor)") from None
         greeting = self.client.greeting
         self.version = greeting._asdict()["QMP"]["version"] if greeting is not None else None
         if self.version is None:
@@ -105,9 +112,11 @@ class QemuLink:
             self.on_event(dict(event))
 
     async def disconnect(self) -> None:
+        """Release QEMU's monitor; a link QEMU already dropped reports its EOF here, quietly."""
         if self._pump is not None:
             self._pump.cancel()
-        await self.client.disconnect()
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
 
     # -- calls -----------------------------------------------------------------------
     async def raw(self, msg: dict) -> dict:

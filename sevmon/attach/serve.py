@@ -81,8 +81,7 @@ async def _serve(args) -> int:
                          until=until())
     finally:
         lost = link.closed.is_set() and not machine.shutdown_seen and not link.detach.is_set()
-        if not link.closed.is_set():
-            await link.disconnect()
+        await link.disconnect()
         machine.ram.close()
     if lost:
         raise AttachError(f"lost QEMU's monitor socket {args.attach}: QEMU closed it without a SHUTDOWN "

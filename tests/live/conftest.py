@@ -51,17 +51,20 @@ class Qemu:
     """One QEMU process; ``a``/``b`` are its QMP socket paths."""
 
     def __init__(self, tmp: Path, *, mem: str = "4G", cpu: str = "max,la57=off", machine: str = "pc",
-                 backend: str = "memfd", share: bool = True, smp: int = 1, guest: bool = True,
+                 backend: str | None = "memfd", share: bool = True, smp: int = 1, guest: bool = True,
                  extra: list[str] | None = None):
         self.tmp = tmp
         self.a, self.b = str(tmp / "a.sock"), str(tmp / "b.sock")
         self.serial = tmp / "serial.log"
-        obj = f"memory-backend-{backend},id=ram0,size={mem},share={'on' if share else 'off'}"
-        if backend == "file":
-            self.mem_path = tmp / "guest-ram"
-            obj += f",mem-path={self.mem_path}"
-        cmd = [require_qemu(), "-machine", f"{machine},memory-backend=ram0", "-accel", "tcg", "-cpu", cpu,
-               "-m", mem, "-smp", str(smp), "-object", obj, "-nodefaults", "-nographic", "-no-reboot",
+        ram: list[str] = []  # backend None: QEMU's default, private RAM
+        if backend is not None:
+            obj = f"memory-backend-{backend},id=ram0,size={mem},share={'on' if share else 'off'}"
+            if backend == "file":
+                self.mem_path = tmp / "guest-ram"
+                obj += f",mem-path={self.mem_path}"
+            ram, machine = ["-object", obj], f"{machine},memory-backend=ram0"
+        cmd = [require_qemu(), "-machine", machine, "-accel", "tcg", "-cpu", cpu,
+               "-m", mem, "-smp", str(smp), *ram, "-nodefaults", "-nographic", "-no-reboot",
                "-serial", f"file:{self.serial}",
                "-qmp", f"unix:{self.a},server=on,wait=off", "-qmp", f"unix:{self.b},server=on,wait=off",
                *(extra or [])]
