@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--vs-qemu", nargs=2, metavar=("KERNEL", "INITRD"))
     bench.add_argument("--qemu-cpu", default="max,la57=off", metavar="MODEL",
                        help="-cpu for --vs-qemu (\"max\" lets Linux use 5-level paging)")
+    bench.add_argument("--attach", action="store_true",
+                       help="with --vs-qemu: sevmon attached to the live QEMU (serve --attach) against QEMU's own "
+                            "monitor, same paused guest (4 GiB of RAM)")
     bench.add_argument("--repeat", type=int, default=5)
     add_guest_options(bench)
 

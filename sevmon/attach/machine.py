@@ -11,6 +11,7 @@ each command, for the vCPU the command uses, the first time it is used.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 from sevmon.attach.link import QemuLink
@@ -28,6 +29,7 @@ class LiveCpus:
         self._link = link
         self._count = count
         self._fresh: dict[int, CpuState] = {}
+        self.last_used = 0  # begin_command prefetches this vCPU's registers with the run state
 
     def forget(self) -> None:
         self._fresh.clear()
@@ -39,6 +41,7 @@ class LiveCpus:
         if not -self._count <= i < self._count:
             raise IndexError(i)
         i %= self._count
+        self.last_used = i
         cpu = self._fresh.get(i)
         if cpu is None:
             text = self._link.call_sync(self._link.hmp("info registers", i))
@@ -82,9 +85,12 @@ class AttachedMachine:
         if fn in self._listeners:
             self._listeners.remove(fn)
 
-    def emit(self, event: str, data: dict | None = None) -> None:
+    def emit(self, event: str, data: dict | None = None, timestamp: dict | None = None) -> None:
         for fn in list(self._listeners):
-            fn(event, data)
+            if timestamp is None:
+                fn(event, data)
+            else:
+                fn(event, data, timestamp=timestamp)
 
     def _on_qemu_event(self, msg: dict) -> None:
         """On the event loop: track run state, then relay QEMU's event to every client."""
@@ -97,7 +103,7 @@ class AttachedMachine:
             self._dirty = True
         if name == "SHUTDOWN":
             self.shutdown_seen = True
-        self.emit(name, msg.get("data"))
+        self.emit(name, msg.get("data"), timestamp=msg.get("timestamp"))
 
     # -- run state ---------------------------------------------------------------------
     @property
@@ -124,14 +130,19 @@ class AttachedMachine:
             self.link.loop.call_soon_threadsafe(self.link.detach.set)
 
     def begin_command(self) -> None:
-        """On the machine thread, before each owned command."""
+        """On the machine thread, before each owned command: one trip to QEMU for the run
+        state and (pipelined) the registers of the vCPU the last command used."""
+        idx = self.cpus.last_used
+
         async def sync():
-            st = await self.link.execute("query-status")
-            self.link.drain()  # events QEMU sent before that reply
-            return st
-        st = self.link.call_sync(sync())
+            st, regs = await asyncio.gather(self.link.execute("query-status"),
+                                            self.link.hmp("info registers", idx))
+            self.link.drain()  # events QEMU sent before those replies
+            return st, regs
+        st, regs = self.link.call_sync(sync())
         self.status = st["status"]
         self.cpus.forget()
+        self.cpus._fresh[idx] = parse_info_registers(regs, idx)
         if st["running"] or self._dirty:
             self.memory.invalidate()
         self._dirty = bool(st["running"])

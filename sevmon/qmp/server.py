@@ -86,8 +86,8 @@ class QMPServer:
         await asyncio.sleep(0)
 
     # -- events ------------------------------------------------------------------------
-    def _on_event(self, name: str, data: dict | None) -> None:
-        msg = event_message(name, data)
+    def _on_event(self, name: str, data: dict | None, timestamp: dict | None = None) -> None:
+        msg = event_message(name, data, timestamp)
         if self.loop is None:
             return
         self.loop.call_soon_threadsafe(self._broadcast, msg)

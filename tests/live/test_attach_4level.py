@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 
 import pytest
 from conftest import Attached, Qemu, hmp
 from qemu.qmp import QMPClient
+
+from sevmon.machine.images import load_core
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def _commands(tlb: str) -> list[str]:
         out += [f"gva2gpa 0x{va}", f"x /8xg 0x{va}", f"x /16xb 0x{int(va, 16) + 0x7f8:x}",
                 f"xp /4xw 0x{gpa:x}", f"x /3i 0x{va}"]
     out += ["xp /4xg 0x100000000", "xp /2xg 0x13ffff000", "xp /2xg 0x140000000",
-            "gva2gpa 0x1000", "x /2xg 0", "xp /2x 0xfff"]
+            "gva2gpa 0x1000", "x /2xg 0", "xp /2x 0xfff", "x /2xg $esp", "x /4xb $pc", "gva2gpa $esp"]
     return out
 
 
@@ -67,7 +70,8 @@ def _oracle(theirs, ours) -> int:
     assert hmp(ours, "info mem") == hmp(theirs, "info mem")
     checked = 0
     for line in _commands(tlb):
-        assert hmp(ours, line) == hmp(theirs, line), line
+        cpu = 0 if "$" in line else None  # QEMU knows no $register without a selected vCPU
+        assert hmp(ours, line, cpu) == hmp(theirs, line, cpu), line
         checked += 1
     return checked
 
@@ -111,7 +115,9 @@ def test_forwarded_commands_are_qemus(live):
                 {"execute": "query-pci", "arguments": {"bogus": 1}, "id": "7"},
                 {"execute": "human-monitor-command", "arguments": {"command-line": "info pci", "cpu-index": 9},
                  "id": "x1"},
-                {"execute": "qom-get", "arguments": {"path": "/machine", "property": "nope"}, "id": "n"}):
+                {"execute": "qom-get", "arguments": {"path": "/machine", "property": "nope"}, "id": "n"},
+                {"exec-oob": "query-status", "id": "o1"},   # OOB rules are QEMU's
+                {"exec-oob": "query-yank", "id": "o2"}):
         assert ours.cmd_obj(msg) == theirs.cmd_obj(msg), msg
     # the greeting carries QEMU's version
     assert ours.cmd("query-version") == theirs.cmd("query-version")
@@ -126,13 +132,40 @@ def test_forwarded_commands_are_qemus(live):
     assert hmp(ours, "info kvm") == hmp(theirs, "info kvm") + "memory encryption: disabled\r\n"
 
 
-def test_pmemsave_equals_qemus_including_above_4g(live, tmp_path):
+def test_pmemsave_memsave_and_dump_equal_qemus_including_above_4g(live, tmp_path):
     qemu, sevmon, theirs, ours = live
     mine, qemus = tmp_path / "mine.bin", tmp_path / "qemus.bin"
     for addr in (0x1000, 0xbfff0000, 0x100000000):
         assert ours.cmd_raw("pmemsave", {"val": addr, "size": 0x20000, "filename": str(mine)}) == {"return": {}}
         assert theirs.cmd_raw("pmemsave", {"val": addr, "size": 0x20000, "filename": str(qemus)}) == {"return": {}}
         assert mine.read_bytes() == qemus.read_bytes()
+    va = int(hmp(theirs, "info tlb").split(":")[0], 16)
+    for q, path in ((ours, mine), (theirs, qemus)):
+        assert q.cmd_raw("memsave", {"val": va, "size": 0x3000, "filename": str(path)}) == {"return": {}}
+    assert mine.read_bytes() == qemus.read_bytes()
+    # dump-guest-memory (ELF) is sevmon's: a piece above 4 GiB, loaded back, equals QEMU's bytes
+    core = tmp_path / "piece.elf"
+    assert ours.cmd_raw("dump-guest-memory", {"paging": False, "protocol": f"file:{core}",
+                                              "begin": 0x100000000, "length": 0x40000}) == {"return": {}}
+    theirs.cmd_raw("pmemsave", {"val": 0x100000000, "size": 0x40000, "filename": str(qemus)})
+    assert load_core(str(core)).ram.read(0x100000000, 0x40000) == qemus.read_bytes()
+
+
+def test_hmp_socket_serves_sevmons_lines_and_qemus(live):
+    qemu, sevmon, theirs, ours = live
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sevmon.hmp_path)
+
+    def until_prompt(data: bytes = b"") -> bytes:
+        while not data.endswith(b"(qemu) "):
+            data += s.recv(65536)
+        return data
+
+    assert until_prompt().startswith(b"sevmon ")
+    for line in ("info pci", "info mem", "info status", "gva2gpa 0x400000"):
+        s.sendall(line.encode() + b"\n")
+        assert until_prompt() == hmp(theirs, line).encode() + b"(qemu) ", line
+    s.close()
 
 
 def test_events_reach_every_client_and_quit_ends_both(live):
@@ -140,8 +173,9 @@ def test_events_reach_every_client_and_quit_ends_both(live):
     ours.clear_events()  # the earlier tests' STOP/RESUME
     clients = [sevmon.qmp() for _ in range(3)] + [ours]
     theirs.cmd("cont")  # RESUME from QEMU's other monitor reaches every sevmon client
-    for c in clients:
-        assert c.pull_event(wait=10)["event"] == "RESUME"
+    events = [c.pull_event(wait=10) for c in clients]
+    assert {e["event"] for e in events} == {"RESUME"}
+    assert len({str(e["timestamp"]) for e in events}) == 1  # QEMU's own timestamp, relayed
     ours.cmd("stop")    # forwarded: QEMU stops, its STOP reaches every client
     for c in clients:
         assert c.pull_event(wait=10)["event"] == "STOP"
