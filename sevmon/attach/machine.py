@@ -2,16 +2,16 @@
 on the local :class:`sevmon.machine.vm.Machine` (status, running, cpus, memory, config,
 stop/cont/quit, listeners, begin_command, lock), so the memory commands run unchanged.
 
-Coherence: QEMU runs the guest between (and during) commands. ``begin_command`` asks QEMU
-for its run state and takes in every event QEMU sent before that reply: a guest that is
-running, or ran (RESUME) or was reset since the last command, starts the command with an
-empty page cache; a guest that stayed paused keeps it. Registers are fetched fresh for
-each command, for the vCPU the command uses, the first time it is used.
+Coherence: QEMU runs the guest between (and during) commands. The run state follows QEMU's
+events (STOP, RESUME; query-status at attach). ``begin_command`` makes one trip to QEMU
+and takes in every event QEMU sent before its reply: a guest that is running, or ran
+(RESUME) or was reset since the last command, starts the command with an empty page
+cache; a guest that stayed paused keeps it. Registers are fetched fresh for each command,
+for the vCPU the command uses.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 from sevmon.attach.link import QemuLink
@@ -130,22 +130,22 @@ class AttachedMachine:
             self.link.loop.call_soon_threadsafe(self.link.detach.set)
 
     def begin_command(self) -> None:
-        """On the machine thread, before each owned command: one trip to QEMU for the run
-        state and (pipelined) the registers of the vCPU the last command used."""
+        """On the machine thread, before each owned command: one trip to QEMU, for the
+        registers of the vCPU the last command used. QEMU sends events and replies in
+        order on the one socket, so once that reply is in, every STOP/RESUME/RESET sent
+        before it has been taken in: the run state is as current as a query-status."""
         idx = self.cpus.last_used
 
         async def sync():
-            st, regs = await asyncio.gather(self.link.execute("query-status"),
-                                            self.link.hmp("info registers", idx))
-            self.link.drain()  # events QEMU sent before those replies
-            return st, regs
-        st, regs = self.link.call_sync(sync())
-        self.status = st["status"]
+            regs = await self.link.hmp("info registers", idx)
+            self.link.drain()  # events QEMU sent before that reply
+            return regs
+        regs = self.link.call_sync(sync())
         self.cpus.forget()
         self.cpus._fresh[idx] = parse_info_registers(regs, idx)
-        if st["running"] or self._dirty:
+        if self.running or self._dirty:
             self.memory.invalidate()
-        self._dirty = bool(st["running"])
+        self._dirty = self.running
 
     def run_guest(self) -> None:
         pass
