@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--qmp", metavar="PATH", action="append",
                        help="QMP UNIX socket (repeatable; default ./sevmon-qmp.sock)")
     serve.add_argument("--hmp", metavar="PATH", action="append", default=[], help="HMP UNIX socket (repeatable)")
+    serve.add_argument("--attach", metavar="QEMU_QMP_SOCKET",
+                       help="be the monitor of a running QEMU: its QMP socket, its RAM in a shared backend "
+                            "(see README)")
     add_guest_options(serve)
 
     shell = sub.add_parser("shell", help="interactive HMP shell over QMP")
@@ -82,12 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--vs-qemu", nargs=2, metavar=("KERNEL", "INITRD"))
     bench.add_argument("--qemu-cpu", default="max,la57=off", metavar="MODEL",
                        help="-cpu for --vs-qemu (\"max\" lets Linux use 5-level paging)")
+    bench.add_argument("--attach", action="store_true",
+                       help="with --vs-qemu: sevmon attached to the live QEMU (serve --attach) against QEMU's own "
+                            "monitor, same paused guest (4 GiB of RAM)")
     bench.add_argument("--repeat", type=int, default=5)
     add_guest_options(bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sevmon: %(message)s", stream=sys.stderr)
+    if args.subcommand == "serve" and args.attach:
+        from sevmon.attach.serve import serve_attached
+        return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp)
     if args.subcommand == "serve":
         from sevmon.daemon import serve
         return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp)

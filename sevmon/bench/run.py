@@ -219,6 +219,12 @@ def run_bench(args, spec) -> int:
     """``sevmon bench``: ``spec`` is the guest (SEV, no workload); ``args`` the bench's own options."""
     from sevmon.machine.builder import GuestError, build_machine
 
+    if args.vs_qemu and args.attach:  # a live QEMU, not sevmon's own guest: that comparison alone
+        from sevmon.bench.vs_qemu_attach import compare_attached
+        report = {"vs-qemu-attach": compare_attached(*args.vs_qemu, args.qemu_cpu, "4G", args.repeat)}
+        print(json.dumps(report, indent=1))
+        return 0
+
     try:
         machine = build_machine(spec)
     except GuestError as e:
@@ -252,6 +258,6 @@ def _print_table(report: dict) -> None:
     print("\nlatency under load:")
     for k, v in report["latency"].items():
         print(f"  {k:22} p50 {v['p50-ms']:8} ms   p99 {v['p99-ms']:8} ms")
-    for key in ("scale", "vs-qemu"):
+    for key in ("scale", "vs-qemu", "vs-qemu-attach"):
         if key in report:
             print(f"\n{key}: {json.dumps(report[key], indent=1)}")

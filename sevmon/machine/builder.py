@@ -66,6 +66,6 @@ def _build(spec: GuestSpec) -> LocalMachine:
         set_cbit(ram, cpus[0], spec.sev.cbitpos)
         runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
         sev = launch_sev(ram, runs, spec.sev)
-    config = MachineConfig(kvm_enabled=sev is not None, source=spec.source, debug_policy=spec.debug_policy)
+    config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source=spec.source, debug_policy=spec.debug_policy)
     return LocalMachine(ram, cpus, _debug_memory(spec)(ram, sev), config=config, sev=sev,
                         prelaunch=spec.prelaunch, running=False)

@@ -238,7 +238,7 @@ def build_builtin(spec: GuestSpec, memory_for) -> LocalMachine:
         for gpa, blob in images:
             ram.write(gpa, blob)
         guest = GuestOS(ram, lambda gpa, data, private=True: ram.write(gpa, data), 0, mode, workload=spec.workload)
-    config = MachineConfig(kvm_enabled=sev is not None, source="builtin", debug_policy=spec.debug_policy)
+    config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source="builtin", debug_policy=spec.debug_policy)
     # Under -S the vCPU sits at the reset vector (paging off) and the launch is not finished.
     cpu = CpuState(0, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})
     return LocalMachine(ram, [cpu], memory_for(ram, sev), config=config, sev=sev, program=guest,

@@ -25,6 +25,7 @@ class Request:
     args: dict
     id: object
     oob: bool
+    forward: bool = False  # not sevmon's: the registry's forwarder passes it on as it came
 
 
 class CommandRegistry:
@@ -35,6 +36,9 @@ class CommandRegistry:
         self.handlers: dict[str, Callable] = {}
         self.inline: set[str] = set()
         self._names: list[str] = []  # registration order, session commands included
+        # Attached to a QEMU: an object with wants(name, arguments) -> bool and
+        # async forward(ctx, request); requests it wants skip sevmon's schema checks.
+        self.forwarder = None
 
     def register(self, name: str, *, inline: bool = False):
         """``inline``: the handler only reads state that is safe to read without the machine
@@ -87,6 +91,8 @@ def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: Command
         raise _Fail(QMPError("QMP input lacks member 'execute'"), rid)
     name = msg[exec_key]
     oob = exec_key == "exec-oob"
+    if negotiated and registry.forwarder is not None and registry.forwarder.wants(name, msg.get("arguments")):
+        return Request(name, msg.get("arguments", {}), rid, oob, forward=True)
     available = ("qmp_capabilities",) if not negotiated else registry
     if name not in available or name not in registry:
         if not negotiated:

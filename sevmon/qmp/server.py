@@ -83,12 +83,12 @@ class QMPServer:
         await asyncio.sleep(0)
 
     # -- events ------------------------------------------------------------------------
-    def _on_event(self, name: str, data: dict | None) -> None:
-        msg = event_message(name, data)
+    def _on_event(self, name: str, data: dict | None, timestamp: dict | None = None) -> None:
+        msg = event_message(name, data, timestamp)
         if self.loop is None:
             return
         self.loop.call_soon_threadsafe(self._broadcast, msg)
-        if name == "SHUTDOWN":
+        if name == "SHUTDOWN" and self.machine.capabilities.ends_with_shutdown:
             self.loop.call_soon_threadsafe(self.shutdown.set)
 
     def _broadcast(self, msg: dict) -> None:
@@ -97,8 +97,10 @@ class QMPServer:
 
     # -- execution ---------------------------------------------------------------------
     async def execute(self, req: Request, session: QMPSession | None):
-        handler = self.registry.handlers[req.name]
         ctx = CommandContext(self, session)
+        if req.forward:
+            return await self.registry.forwarder.forward(ctx, req)
+        handler = self.registry.handlers[req.name]
         kwargs = {k.replace("-", "_"): v for k, v in req.args.items()}
         if req.name in self.registry.inline:
             result = handler(ctx, **kwargs)
