@@ -17,9 +17,9 @@ Two things QEMU does not do, and why:
   below can merge contiguous frames into one request each. The lines are then produced depth-first from the
   tables in hand, in VA order, as generators: memory is O(tables), never O(lines).
 
-QEMU bugs deliberately not copied: the PAE 2 MiB ``info tlb`` physical-address column (QEMU keeps NX and bits
-52..63 there; we print bits 21..51), and LA57 ``info mem`` (QEMU inverts two present checks; we apply the 4-level
-rules with the final flush at 2^57). The PAE *4 KiB* column does keep NX in QEMU 7.2 and that is reproduced.
+QEMU bugs deliberately not copied: the PAE ``info tlb`` physical-address column (QEMU 7.2 keeps NX and bits
+52..63 there, on 2 MiB and 4 KiB lines alike; we print bits 21..51 / 12..51, the address), and LA57 ``info mem``
+(QEMU inverts two present checks; we apply the 4-level rules with the final flush at 2^57).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ _unpack1024 = struct.Struct("<1024I").unpack
 class Mapping:
     """One leaf, as ``info tlb`` prints it.
 
-    ``pa`` is the *printed* physical-address column (QEMU's per-mode mask), so for PAE 4 KiB pages it keeps
-    bits 52..63 (NX) exactly as QEMU 7.2 prints them; use :func:`translate` for the address the CPU would use.
+    ``pa`` is the *printed* physical-address column (QEMU's per-mode mask: in 32-bit modes bit 21 of a 4 MiB
+    PDE stays, PSE-36 bits go); use :func:`translate` for the address the CPU would use.
     """
 
     va: int        #: canonical virtual address of the page
@@ -90,9 +90,9 @@ _MODES: dict[str, _Mode] = {
     # tlb_info_32: 4M PA = pde & ~((1 << 21) - 1) on a 32-bit pde (bit 21 kept, PSE-36 bits dropped)
     "32": _Mode("32", False, (_Level(22, 0, True), _4K_32), 0),
     "32pse": _Mode("32pse", False, (_Level(22, 0xFFE00000, True), _4K_32), 0),
-    # tlb_info_pae32: 4K keeps bits 12..63 (NX leaks into the column: reproduced); 2M: bits 21..51 (QEMU bug #1)
+    # tlb_info_pae32 keeps bits 52..63 (NX) in the PA column of 2M and 4K lines; we print the address bits only
     "pae": _Mode("pae", True, (_Level(30, 0, False), _Level(21, 0x000FFFFFFFE00000, True),
-                               _Level(12, 0xFFFFFFFFFFFFF000, True)), 0),
+                               _Level(12, 0x000FFFFFFFFFF000, True)), 0),
     "4level": _Mode("4level", True, (_Level(39, 0, True), _Level(30, 0x3FFFFC0000000, True),
                                      _Level(21, 0x3FFFFFFE00000, True), _Level(12, 0x3FFFFFFFFF000, True)),
                     47),
