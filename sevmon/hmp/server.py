@@ -13,6 +13,7 @@ import contextlib
 import logging
 
 from sevmon import __version__
+from sevmon.cmdlog import hmp_label, timed
 from sevmon.unixsock import listen_unix
 
 log = logging.getLogger("sevmon.hmp")
@@ -54,7 +55,7 @@ class HMPServer:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
 
                 def run(line=line):
-                    with self.machine.lock:
+                    with timed(f"HMP {hmp_label(line)}"), self.machine.lock:
                         self.machine.begin_command()
                         return self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT)
 

@@ -56,6 +56,11 @@ def _build(args) -> Machine:
         image = load_core(args.core) if args.core else load_raw(args.raw)
         if args.cpu_state:
             apply_cpu_json(image, args.cpu_state)
+        if args.raw:
+            from sevmon.machine.paging_registers import paging_registers_error
+            problem = paging_registers_error(args.cpu_state, image.cpus[0])
+            if problem:
+                raise GuestError(problem)
         ram, cpus = image.ram, image.cpus
         sev = None
         if args.sev:

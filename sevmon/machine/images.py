@@ -17,7 +17,8 @@
   32-bit PC guests (BIOS ROM below 4 GiB), e.g. the PAE fixture, which must not get LMA.
   NXE cannot be inferred and stays 0 -- load cpu.json for a faithful EFER.
 * :func:`load_raw` reads a raw RAM image (``pmemsave`` of all RAM): gpa 0 at offset 0,
-  every page stored (zero pages included), a short last page zero-padded.
+  every page stored (zero pages included), a short last page zero-padded (RAM is whole
+  pages: an SEV launch encrypts it page by page).
 
 Every failure is an :class:`ImageError` whose message is one sentence starting with the
 path, e.g. ``core.elf: not an ELF file``.
@@ -53,7 +54,8 @@ class LoadedImage:
 
     ``ram_size`` is ``ram.size``: for a core, the highest end (``p_paddr + p_memsz``) of
     any PT_LOAD rounded up to a page -- a sparse core (like the fixtures) reports less than
-    the guest's configured RAM; for a raw image, the file size (or the ``ram_size`` given).
+    the guest's configured RAM; for a raw image, the file size (or the ``ram_size`` given)
+    rounded up to a page.
     """
 
     ram: RAM
@@ -229,7 +231,7 @@ def load_raw(path: str, ram_size: int | None = None) -> LoadedImage:
         if size == 0:
             raise ImageError(f"{path}: the file is empty")
         want = size if ram_size is None else min(size, ram_size)
-        ram = RAM(size if ram_size is None else ram_size)
+        ram = RAM(_round_up(size if ram_size is None else ram_size))
         buf = bytearray(_COPY)
         mv = memoryview(buf)
         gpa = 0

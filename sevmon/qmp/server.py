@@ -12,6 +12,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from sevmon import PACKAGE, QEMU_VERSION
+from sevmon.cmdlog import qmp_label, timed
 from sevmon.qmp.dispatch import CommandRegistry, Request
 from sevmon.qmp.errors import QMPError
 from sevmon.qmp.session import QMPSession, event_message
@@ -100,6 +101,10 @@ class QMPServer:
 
     # -- execution ---------------------------------------------------------------------
     async def execute(self, req: Request, session: QMPSession | None):
+        with timed(qmp_label(req.name, req.args)):
+            return await self._execute(req, session)
+
+    async def _execute(self, req: Request, session: QMPSession | None):
         handler = self.registry.handlers[req.name]
         ctx = CommandContext(self, session)
         kwargs = {k.replace("-", "_"): v for k, v in req.args.items()}
