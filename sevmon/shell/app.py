@@ -35,9 +35,10 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
-from sevmon.shell.banner import banner, open_private
+from sevmon.shell.banner import banner
 from sevmon.shell.completion import HelpEntry, MonitorCompleter, parse_help
 from sevmon.shell.events import format_event
+from sevmon.shell.history import open_private
 from sevmon.shell.progress import is_dump_line, watch_dump, with_detach
 
 __all__ = ["PROMPT", "ConnectionLost", "Monitor", "Shell", "history_path", "run_shell"]

@@ -17,15 +17,3 @@ def banner(greeting) -> str:
         pass
     return f"{name} monitor - type 'help' for more information"
 
-
-def open_private(path) -> None:
-    """Create ``path`` (the history file) readable by its owner only, and make an existing
-    one so: typed commands can hold secrets (file names, launch secrets)."""
-    import os
-
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
