@@ -40,7 +40,7 @@ from sevmon.x86.pte import TABLE_FLAGS as TABLE
 
 FIRMWARE_SIZE = 64 * 1024
 KERNEL_PA = 0x1000000
-#: The least RAM the built-in guest boots in: kernel image, its tables and pages, firmware at the top.
+#: The least RAM the built-in guest boots in: its kernel at 16 MiB, its tables and pages above 24 MiB.
 MIN_MEMORY_MIB = 32
 
 

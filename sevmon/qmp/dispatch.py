@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sevmon.qmp.errors import COMMAND_NOT_FOUND, QMPError
+from sevmon.qmp.qdict_order import qdict_order
 from sevmon.qmp.schema import Schema
 
 NO_ID = object()  # marks "the request had no id" (None is a valid id: JSON null)
@@ -75,7 +76,8 @@ def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: Command
         raise _Fail(QMPError("QMP input must be a JSON object"), NO_ID)
     rid = msg.get("id", NO_ID)
     exec_key = None
-    for key, value in msg.items():
+    for key in qdict_order(msg):  # QEMU reports the first failure in its QDict's order
+        value = msg[key]
         if key == "execute" or (key == "exec-oob" and oob_enabled):
             if not isinstance(value, str):
                 raise _Fail(QMPError(f"QMP input member '{key}' must be a string"), rid)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from sevmon import PACKAGE, QEMU_VERSION
+from sevmon.cmdlog import qmp_label, timed
 from sevmon.qmp.dispatch import CommandRegistry, Request
 from sevmon.qmp.errors import QMPError
 from sevmon.qmp.session import QMPSession, event_message
@@ -97,6 +98,10 @@ class QMPServer:
 
     # -- execution ---------------------------------------------------------------------
     async def execute(self, req: Request, session: QMPSession | None):
+        with timed(qmp_label(req.name, req.args)):
+            return await self._execute(req, session)
+
+    async def _execute(self, req: Request, session: QMPSession | None):
         ctx = CommandContext(self, session)
         if req.forward:
             return await self.registry.forwarder.forward(ctx, req)
