@@ -10,6 +10,7 @@ aliased 4 KiB page stays visible on a 64 GiB guest; each rectangle carries its e
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Sequence
 
 import drawsvg as draw
@@ -29,6 +30,7 @@ CATEGORIES = {
 _KIB, _MIB, _GIB = 1 << 10, 1 << 20, 1 << 30
 _ROW_W, _ROW_H, _PITCH, _LEFT, _TOP = 1024, 12, 16, 86, 58
 _MAX_ROWS = 64
+MAX_EXACT_SEGMENTS = 8192   #: beyond this many extents, draw pixel runs instead
 
 
 def size_label(n: int) -> str:
@@ -75,6 +77,25 @@ def classify(m: SevMemoryMap, ram: Sequence[tuple[int, int]], top: int) -> list[
     return out
 
 
+def _pixel_runs(segments: list[tuple[int, int, str]], span: int, top: int) -> list[tuple[int, int, str]]:
+    """A map too fragmented to draw extent by extent (the picture would weigh megabytes), as runs of whole
+    pixels; each pixel takes the highest category in it, so a lone shared or aliased page still shows."""
+    px = span // _ROW_W                           # bytes per pixel (span is a power of two >= 256 KiB)
+    names = list(CATEGORIES)
+    grid = bytearray(-(-top // px))
+    for gpa, size, cat in segments:
+        rank = names.index(cat)
+        a, b = gpa // px, -(-(gpa + size) // px)
+        for i in {a, b - 1}:                      # edge pixels may hold other extents too
+            grid[i] = max(grid[i], rank)
+        if b - a > 2:                             # inner pixels are this extent's alone (extents are disjoint)
+            grid[a + 1:b - 1] = bytes([rank]) * (b - a - 2)
+    out: list[tuple[int, int, str]] = []
+    for run in re.finditer(rb"(.)\1*", bytes(grid), re.S):
+        out.append((run.start() * px, min(run.end() * px, top) - run.start() * px, names[run.group()[0]]))
+    return out
+
+
 def row_span(top: int) -> int:
     span = 256 * _KIB
     while span * _MAX_ROWS < top:
@@ -101,8 +122,12 @@ def render_svg(m: SevMemoryMap, ram: Sequence[tuple[int, int]], top: int) -> str
         x = _LEFT + _ROW_W * q / 4
         d.append(draw.Line(x, _TOP - 6, x, _TOP - 2, stroke="#444444"))
         d.append(draw.Text("+" + size_label(span * q // 4), 10, x, _TOP - 10, text_anchor="middle"))
-    order = list(CATEGORIES)
-    for cat in order:   # background categories first, so small mapped extents stay on top
+    if len(segments) > MAX_EXACT_SEGMENTS:
+        segments = _pixel_runs(segments, span, top)
+        d.append(draw.Text(f"{len(segments)} extents drawn to the pixel ({size_label(span // _ROW_W)}): "
+                           "a pixel takes the colour of the highest category in it (aliased > shared > private)",
+                           10, _LEFT, 36))
+    for cat in CATEGORIES:   # background categories first, so small mapped extents stay on top
         for gpa, size, c in segments:
             if c != cat:
                 continue

@@ -131,3 +131,18 @@ def test_picture_is_readable_from_16_mib_to_64_gib(top):
     for el in root.iter("{http://www.w3.org/2000/svg}rect"):
         if el.get("data-category") in ("shared", "aliased"):
             assert float(el.get("width")) >= 1.0
+
+
+def test_fragmented_map_is_drawn_to_the_pixel_and_stays_small():
+    """20,000 alternating private/shared pages: pixel runs, each pixel the highest category in it."""
+    page, top = 4096, 1 << 30
+    private = [(i * 2 * page, page) for i in range(20000)]
+    shared = [(i * 2 * page + page, page) for i in range(20000)]
+    m = SevMemoryMap(0, True, private=private, shared=shared, aliased=[(top - page, page)])
+    svg = render_svg(m, [(0, top)], top)
+    assert len(svg) < 200_000
+    ext = _svg_extents(svg)
+    px = row_span(top) // 1024
+    assert ext["shared"] == [(0, -(-40000 * page // px) * px)]      # shared outranks private in every pixel
+    assert ext["aliased"] == [(top - px, px)]
+    assert "private" not in ext
