@@ -34,15 +34,11 @@ MAX_EXACT_SEGMENTS = 8192   #: beyond this many extents, draw pixel runs instead
 
 
 def size_label(n: int) -> str:
-    """``3 GiB``, ``256 MiB``, ``12.5 MiB``, ``64 KiB``: the largest unit that keeps the label short."""
-    if n == 0:
-        return "0"
+    """``3 GiB``, ``256 MiB``, ``12.5 MiB``, ``254.70 MiB``: the largest unit, quarters exact, else 2 decimals."""
     for unit, name in ((_GIB, "GiB"), (_MIB, "MiB"), (_KIB, "KiB")):
-        if n >= unit and (n % unit == 0 or n % (unit // 4) == 0):
-            return f"{n / unit:g} {name}"
-    if n >= _MIB:
-        return f"{n / _MIB:.2f} MiB"
-    return f"{n / _KIB:g} KiB" if n % _KIB == 0 or n >= _KIB else f"{n} B"
+        if n >= unit:
+            return f"{n / unit:g} {name}" if n % (unit // 4) == 0 else f"{n / unit:.2f} {name}"
+    return f"{n} B" if n else "0"
 
 
 def _contains(ranges: Sequence[tuple[int, int]], starts: list[int], addr: int) -> bool:
