@@ -2,8 +2,8 @@
 private / shared / aliased / not mapped / not RAM, with GiB/MiB labels and a legend.
 
 The row span is a power of two chosen so a guest of 16 MiB to 64 GiB fills at most 64 rows of 1024 px (16 MiB:
-256 KiB rows, 64 GiB: 1 GiB rows). Mapped extents narrower than a pixel are widened to one so a single shared or
-aliased 4 KiB page stays visible on a 64 GiB guest; each rectangle carries its exact extent (``data-gpa``,
+256 KiB rows, 64 GiB: 1 GiB rows). Narrow mapped extents are widened (private to one pixel, shared and
+aliased to three) so a single 4 KiB page stays visible on a 64 GiB guest; each rectangle carries its exact extent (``data-gpa``,
 ``data-size``, ``data-category``) and a tooltip, so the picture can be checked against the map.
 """
 
@@ -24,12 +24,14 @@ CATEGORIES = {
     "not RAM": "#ffffff",
     "not mapped": "#d0d0d0",
     "private": "#2f6db3",
-    "shared": "#f0a030",
+    "shared": "#f59f00",
     "aliased": "#d62728",
 }
 _KIB, _MIB, _GIB = 1 << 10, 1 << 20, 1 << 30
 _ROW_W, _ROW_H, _PITCH, _LEFT, _TOP = 1024, 12, 16, 86, 58
 _MAX_ROWS = 64
+#: narrow mapped extents are widened to stay visible; shared and aliased ones are what a reader looks for
+_MIN_WIDTH = {"private": 1.0, "shared": 3.0, "aliased": 3.0}
 MAX_EXACT_SEGMENTS = 8192   #: beyond this many extents, draw pixel runs instead
 
 
@@ -133,8 +135,8 @@ def render_svg(m: SevMemoryMap, ram: Sequence[tuple[int, int]], top: int) -> str
                 piece_end = min(end, (r + 1) * span)
                 x = _LEFT + _ROW_W * (pos - r * span) / span
                 w = _ROW_W * (piece_end - pos) / span
-                if cat in ("private", "shared", "aliased"):
-                    w = max(w, 1.0)
+                if cat in _MIN_WIDTH:
+                    w = max(w, _MIN_WIDTH[cat])
                 rect = draw.Rectangle(round(x, 3), _TOP + r * _PITCH, round(w, 3), _ROW_H, fill=CATEGORIES[cat],
                                       data_category=cat, data_gpa=f"{pos:#x}", data_size=f"{piece_end - pos:#x}")
                 rect.append_title(f"{pos:#x}-{piece_end - 1:#x} {cat} ({size_label(piece_end - pos)})")
