@@ -7,6 +7,7 @@ what ``info mem`` costs (nothing after a warm ``info tlb``) and works on any mac
 from __future__ import annotations
 
 import itertools
+import json
 
 from sevmon.commands.memory import _open_for_write, _write, me_mask
 from sevmon.debug.ops import DebugFailed, DebugRefused
@@ -15,6 +16,7 @@ from sevmon.x86.cbit_map import PAGE, SevMemoryMap, build_map
 
 NOT_SEV = "the guest is not an SEV guest: no page has a C-bit"
 MAX_ALIAS_LINES = 4096      # info sev-mem lists at most this many alias runs, then says how many more
+MAX_REPLY = 8 << 20         # a QMP reply is one line; qemu.qmp clients drop lines over 10 MiB
 
 
 def memory_map(machine, cpu_index: int) -> SevMemoryMap:
@@ -64,6 +66,9 @@ def to_qmp(m: SevMemoryMap, ram: list[tuple[int, int]] | None) -> dict:
     if ram is not None:
         out["physical"] = {"ram": _ranges(ram), "private": _ranges(m.private), "shared": _ranges(m.shared),
                            "aliased": _ranges(m.aliased)}
+    if len(json.dumps(out, separators=(",", ":"))) > MAX_REPLY:
+        raise QMPError(f"The map has {len(m.ranges)} ranges: more than one QMP reply may carry "
+                       f"({MAX_REPLY >> 20} MiB); use 'info sev-mem' or 'sev-mem-map'")
     return out
 
 

@@ -146,3 +146,17 @@ def test_fragmented_map_is_drawn_to_the_pixel_and_stays_small():
     assert ext["shared"] == [(0, -(-40000 * page // px) * px)]      # shared outranks private in every pixel
     assert ext["aliased"] == [(top - px, px)]
     assert "private" not in ext
+
+
+def test_a_map_too_big_for_one_qmp_reply_is_refused_in_one_line():
+    from sevmon.commands.sevmem import to_qmp
+    from sevmon.qmp.errors import QMPError
+    from sevmon.x86.cbit_map import VirtualRange
+
+    m = SevMemoryMap(0, True, ranges=[VirtualRange(i << 13, (i << 13) + 4096, 4096, 7, bool(i & 1))
+                                      for i in range(200_000)])
+    with pytest.raises(QMPError) as e:
+        to_qmp(m, None)
+    assert e.value.desc == ("The map has 200000 ranges: more than one QMP reply may carry (8 MiB); "
+                            "use 'info sev-mem' or 'sev-mem-map'")
+    assert len(to_qmp(SevMemoryMap(0, True, ranges=m.ranges[:1000]), None)["ranges"]) == 1000
