@@ -110,13 +110,14 @@ def _walk_cpu(mem: PhysicalMemory, cpu: CpuState, me_mask: int, want_ranges: boo
         ranges.append(VirtualRange(canon(mode, start), canon(mode, end), canon(mode, end - start),
                                    cur & 7, bool(cur & _PRIVATE)))
 
-    # physical extents: [gpa, gpa_end, private, va] of the run being grown
+    # physical extents: [gpa, gpa_end, private, va] of the run being grown; never across the canonical hole
+    hole = 1 << mode.canon_bit if mode.canon_bit else -1
     x_gpa = x_end = x_va = -1
     x_priv = False
 
     def add(va: int, gpa: int, size: int, private: bool) -> None:
         nonlocal x_gpa, x_end, x_va, x_priv
-        if gpa == x_end and private == x_priv and va == x_va + (x_end - x_gpa):
+        if gpa == x_end and private == x_priv and va == x_va + (x_end - x_gpa) and va != hole:
             x_end += size
             return
         if x_gpa >= 0:

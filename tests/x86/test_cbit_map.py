@@ -160,3 +160,23 @@ def test_a_map_too_big_for_one_qmp_reply_is_refused_in_one_line():
     assert e.value.desc == ("The map has 200000 ranges: more than one QMP reply may carry (8 MiB); "
                             "use 'info sev-mem' or 'sev-mem-map'")
     assert len(to_qmp(SevMemoryMap(0, True, ranges=m.ranges[:1000]), None)["ranges"]) == 1000
+
+
+def test_alias_views_are_canonical_across_the_canonical_hole():
+    """Shared leaves at raw VA 2^47 - 4 KiB and 2^47 map contiguous frames: the second is 0xffff800000000000."""
+    ram = RAM(64 << 20)
+    tables_4level(ram, 0x1000, 0x8000, 0x9000, 0xA000)
+    put(ram, 0xA000, 0, 0x301000 | C | P | RW)                     # VA 0x400000 -> 0x301000 private
+    for t in (0x2000, 0x3000, 0x4000, 0x5000, 0x6000, 0x7000):
+        ram.write(t, bytes(4096))
+    put(ram, 0x1000, 255, 0x2000 | C | P | RW)
+    put(ram, 0x2000, 511, 0x3000 | C | P | RW)
+    put(ram, 0x3000, 511, 0x4000 | C | P | RW)
+    put(ram, 0x4000, 511, 0x300000 | P | RW)                      # VA 0x7ffffffff000 -> 0x300000 shared
+    put(ram, 0x1000, 256, 0x5000 | C | P | RW)
+    put(ram, 0x5000, 0, 0x6000 | C | P | RW)
+    put(ram, 0x6000, 0, 0x7000 | C | P | RW)
+    put(ram, 0x7000, 0, 0x301000 | P | RW)                        # VA 0xffff800000000000 -> 0x301000 shared
+    m = build_map(CountingMemory(ram), [long_mode_cpu(0, 0x1000)], 0, C)
+    assert [a.shared for a in m.aliases] == [((0, 0xFFFF800000000000),)]
+    assert m.shared == [(0x300000, 0x2000)] and m.aliased == [(0x301000, 0x1000)]
