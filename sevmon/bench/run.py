@@ -18,7 +18,7 @@ import time
 
 from sevmon.bench.readers import make_reader
 from sevmon.memory.ram import PAGE_SHIFT
-from sevmon.x86 import paging
+from sevmon.x86 import cbit_map, paging
 
 PMEMSAVE_SIZE = 64 << 20
 CHUNK = 1 << 20
@@ -47,6 +47,7 @@ def _workloads(machine):
     return {
         "info tlb": lambda mem: _consume(paging.info_tlb(mem, cpu, mask)),
         "info mem": lambda mem: _consume(paging.info_mem(mem, cpu, mask)),
+        "info sev-mem": lambda mem: cbit_map.build_map(mem, machine.cpus, 0, mask),
         "pmemsave 64MiB": lambda mem: _pmemsave(mem, machine.ram),
     }
 
@@ -248,7 +249,7 @@ def _print_table(report: dict) -> None:
     cols = ("round-trips", "firmware-calls", "bytes-decrypted", "cache-hits", "cache-misses", "wall-ms",
             "per-page-round-trips", "naive-round-trips", "naive-wall-ms")
     print(f"{'command':16} {'phase':5} " + " ".join(f"{c:>20}" for c in cols))
-    for name in ("info tlb", "info mem", "pmemsave 64MiB"):
+    for name in ("info tlb", "info mem", "info sev-mem", "pmemsave 64MiB"):
         for phase in ("cold", "warm"):
             row = report[name][phase]
             print(f"{name:16} {phase:5} " + " ".join(f"{row.get(c, ''):>20}" for c in cols))

@@ -14,9 +14,8 @@ import subprocess
 import sys
 import time
 
-from tests.shell.test_shell import SHELL, Terminal
-
 from tests.conftest import ROOT
+from tests.shell.test_shell import SHELL, Terminal
 
 GAP = "..."
 
