@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--qmp", metavar="PATH", action="append",
                        help="QMP UNIX socket (repeatable; default ./sevmon-qmp.sock)")
     serve.add_argument("--hmp", metavar="PATH", action="append", default=[], help="HMP UNIX socket (repeatable)")
+    serve.add_argument("--gdb", metavar="DEVICE",
+                       help="gdb stub, QEMU's -gdb syntax: tcp:[HOST]:PORT (tcp::1234 binds 127.0.0.1) or unix:PATH")
     add_guest_options(serve)
 
     shell = sub.add_parser("shell", help="interactive HMP shell over QMP")

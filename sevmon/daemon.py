@@ -19,7 +19,8 @@ log = logging.getLogger("sevmon")
 GUEST_TICK = 0.05  # seconds between guest time slices while running
 
 
-async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None) -> None:
+async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None,
+                     gdb: str | None = None) -> None:
     # The machine thread runs long pure-Python walks; a short GIL switch interval lets the
     # event loop answer state queries and other clients' I/O in between (measured by
     # sevmon bench: query-status p99 under 31 concurrent info mem clients).
@@ -28,7 +29,10 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
     server = QMPServer(machine, registry, hmp)
     hmp_server = None
     paths: list[str] = []
+    gdb_server = _gdb_stub(machine, hmp, server.executor)
     try:
+        if gdb:
+            await _start_gdb(gdb_server, gdb)
         for path in qmp_paths:
             await server.listen(path)
             paths.append(path)
@@ -56,6 +60,7 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
                 if not job.active:
                     break
                 await asyncio.sleep(0.05)
+        await gdb_server.close()
         if hmp_server is not None:
             await hmp_server.close()
         await server.close()
@@ -63,6 +68,23 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         server.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _gdb_stub(machine, hmp, executor):
+    """The gdb stub (idle until --gdb or HMP gdbserver starts it), wired to HMP."""
+    from sevmon.gdb import hmp as gdb_hmp
+    from sevmon.gdb.server import GdbServer
+    stub = GdbServer(machine, hmp, executor)
+    gdb_hmp.install(hmp, stub)
+    return stub
+
+
+async def _start_gdb(stub, device: str) -> None:
+    from sevmon.gdb.server import DeviceError
+    try:
+        await stub.start(device)
+    except DeviceError as e:
+        raise SocketInUse(f"--gdb {e}") from None
 
 
 async def _guest_ticker(machine, server) -> None:
@@ -85,7 +107,7 @@ def serve(args) -> int:
         return 1
     qmp = args.qmp or ["./sevmon-qmp.sock"]
     try:
-        asyncio.run(run_daemon(machine, qmp, args.hmp))
+        asyncio.run(run_daemon(machine, qmp, args.hmp, gdb=args.gdb))
     except SocketInUse as e:
         log.error("%s", e)
         return 1
