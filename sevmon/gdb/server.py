@@ -64,27 +64,29 @@ class GdbServer:
         self._task: asyncio.Task | None = None
 
     async def start(self, text: str) -> None:
-        """Listen on ``text`` (replacing any current device, as QEMU does); ``none`` stops."""
-        dev = None if text == "none" else parse_device(text)
-        await self.stop()
-        if dev is None:
+        """Listen on ``text``, then drop the previous device (as QEMU does: a device that
+        cannot be opened leaves the old one in place); ``none`` stops the stub."""
+        if text == "none":
+            await self.stop()
             return
+        dev = parse_device(text)
+        path = None
         try:
             if dev.kind == "unix":
                 sock = listen_unix(dev.path)
-                self._server = await asyncio.start_unix_server(self._client, sock=sock)
-                self._path = dev.path
-                self.address = f"unix:{dev.path}"
+                server = await asyncio.start_unix_server(self._client, sock=sock)
+                path, address = dev.path, f"unix:{dev.path}"
             else:
-                self._server = await asyncio.start_server(self._client, dev.host, dev.port,
-                                                          family=socket.AF_UNSPEC, reuse_address=True)
-                host, port = self._server.sockets[0].getsockname()[:2]
-                self.address = f"tcp:{host}:{port}"
+                server = await asyncio.start_server(self._client, dev.host, dev.port,
+                                                    family=socket.AF_UNSPEC, reuse_address=True)
+                host, port = server.sockets[0].getsockname()[:2]
+                address = f"tcp:{host}:{port}"
         except SocketInUse as e:
             raise DeviceError(str(e)) from None
         except OSError as e:
             raise DeviceError(f"cannot listen on {text}: {e.strerror or e}") from None
-        self.device = text
+        await self.stop()
+        self._server, self._path, self.device, self.address = server, path, text, address
         log.info("gdb stub listening on %s", self.address)
         sev = self.machine.sev
         if (dev.kind == "tcp" and sev is not None and not sev.policy & 1
@@ -118,7 +120,7 @@ class GdbServer:
                 await asyncio.wait_for(asyncio.shield(self._task), 1)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._session is not None:
+        if self._session is not None and self._session.attached:
             log.info("gdb stub: refused a second connection (one gdb at a time)")
             writer.close()
             return

@@ -79,6 +79,7 @@ class GdbSession:
         self.waiting = False          # a c/vCont;c is outstanding: the next stop is reported
         self.resume_on_detach = False
         self.done = False
+        self.attached = True          # False once gdb detached (D) or left: a new gdb may connect
         self.target = target_for(self.machine.cpus[0])
         self.loop = asyncio.get_running_loop()
 
@@ -144,6 +145,7 @@ class GdbSession:
         except (ConnectionError, OSError):
             pass
         finally:
+            self.attached = False
             self.machine.remove_listener(self._on_event)
             self.done = True
             if self.resume_on_detach and not self.machine.quit_requested.is_set():
@@ -223,6 +225,7 @@ class GdbSession:
         if cmd in (b"q", b"Q"):
             return await self._query(pkt)
         if cmd == b"D":  # gdb closes the connection itself after the OK
+            self.attached = False
             if self.resume_on_detach:
                 self.resume_on_detach = False
                 await self._cont_quietly()
@@ -230,7 +233,9 @@ class GdbSession:
         if cmd == b"k":
             self.done = True
             return None
-        return ""  # Z/z (breakpoints), s/S (step) and anything else: unsupported
+        if cmd in (b"s", b"S"):
+            return self._no_step()
+        return ""  # Z/z (breakpoints) and anything else: unsupported
 
     # -- memory ------------------------------------------------------------------------------
     def _read(self, addr: int, length: int) -> bytes:
@@ -269,6 +274,12 @@ class GdbSession:
             self._report_stop(SIGINT)
         return None
 
+    def _no_step(self) -> str:
+        """gdb waits for a stop reply after a step: an error reply tells it, and its warning
+        follows our explanation (the guest is a model or a memory image: nothing executes)."""
+        self.send("O" + b"sevmon: single-step is not supported: this guest executes no instructions\n".hex())
+        return "E01"
+
     async def _interrupt(self) -> None:
         if not self.waiting:
             return
@@ -283,6 +294,8 @@ class GdbSession:
             actions = [a.split(b":")[0][:1] for a in args[5:].split(b";")]
             if actions and all(a in (b"c", b"C") for a in actions):
                 return await self._resume()
+            if any(a in (b"s", b"S", b"r") for a in actions):
+                return self._no_step()
             return ""
         if args.startswith(b"Kill"):
             self.done = True
