@@ -12,8 +12,8 @@ both the XML and the packets.
 Values come from :class:`~sevmon.machine.cpu.CpuState`; what a memory image cannot know
 (FPU, vector state) reads as QEMU's reset values unless the vCPU state carries it, as in
 ``info registers``. The control registers are plain integers (QEMU's flag types only
-change how gdb pretty-prints them): ``p/x $cr3`` prints the value the guest loaded, C-bit
-included.
+change how gdb pretty-prints them), unsigned: ``p/x $cr3`` prints the value the guest
+loaded, C-bit included.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _layout(wide: bool) -> tuple[tuple[Reg, ...], tuple[Reg, ...]]:
     core += [Reg(s, 32, "int32", s) for s in _SEGS]
     core += [Reg("fs_base", w, it, "fs_base"), Reg("gs_base", w, it, "gs_base"),
              Reg("k_gs_base", w, it, "kernel_gs_base")]
-    core += [Reg(n, w, it, n) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")]
+    core += [Reg(n, w, f"uint{w}", n) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")]
     core += [Reg(f"st{i}", 80, "i387_ext", f"fpr{i}") for i in range(8)]
     core += [Reg(n, 32, "int", n, "float") for n in _FPU_CTRL]
     sse = [Reg(f"xmm{i}", 128, "vec128", f"xmm{i}") for i in range(16 if wide else 8)]
