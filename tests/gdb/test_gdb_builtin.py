@@ -208,3 +208,17 @@ def test_bad_gdb_device_is_one_sentence_and_exit_1(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == \
         "sevmon: --gdb serial:/dev/ttyS0: expected tcp:[HOST]:PORT, unix:PATH or none"
     assert "Traceback" not in out.stderr
+
+
+def test_quit_while_gdb_waits_is_reported_as_exit(make_daemon):
+    d = make_daemon("--gdb", "unix:gdb.sock", "--no-workload")
+    q = qmp_connect(d)
+    c = RspClient(_gdb_sock(d))
+    assert c.ask("?") == "T05thread:01;"
+    c.send("c")
+    _wait_for(lambda: q.cmd("query-status")["status"] == "running", "c")
+    q.cmd("quit")
+    assert c.recv() == "W00"            # gdb: [Inferior 1 (Remote target) exited normally]
+    c.close()
+    q.close()
+    assert d.proc.wait(20) == 0
