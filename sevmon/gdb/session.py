@@ -99,7 +99,10 @@ class GdbSession:
         return f"{self.cpu_index + 1:02x}"
 
     def _on_event(self, name: str, data) -> None:  # machine thread
-        self.loop.call_soon_threadsafe(self._event, name)
+        try:
+            self.loop.call_soon_threadsafe(self._event, name)
+        except RuntimeError:  # the loop is gone (daemon exiting): nobody to tell
+            pass
 
     def _event(self, name: str) -> None:
         if name == "STOP" and self.waiting:
