@@ -11,7 +11,7 @@ import stat
 import subprocess
 import time
 
-from tests.conftest import hmp, qmp_connect
+from tests.conftest import RawClient, hmp, qmp_connect
 from tests.gdb.gdb_support import RspClient, gdb_values, need_gdb, run_gdb
 
 
@@ -213,12 +213,13 @@ def test_bad_gdb_device_is_one_sentence_and_exit_1(tmp_path):
 
 def test_quit_while_gdb_waits_is_reported_as_exit(make_daemon):
     d = make_daemon("--gdb", "unix:gdb.sock", "--no-workload")
-    q = qmp_connect(d)
+    q = RawClient(d.qmp)
+    q.negotiate()
     c = RspClient(_gdb_sock(d))
     assert c.ask("?") == "T05thread:01;"
     c.send("c")
-    _wait_for(lambda: q.cmd("query-status")["status"] == "running", "c")
-    q.cmd("quit")
+    _wait_for(lambda: q.cmd("query-status")["return"]["status"] == "running", "c")
+    assert q.cmd("quit") == {"return": {}}
     assert c.recv() == "W00"            # gdb: [Inferior 1 (Remote target) exited normally]
     c.close()
     q.close()
