@@ -88,8 +88,11 @@ class GdbSession:
         return await on_machine(self.machine, self.server.executor, fn)
 
     def send(self, payload: bytes | str) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(frame(payload))
+        self._put(frame(payload))
+
+    def _put(self, raw: bytes) -> None:
+        if not self.writer.is_closing():  # a gdb that vanished gets nothing more
+            self.writer.write(raw)
 
     @property
     def cpu(self):
@@ -134,15 +137,15 @@ class GdbSession:
                 for ev in self.packets.feed(data):
                     if isinstance(ev, Nack):
                         log.debug("gdb: %s", ev.reason)
-                        self.writer.write(b"-")
+                        self._put(b"-")
                     elif isinstance(ev, Interrupt):
                         await self._interrupt()
                     else:
-                        self.writer.write(b"+")
+                        self._put(b"+")
                         reply = await self._handle(ev.payload)
                         if reply is not None:
                             self.send(reply)
-                    if self.done:
+                    if self.done or self.writer.is_closing():
                         break
                 await self.writer.drain()
         except (ConnectionError, OSError):
@@ -169,6 +172,8 @@ class GdbSession:
             return E_FAULT
         except ValueError:  # BadRequest, bad hex, not ASCII
             return E_INVAL
+        except OSError:  # gdb vanished while we answered: the session ends
+            raise
         except Exception:  # a bug answers one error packet; the daemon goes on
             log.exception("gdb packet %r failed", pkt[:64])
             return E_INVAL
