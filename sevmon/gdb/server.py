@@ -98,7 +98,7 @@ class GdbServer:
         """For HMP ``gdbserver``: handlers run on the machine thread, sockets live on the loop."""
         asyncio.run_coroutine_threadsafe(self.start(text), self.loop).result(timeout)
 
-    async def stop(self) -> None:
+    async def stop(self, exiting: bool = False) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -107,13 +107,13 @@ class GdbServer:
                 os.unlink(self._path)
             self._path = None
         if self._session is not None:
-            self._session.done = True
-            self._session.writer.close()
+            self._session.end(exited=exiting)
         self.device = None
         self.address = ""
 
     async def close(self) -> None:
-        await self.stop()
+        """The daemon is exiting: a gdb waiting in ``continue`` hears that the target exited."""
+        await self.stop(exiting=True)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -111,11 +111,16 @@ class GdbSession:
         if name == "STOP" and self.waiting:
             self._report_stop(SIGINT)
         elif name == "SHUTDOWN":
-            if self.waiting:
-                self.waiting = False
-                self.send("W00")
-            self.done = True
-            self.writer.close()
+            self.end(exited=True)
+
+    def end(self, exited: bool = False) -> None:
+        """Close the connection; a gdb waiting in ``continue`` while the daemon quits hears
+        that the target exited (W00). Called on SHUTDOWN and by the server, whichever is first."""
+        if self.waiting and exited:
+            self.waiting = False
+            self.send("W00")
+        self.done = True
+        self.writer.close()
 
     def _report_stop(self, sig: int) -> None:
         self.waiting = False

@@ -220,7 +220,10 @@ def test_quit_while_gdb_waits_is_reported_as_exit(make_daemon):
     c.send("c")
     _wait_for(lambda: q.cmd("query-status")["return"]["status"] == "running", "c")
     assert q.cmd("quit") == {"return": {}}
-    assert c.recv() == "W00"            # gdb: [Inferior 1 (Remote target) exited normally]
+    try:
+        assert c.recv() == "W00"        # gdb: [Inferior 1 (Remote target) exited normally]
+    except EOFError:
+        raise AssertionError("no W00: " + d.output()) from None
     c.close()
     q.close()
     assert d.proc.wait(20) == 0
