@@ -86,6 +86,8 @@ def build_parser() -> OneLineParser:
     serve.add_argument("--attach", metavar="QEMU_QMP_SOCKET",
                        help="be the monitor of a running QEMU: its QMP socket, its RAM in a shared backend "
                             "(see README)")
+    serve.add_argument("--gdb", metavar="DEVICE",
+                       help="gdb stub, QEMU's -gdb syntax: tcp:[HOST]:PORT (tcp::1234 binds 127.0.0.1) or unix:PATH")
     add_guest_options(serve)
     add_verbose(serve)
 
@@ -127,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="sevmon: %(message)s", stream=sys.stderr)
     if args.subcommand == "serve" and args.attach:
         from sevmon.attach.serve import serve_attached
-        return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp)
+        return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb)
     if args.subcommand == "serve":
         from sevmon.daemon import serve
-        return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp)
+        return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb)
     if args.subcommand == "shell":
         from sevmon.shell.app import run_shell
         return run_shell(args)

@@ -22,9 +22,9 @@ GUEST_TICK = 0.05  # seconds between guest time slices while running
 
 
 async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None,
-                     build_commands=build, configure=None, until=None) -> None:
-    """``build_commands(machine)`` gives the command set; ``configure(server)`` adjusts the
-    QMP server before it listens; ``until`` (an awaitable) also ends the daemon."""
+                     build_commands=build, configure=None, until=None, gdb: str | None = None) -> None:
+    """``build_commands(runner)`` gives the command set; ``configure(server)`` adjusts the
+    QMP server before it listens; ``until`` (an awaitable) also ends the daemon; ``gdb``: a -gdb device."""
     # The machine thread runs long pure-Python walks; a short GIL switch interval lets the
     # event loop answer state queries and other clients' I/O in between (measured by
     # sevmon bench: query-status p99 under 31 concurrent info mem clients).
@@ -39,7 +39,10 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the sockets exist: a client may signal at once
         loop.add_signal_handler(sig, lambda: machine.quit("host-signal"))
+    gdb_server = _gdb_stub(runner, hmp)
     try:
+        if gdb:
+            await _start_gdb(gdb_server, gdb)
         for path in qmp_paths:
             await server.listen(path)
             paths.append(path)
@@ -63,6 +66,7 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
         ticker.cancel()
     finally:
         await runner.cancel_jobs()  # SIGTERM mid-dump: the dump stops and removes its partial file
+        await gdb_server.close()
         if hmp_server is not None:
             await hmp_server.close()
         await server.close()
@@ -72,6 +76,23 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
         runner.shutdown()
 
 
+def _gdb_stub(runner, hmp):
+    """The gdb stub (idle until --gdb or HMP gdbserver starts it), wired to HMP."""
+    from sevmon.gdb import hmp as gdb_hmp
+    from sevmon.gdb.server import GdbServer
+    stub = GdbServer(runner, hmp)
+    gdb_hmp.install(hmp, stub)
+    return stub
+
+
+async def _start_gdb(stub, device: str) -> None:
+    from sevmon.gdb.server import DeviceError
+    try:
+        await stub.start(device)
+    except DeviceError as e:
+        raise SocketInUse(f"--gdb {e}") from None
+
+
 async def _guest_ticker(runner: MachineRunner) -> None:
     """Give a running guest time slices on the machine thread, between commands."""
     while True:
@@ -79,7 +100,7 @@ async def _guest_ticker(runner: MachineRunner) -> None:
         await runner.guest_slice()
 
 
-def serve(spec: GuestSpec, qmp: list[str], hmp: list[str]) -> int:
+def serve(spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None = None) -> int:
     """``sevmon serve``: build the machine ``spec`` describes and serve it until quit or a signal."""
     try:
         machine = build_machine(spec)
@@ -87,7 +108,7 @@ def serve(spec: GuestSpec, qmp: list[str], hmp: list[str]) -> int:
         log.error("%s", e)
         return 1
     try:
-        asyncio.run(run_daemon(machine, qmp, hmp))
+        asyncio.run(run_daemon(machine, qmp, hmp, gdb=gdb))
     except SocketInUse as e:
         log.error("%s", e)
         return 1

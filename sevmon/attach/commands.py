@@ -17,19 +17,20 @@ from sevmon.qmp.dispatch import CommandRegistry
 from sevmon.qmp.errors import QMPError
 from sevmon.qmp.schema import BUILTINS, Schema
 
-OWNED_QMP = ("memsave", "pmemsave", "dump-guest-memory", "query-dump", "query-sev-debug-stats")
-OWNED_HMP = ("x", "xp", "gva2gpa", "memsave", "pmemsave", "dump-guest-memory")
-OWNED_INFO = ("mem", "tlb", "sev-debug", "dump")
+OWNED_QMP = ("memsave", "pmemsave", "dump-guest-memory", "query-dump", "query-sev-debug-stats",
+             "query-sev-memory-map", "sev-mem-map")
+OWNED_HMP = ("x", "xp", "gva2gpa", "memsave", "pmemsave", "dump-guest-memory", "sev-mem-map")
+OWNED_INFO = ("mem", "tlb", "sev-debug", "dump", "sev-mem")
 _TYPE_KEYS = ("arg-type", "ret-type", "element-type", "type")
 
 
 def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
     machine = runner.machine
-    from sevmon.commands import dump, memory
+    from sevmon.commands import dump, memory, sevmem
 
     full = CommandRegistry(Schema())
     all_hmp, all_info = CommandTable(), CommandTable()
-    for module in (memory, dump):
+    for module in (memory, dump, sevmem):
         module.register(full, all_hmp, all_info)
     registry = CommandRegistry(full.schema)
     for name in OWNED_QMP:

@@ -53,7 +53,8 @@ class AttachedMachine(RunStateMachine):
     """What sevmon monitors when attached: QEMU's guest, memory through DebugMemory."""
 
     sev = None
-    capabilities = Capabilities(ends_with_shutdown=False)  # QEMU's SHUTDOWN is relayed; QEMU closes the link
+    # QEMU's SHUTDOWN is relayed and QEMU closes the link; registers are QEMU's, read fresh, never written
+    capabilities = Capabilities(ends_with_shutdown=False, write_registers=False)
 
     def __init__(self, link: QemuLink, ram, memory, cpu_count: int, status: str, *, kvm: dict | None = None,
                  memory_encryption: bool = False):

@@ -56,7 +56,7 @@ async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = T
     return AttachedMachine(link, ram, memory, len(cpus), status["status"], kvm=kvm, memory_encryption=sev)
 
 
-async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str]) -> int:
+async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None) -> int:
     from sevmon.daemon import run_daemon
 
     cache_pages = max(0, spec.debug_cache_mb) << (20 - PAGE_SHIFT)
@@ -76,7 +76,7 @@ async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str]) -> 
 
     try:
         await run_daemon(machine, qmp, hmp, build_commands=build_attached, configure=configure,
-                         until=until())
+                         until=until(), gdb=gdb)
     finally:
         lost = link.closed.is_set() and not machine.shutdown_seen and not link.detach.is_set()
         await link.disconnect()
@@ -87,10 +87,11 @@ async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str]) -> 
     return 0
 
 
-def serve_attached(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str]) -> int:
-    """``sevmon serve --attach PATH``: ``spec`` gives the debug options (cache size, security policy)."""
+def serve_attached(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None = None) -> int:
+    """``sevmon serve --attach PATH``: ``spec`` gives the debug options (cache size, security policy); ``gdb``
+    a -gdb device for sevmon's stub (memory through the debug path, run control through QEMU)."""
     try:
-        return asyncio.run(_serve(path, spec, qmp, hmp))
+        return asyncio.run(_serve(path, spec, qmp, hmp, gdb))
     except (AttachError, SocketInUse) as e:
         log.error("%s", e)
         return 1

@@ -233,6 +233,8 @@ def run_bench(args, spec) -> int:
         return 1
     machine.stop()  # a paused guest: warm runs keep their cache
     report = _side_by_side(machine, args.repeat)
+    from sevmon.bench.gdb_session import gdb_session
+    report["gdb session"] = gdb_session(machine)
     report["latency"] = _latency(_guest_argv(args))
     if args.scale:
         report["scale"] = _scale(args.scale)
@@ -256,9 +258,22 @@ def _print_table(report: dict) -> None:
     lb = report["level-batched lower bound"]
     print(f"\nlevel-batched lower bound for this guest: {lb['round-trips']} round trips over {lb['table-pages']} "
           f"table pages; sevmon achieved {lb['achieved-round-trips']}")
+    _print_gdb(report["gdb session"])
     print("\nlatency under load:")
     for k, v in report["latency"].items():
         print(f"  {k:22} p50 {v['p50-ms']:8} ms   p99 {v['p99-ms']:8} ms")
     for key in ("scale", "vs-qemu", "vs-qemu-attach"):
         if key in report:
             print(f"\n{key}: {json.dumps(report[key], indent=1)}")
+
+
+def _print_gdb(row: dict) -> None:
+    if "skipped" in row:
+        print(f"\ngdb session: skipped ({row['skipped']})")
+        return
+    print(f"\ngdb session through the stub ({row['script']}):")
+    for name, r in (("sevmon cold", row["cold"]), ("sevmon warm", row["warm"]), ("naive stub", row["naive"])):
+        print(f"  {name:12} round trips {r['round-trips']:>8}  firmware calls {r['firmware-calls']:>8}  "
+              f"bytes decrypted {r['bytes-decrypted']:>10}  {r['wall-ms']:>9} ms")
+    print(f"  naive/sevmon, cold: {row['naive/sevmon round trips (cold)']}x the round trips, "
+          f"{row['naive/sevmon time (cold)']}x the time")

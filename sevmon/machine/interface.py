@@ -99,6 +99,11 @@ class RunStateMachine:
     def add_listener(self, fn: EventListener) -> None:
         self._listeners.append(fn)
 
+    def remove_listener(self, fn: EventListener) -> None:
+        """A front end that goes away (a gdb session) stops listening."""
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
     def emit(self, event: str, data: dict | None = None, timestamp: dict | None = None) -> None:
         """Tell every listener; ``timestamp`` is QEMU's own for an event relayed from QEMU."""
         for fn in list(self._listeners):
@@ -116,6 +121,7 @@ class Capabilities:
     step: bool = False           #: single-step and breakpoints
     migrate: bool = False        #: SEND/RECEIVE migration
     write_memory: bool = True    #: debug writes (DBG_ENCRYPT on SEV)
+    write_registers: bool = True #: vCPU register writes stick (an attached QEMU has no command for them)
     #: the daemon ends with the machine's SHUTDOWN; an attached QEMU relays its SHUTDOWN and the daemon ends when
     #: QEMU closes the link, so that QEMU's last replies and events still reach every client
     ends_with_shutdown: bool = True
@@ -158,6 +164,8 @@ class Machine(Protocol):
     def transition(self, new: RunState) -> None: ...
 
     def add_listener(self, fn: EventListener) -> None: ...
+
+    def remove_listener(self, fn: EventListener) -> None: ...
 
     def emit(self, event: str, data: dict | None = None) -> None: ...
 

@@ -27,6 +27,11 @@ def test_bench_json_on_the_32bit_fixture():
     assert report["info mem"]["cold"]["round-trips"] == 11
     assert report["info sev-mem"]["cold"]["round-trips"] == 11 and report["info sev-mem"]["warm"]["round-trips"] == 0
     assert report["pmemsave 64MiB"]["cold"]["bytes-decrypted"] > 0
+    gdb = report["gdb session"]           # x/512gx on 4 pages through the stub, 8 bytes a packet
+    assert gdb["packets"] == 512 * gdb["pages"] and gdb["pages"] == 4
+    assert gdb["cold"]["round-trips"] <= 2 * gdb["pages"]       # data pages + their tables, once each
+    assert gdb["warm"]["round-trips"] == 0
+    assert gdb["naive"]["round-trips"] >= 2 * gdb["packets"]     # >= 1 table level + the bytes, per packet
     for key in ("query-status x1", "query-status x32", "info mem x1", "info mem x32"):
         assert report["latency"][key]["p50-ms"] <= report["latency"][key]["p99-ms"]
 

@@ -10,10 +10,10 @@ import socket
 import threading
 
 import pytest
-from conftest import Attached, Qemu, hmp
 from qemu.qmp import QMPClient
 
 from sevmon.machine.images import load_core
+from tests.live.conftest import Attached, Qemu, hmp
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Attached, Qemu, hmp
 
 from sevmon.attach.layout import ram_ranges
 from sevmon.attach.ram import MappedRAM
 from sevmon.attach.registers import parse_info_registers
+from tests.live.conftest import Attached, Qemu, hmp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "x86"))
 from x86_reference import naive_mem  # noqa: E402

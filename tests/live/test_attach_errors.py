@@ -9,7 +9,7 @@ import signal
 import socket
 import threading
 
-from conftest import Attached, Qemu, require_qemu
+from tests.live.conftest import Attached, Qemu, require_qemu
 
 
 def _failed(tmp, target: str, *extra: str) -> str:
