@@ -30,7 +30,8 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cbitpos", type=int, default=47, help="C-bit position, CPUID 0x8000001F EBX[5:0] (default 47)")
     g.add_argument("--reduced-phys-bits", type=int, default=1, help="CPUID 0x8000001F EBX[11:6] (default 1)")
     g.add_argument("--bios", metavar="FILE", help="firmware image measured at launch (default: a built-in one)")
-    g.add_argument("--pflash", metavar="FILE", action="append", default=[], help="pflash image, measured after the BIOS")
+    g.add_argument("--pflash", metavar="FILE", action="append", default=[], help="QEMU's -drive if=pflash,unit=N (repeat for units 0, 1...): unit 0 replaces the BIOS, "
+                        "ends at 4 GiB and alone is measured; later units (OVMF_VARS) sit below it, plain")
     g.add_argument("--paging", choices=["4", "5", "pae", "32"], default="4", help="built-in guest paging mode")
     g.add_argument("--memory", metavar="MIB", type=int, default=256, help="built-in guest RAM size in MiB")
     g.add_argument("--debug-policy", choices=["on", "off"], default="on",

@@ -67,8 +67,12 @@ def inject_launch_secret(machine, packet_header: str, secret: str, gpa: int | No
     sev = machine.sev
     if sev is None:
         raise QMPError("SEV not enabled for guest")
-    if gpa is None:
-        raise QMPError("SEV: no secret area found in OVMF, gpa must be specified.")
+    if gpa is None:  # QEMU looks the area up in the OVMF table of pflash unit 0
+        from sevmon.machine.ovmf_table import secret_area
+        area = secret_area(machine.config.extra.get("ovmf-table") or {})
+        if area is None:
+            raise QMPError("SEV: no secret area found in OVMF, gpa must be specified.")
+        gpa = area[0]
     if sev.state_name != "launch-secret":
         raise QMPError(f"SEV: Not in correct state. (LSECRET) {sev.state_number:x}")
     hdr = g_base64_decode(packet_header)

@@ -13,6 +13,7 @@ import logging
 from sevmon.debug.access import DebugMemory
 from sevmon.debug.ops import PlainOps, SevOps
 from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_raw
+from sevmon.machine.pflash import FlashError
 from sevmon.machine.ram import PAGE_SHIFT
 from sevmon.machine.sevify import set_cbit
 from sevmon.machine.vm import Machine, MachineConfig
@@ -28,6 +29,8 @@ def build_machine(args) -> Machine:
     try:
         return _build(args)
     except ImageError as e:
+        raise GuestError(str(e)) from None
+    except FlashError as e:
         raise GuestError(str(e)) from None
     except OSError as e:  # --bios/--pflash and friends
         raise GuestError(f"{e.filename}: {e.strerror.lower() if e.strerror else e}") from None

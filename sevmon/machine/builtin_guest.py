@@ -19,6 +19,8 @@ from __future__ import annotations
 import random
 
 from sevmon.machine.cpu import CpuState
+from sevmon.machine.ovmf_table import parse_ovmf_table
+from sevmon.machine.pflash import FOUR_GIB, FlashError, isa_bios_copy, map_flash
 from sevmon.machine.ram import PAGE_SIZE, RAM
 from sevmon.machine.vm import Machine, MachineConfig
 from sevmon.x86.pte import PG_ACCESSED as A
@@ -46,13 +48,14 @@ def builtin_firmware() -> bytes:
 class GuestOS:
     """Builds and mutates the guest's page tables through the guest's own writes."""
 
-    def __init__(self, ram: RAM, write, cbit: int, paging: str, seed: int = 0x5E7):
+    def __init__(self, ram: RAM, write, cbit: int, paging: str, seed: int = 0x5E7, mem_top: int | None = None):
         self.ram, self.write, self.cbit, self.paging = ram, write, cbit, paging
+        self.mem_top = ram.size if mem_top is None else mem_top  # RAM below the flash (--pflash)
         self.rng = random.Random(seed)
         self.wide = paging != "32"               # 8-byte entries
         self.esize = 8 if self.wide else 4
         self.top = 1 << 52 if self.wide else 1 << 32
-        lo, hi = KERNEL_PA + (8 << 20), ram.size - FIRMWARE_SIZE - (1 << 20)
+        lo, hi = KERNEL_PA + (8 << 20), self.mem_top - FIRMWARE_SIZE - (1 << 20)
         self.free = list(range(lo >> 12, hi >> 12))
         self.rng.shuffle(self.free)              # tables and pages land scattered, as in Linux
         self.tables: dict[int, list[int]] = {}   # frame -> entries (the guest's own view)
@@ -138,7 +141,7 @@ class GuestOS:
         self.write(KERNEL_PA, b"".join(f"kernel text +{off:#x}".encode().ljust(PAGE_SIZE, b"\x90")
                                        for off in range(0, 4 << 20, PAGE_SIZE)))
         if direct is not None:  # direct map of RAM in 1 GiB pages, as Linux does when it can
-            for off in range(0, self.ram.size, 1 << 30):
+            for off in range(0, self.mem_top, 1 << 30):
                 self.map(direct + off, off, P | RW | A | D | G | nx, 1 << 30)
         for i in range(32):     # program text and data, 4 KiB, read-only text then rw data
             flags = P | US | A | (0 if i < 16 else RW | D | nx)
@@ -182,28 +185,43 @@ class Workload:
         self.ticks = 0
 
 
-def build_builtin(args) -> Machine:
-    ram = RAM(args.memory << 20)
-    images = []
+def _firmware_images(args, mem_top: int) -> tuple[list, list, dict]:
+    """(measured images, plain images, OVMF table) as QEMU loads firmware: pflash unit 0
+    (measured as a whole, ending at 4 GiB; ``--bios`` then unused) and plain later units, or
+    else the BIOS (``--bios`` or the built-in image) at the top of RAM, measured."""
+    if args.pflash:
+        units = map_flash(args.pflash)
+        if mem_top > units[-1].gpa:
+            raise FlashError(f"--memory {args.memory} overlaps the system flash mapped at "
+                             f"{units[-1].gpa:#x}: at most {units[-1].gpa >> 20} MiB with these --pflash files")
+        ovmf = parse_ovmf_table(units[0].data)  # before launch, where QEMU parses it
+        plain = [isa_bios_copy(units[0])] + [(u.gpa, u.data) for u in units[1:]]
+        return [(units[0].gpa, units[0].data)], plain, ovmf
     firmware = open(args.bios, "rb").read() if args.bios else builtin_firmware()
-    top = ram.size
-    for blob in [firmware, *(open(p, "rb").read() for p in args.pflash)]:
-        blob = blob + bytes(-len(blob) % 16)
-        top = (top - len(blob)) & ~(PAGE_SIZE - 1)
-        images.append((top, blob))
+    firmware = firmware + bytes(-len(firmware) % 16)
+    return [((mem_top - len(firmware)) & ~(PAGE_SIZE - 1), firmware)], [], {}
+
+
+def build_builtin(args) -> Machine:
+    mem_top = args.memory << 20
+    measured, plain, ovmf = _firmware_images(args, mem_top)
+    ram = RAM(mem_top if not args.pflash else FOUR_GIB)
     sev = None
     if args.sev is not False:
         from sevmon.machine.builder import _sev_kernel
         from sevmon.sev.vm import SevVm
         sev = SevVm(ram, policy=args.policy, cbitpos=args.cbitpos, reduced_phys_bits=args.reduced_phys_bits,
                     kernel=_sev_kernel(args))
-        sev.launch(images)
-        guest = GuestOS(ram, sev.guest_write, sev.me_mask, args.paging)
-    else:
-        for gpa, blob in images:
+        for gpa, blob in plain:
             ram.write(gpa, blob)
-        guest = GuestOS(ram, lambda gpa, data, private=True: ram.write(gpa, data), 0, args.paging)
+        sev.launch(measured)
+        guest = GuestOS(ram, sev.guest_write, sev.me_mask, args.paging, mem_top=mem_top)
+    else:
+        for gpa, blob in [*measured, *plain]:
+            ram.write(gpa, blob)
+        guest = GuestOS(ram, lambda gpa, data, private=True: ram.write(gpa, data), 0, args.paging, mem_top=mem_top)
     config = MachineConfig(kvm_enabled=sev is not None, source="builtin", debug_policy=args.debug_policy == "on")
+    config.extra["ovmf-table"] = ovmf
     # Under -S the vCPU sits at the reset vector (paging off) and the launch is not finished.
     cpu = CpuState(0, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})
     machine = Machine(ram, [cpu], config=config, sev=sev, running=not args.prelaunch, prelaunch=args.prelaunch)
