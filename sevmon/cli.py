@@ -32,6 +32,13 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bios", metavar="FILE", help="firmware image measured at launch (default: a built-in one)")
     g.add_argument("--pflash", metavar="FILE", action="append", default=[], help="QEMU's -drive if=pflash,unit=N (repeat for units 0, 1...): unit 0 replaces the BIOS, "
                         "ends at 4 GiB and alone is measured; later units (OVMF_VARS) sit below it, plain")
+    g.add_argument("--dh-cert-file", metavar="FILE",
+                   help="the guest owner's DH certificate (base64 sev_cert), as QEMU's sev-guest dh-cert-file")
+    g.add_argument("--session-file", metavar="FILE",
+                   help="the guest owner's launch session (base64, 128 bytes), as QEMU's sev-guest session-file")
+    g.add_argument("--sev-platform", metavar="FILE",
+                   help="simulated platform's persistent keys (OCA/PEK/PDH/CEK): created on first use, then "
+                        "reused, so an owner can fetch the PDH and launch later on the same 'machine'")
     g.add_argument("--paging", choices=["4", "5", "pae", "32"], default="4", help="built-in guest paging mode")
     g.add_argument("--memory", metavar="MIB", type=int, default=256, help="built-in guest RAM size in MiB")
     g.add_argument("--debug-policy", choices=["on", "off"], default="on",

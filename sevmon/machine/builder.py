@@ -45,7 +45,16 @@ def build_machine(args) -> Machine:
 def _sev_kernel(args):
     """The kernel transport: the simulated platform, or real /dev/kvm + /dev/sev."""
     if not args.kvm:
-        return None
+        if not getattr(args, "sev_platform", None):
+            return None  # SevVm makes a fresh simulated platform
+        from sevmon.sev.platform_store import load_or_create
+        from sevmon.sev.transport import SimulatedHost, SimulatedKvm
+        host = SimulatedHost(cbitpos=args.cbitpos, reduced_phys_bits=max(args.reduced_phys_bits, 0))
+        try:
+            load_or_create(args.sev_platform, host.psp)
+        except (ValueError, KeyError, TypeError) as e:
+            raise GuestError(f"--sev-platform {args.sev_platform}: not a sevmon platform file ({e})") from None
+        return SimulatedKvm(host)
     from sevmon.sev.linux import LinuxSevTransport
     return LinuxSevTransport()  # raises SevUnavailable with one sentence on hosts without SEV
 
@@ -64,8 +73,10 @@ def _build(args) -> Machine:
         if args.sev:
             from sevmon.sev.vm import SevVm
             set_cbit(ram, cpus[0], args.cbitpos)
+            from sevmon.sev.owner_files import owner_launch_files
             sev = SevVm(ram, policy=args.policy, cbitpos=args.cbitpos,
-                        reduced_phys_bits=args.reduced_phys_bits, kernel=_sev_kernel(args))
+                        reduced_phys_bits=args.reduced_phys_bits, kernel=_sev_kernel(args),
+                        **owner_launch_files(args))
             runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
             sev.launch(runs)
             if not args.prelaunch:

@@ -209,9 +209,10 @@ def build_builtin(args) -> Machine:
     sev = None
     if args.sev is not False:
         from sevmon.machine.builder import _sev_kernel
+        from sevmon.sev.owner_files import owner_launch_files
         from sevmon.sev.vm import SevVm
         sev = SevVm(ram, policy=args.policy, cbitpos=args.cbitpos, reduced_phys_bits=args.reduced_phys_bits,
-                    kernel=_sev_kernel(args))
+                    kernel=_sev_kernel(args), **owner_launch_files(args))
         for gpa, blob in plain:
             ram.write(gpa, blob)
         sev.launch(measured)

@@ -192,7 +192,7 @@ def test_launch_start_rules():
     assert start(dh_cert_address=0x1000, dh_cert_len=100, session_address=0x2000, session_len=128)[0] \
         == SevRet.INVALID_LEN
     assert start(dh_cert_address=0x1000, dh_cert_len=2084, session_address=0x2000, session_len=128)[0] \
-        == SevRet.UNSUPPORTED  # the ECDH channel is not modelled
+        == SevRet.INVALID_CERTIFICATE  # an all-zero DH certificate (version 0): the channel refuses it
     # handle 2 freed -> reused first
     fw.call(FwCmd.DEACTIVATE, bytearray(SevDataHandle.build(dict(handle=b))))
     assert fw.call(FwCmd.DECOMMISSION, bytearray(SevDataHandle.build(dict(handle=b)))) == 0
