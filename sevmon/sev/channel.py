@@ -104,3 +104,22 @@ def open_server(pdh: ec.EllipticCurvePrivateKey, dh_cert: bytes, session_blob: b
     if not hmac.compare_digest(hmac.new(tik, struct.pack("<I", policy), hashlib.sha256).digest(), s.policy_mac):
         raise ChannelError(SevRet.BAD_MEASUREMENT, "POLICY_MAC does not match the guest policy")
     return tek, tik
+
+
+def open_client(own_pdh: ec.EllipticCurvePrivateKey, peer_pdh: ec.EllipticCurvePublicKey, policy: int,
+                rng) -> tuple[bytes, bytes, bytes]:
+    """SEND_START's side (``sev_channel_open_client``): fresh TEK/TIK and the 128-byte session
+    that carries them, wrapped for the peer's PDH. Returns ``(session, TEK, TIK)``."""
+    tek, tik, nonce, iv = rng(16), rng(16), rng(16), rng(16)
+    master = kdf(shared_secret(own_pdh, peer_pdh), LABEL_MASTER, nonce)
+    kek, kik = kdf(master, LABEL_KEK), kdf(master, LABEL_KIK)
+    wrap_tk = Cipher(algorithms.AES(kek), modes.CTR(iv)).encryptor().update(tek + tik)
+    session = (nonce + wrap_tk + iv + hmac.new(kik, wrap_tk, hashlib.sha256).digest()
+               + hmac.new(tik, struct.pack("<I", policy), hashlib.sha256).digest())
+    return session, tek, tik
+
+
+def packet_mac(tik: bytes, ctx: int, flags: int, iv: bytes, length: int, data: bytes) -> bytes:
+    """``sev_channel_hmac`` for DATA/SECRET packets: HMAC(TIK, ctx||flags||iv||len||len||data)."""
+    msg = bytes((ctx,)) + struct.pack("<I", flags) + iv + struct.pack("<II", length, len(data)) + data
+    return hmac.new(tik, msg, hashlib.sha256).digest()

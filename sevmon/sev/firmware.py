@@ -18,8 +18,9 @@ PDH_CERT_EXPORT returns them; the PEK signs attestation reports. The CEK's AMD (
 signature cannot exist here.
 
 LAUNCH_START with a DH certificate opens the guest owner's channel (ECDH with the PDH,
-KEK/KIK, TEK/TIK: :mod:`sevmon.sev.channel`). Not modelled (answer ``UNSUPPORTED``):
-PEK_GEN/PEK_CSR/PEK_CERT_IMPORT/PDH_GEN, SEND_*/RECEIVE_*, COPY, ACTIVATE_EX, INIT_EX,
+KEK/KIK, TEK/TIK: :mod:`sevmon.sev.channel`); SEND_*/RECEIVE_* migrate a guest between
+platforms (:mod:`sevmon.sev.firmware_migration`). Not modelled (answer ``UNSUPPORTED``):
+PEK_GEN/PEK_CSR/PEK_CERT_IMPORT/PDH_GEN, SEND/RECEIVE_UPDATE_VMSA, COPY, ACTIVATE_EX, INIT_EX,
 DOWNLOAD_FIRMWARE, SNP. Without a DH certificate TEK = TIK = 16 zero
 bytes, exactly as the firmware does for QEMU without ``dh-cert-file``.
 """
@@ -222,6 +223,8 @@ class SevFirmware:
             FwCmd.DBG_DECRYPT: lambda b: self._dbg(b, encrypt=False),
             FwCmd.DBG_ENCRYPT: lambda b: self._dbg(b, encrypt=True),
         }
+        from .firmware_migration import MigrationCommands
+        MigrationCommands(self).install()  # SEND_* / RECEIVE_*
 
     # -- entry points ---------------------------------------------------------------------
     def call(self, cmd: int, buf: bytearray | None = None) -> SevRet:

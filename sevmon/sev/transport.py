@@ -968,3 +968,9 @@ class SimulatedKvm:
         SevCmdId.SNP_ENABLE_REQ_CERTS: _op_enotty,
     }
 
+    # --- migration (SEND_* / RECEIVE_*): sevmon.sev.kvm_migration, one block to move -------
+    from .kvm_migration import install as _install_migration_ops
+    _install_migration_ops(_dispatch)
+    del _install_migration_ops
+    # --- end of migration block ------------------------------------------------------------
+

@@ -248,7 +248,8 @@ def test_guest_status_and_platform_status():
     assert fw.call(FwCmd.SHUTDOWN) == 0 and fw.state == PlatformState.UNINIT
     assert _status(fw, 1)[0] == SevRet.INVALID_PLATFORM_STATE
     assert fw.call(0x7F) == SevRet.INVALID_COMMAND
-    assert fw.call(FwCmd.SEND_START) == SevRet.UNSUPPORTED
+    assert fw.call(FwCmd.SEND_START) == SevRet.INVALID_PLATFORM_STATE  # modelled now: checks the platform first
+    assert fw.call(FwCmd.SEND_UPDATE_VMSA) == SevRet.UNSUPPORTED
 
 
 def test_launch_secret_and_finish():
