@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--qmp", metavar="PATH", action="append",
                        help="QMP UNIX socket (repeatable; default ./sevmon-qmp.sock)")
     serve.add_argument("--hmp", metavar="PATH", action="append", default=[], help="HMP UNIX socket (repeatable)")
+    serve.add_argument("--incoming", metavar="URI",
+                       help="QEMU's -incoming: start in 'inmigrate' and receive an SEV guest from unix:PATH "
+                            "(listening there) or exec:COMMAND (its output)")
     add_guest_options(serve)
 
     shell = sub.add_parser("shell", help="interactive HMP shell over QMP")

@@ -28,6 +28,8 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
     server = QMPServer(machine, registry, hmp)
     hmp_server = None
     paths: list[str] = []
+    from sevmon.commands.migration import start_incoming
+    incoming = start_incoming(machine)  # --incoming: bound before the daemon says it is ready
     try:
         for path in qmp_paths:
             await server.listen(path)
@@ -56,6 +58,11 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
                 if not job.active:
                     break
                 await asyncio.sleep(0.05)
+        if incoming is not None:
+            incoming.close()
+        job = machine.config.extra.get("migration-job")
+        if job is not None and job.active:
+            job.cancel.set()
         if hmp_server is not None:
             await hmp_server.close()
         await server.close()

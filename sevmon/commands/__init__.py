@@ -29,7 +29,7 @@ def _optional_modules():
     import importlib
 
     out = []
-    for name in ("sev", "memory", "dump"):
+    for name in ("sev", "memory", "dump", "migration"):
         try:
             out.append(importlib.import_module(f"sevmon.commands.{name}"))
         except ModuleNotFoundError as e:

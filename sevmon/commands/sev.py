@@ -119,10 +119,6 @@ def register(registry, hmp, info) -> None:
         inject_launch_secret(ctx.machine, packet_header, secret, gpa)
         return {}
 
-    @registry.register("migrate")
-    def migrate(ctx, uri, blk=None, inc=None, detach=None, resume=None):
-        raise QMPError(migration_blocker(ctx.machine) or "sevmon cannot migrate a guest: it has no migration stream")
-
     @info.command("sev", "", "", "show SEV information")
     def info_sev(ctx):
         s = query_sev(ctx.machine)
@@ -139,11 +135,3 @@ def register(registry, hmp, info) -> None:
     @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created")
     def hmp_savevm(ctx, name=None):
         ctx.print("Error: " + (migration_blocker(ctx.machine) or "no block device can store vmstate for snapshot"))
-
-    @hmp.command("migrate", "detach:-d,blk:-b,inc:-i,resume:-r,uri:s", "[-d] [-b] [-i] [-r] uri",
-                 "migrate to URI (using -d to not wait for completion)\n\t\t\t -b for migration without shared "
-                 "storage with full copy of disk\n\t\t\t -i for migration without shared storage with incremental "
-                 "copy of disk (base image shared between src and destination)\n\t\t\t -r to resume a paused migration")
-    def hmp_migrate(ctx, uri, detach=False, blk=False, inc=False, resume=False):
-        ctx.print("Error: " + (migration_blocker(ctx.machine) or
-                               "sevmon cannot migrate a guest: it has no migration stream"))

@@ -62,7 +62,13 @@ def _sev_kernel(args):
 def _build(args) -> Machine:
     debug_allowed = args.debug_policy == "on"
     cache_pages = max(0, args.debug_cache_mb) << (20 - PAGE_SHIFT)
-    if args.core or args.raw:
+    if getattr(args, "incoming", None):
+        if args.sev is False or args.core or args.raw:
+            raise GuestError("--incoming receives an SEV guest (SEND/RECEIVE): it takes neither --no-sev, "
+                             "--core nor --raw")
+        from sevmon.machine.incoming import build_incoming
+        machine = build_incoming(args)
+    elif args.core or args.raw:
         if args.raw and not args.cpu_state:
             raise GuestError("--raw needs --cpu-state FILE.json: a raw image carries no registers")
         image = load_core(args.core) if args.core else load_raw(args.raw)
