@@ -229,3 +229,19 @@ def test_exec_migration_to_a_file_and_back(make_daemon, tmp_path):
         assert hmp(qt, "info mem") == mem
     finally:
         qt.close()
+
+
+@pytest.mark.parametrize("uri,text", [
+    ("tcp:0:4444", "--incoming tcp:0:4444: sevmon receives over unix:PATH or exec:COMMAND only"),
+    ("unix:{file}", "cannot listen on {file}: it exists and is not a socket"),
+])
+def test_bad_incoming_is_one_line(tmp_path, uri, text):
+    import subprocess
+    import sys
+    taken = tmp_path / "taken"
+    taken.write_text("not a socket")
+    p = subprocess.run([sys.executable, "-m", "sevmon", "serve", "--qmp", str(tmp_path / "q.sock"),
+                        "--incoming", uri.format(file=taken)], capture_output=True, text=True, timeout=60,
+                       cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert text.format(file=taken) in p.stderr

@@ -66,6 +66,9 @@ def _build(args) -> Machine:
         if args.sev is False or args.core or args.raw:
             raise GuestError("--incoming receives an SEV guest (SEND/RECEIVE): it takes neither --no-sev, "
                              "--core nor --raw")
+        kind, _, rest = args.incoming.partition(":")
+        if kind not in ("unix", "exec") or not rest:
+            raise GuestError(f"--incoming {args.incoming}: sevmon receives over unix:PATH or exec:COMMAND only")
         from sevmon.machine.incoming import build_incoming
         machine = build_incoming(args)
     elif args.core or args.raw:
