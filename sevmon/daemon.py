@@ -11,6 +11,8 @@ import sys
 
 from sevmon.commands import build
 from sevmon.machine.builder import GuestError, build_machine
+from sevmon.machine.runner import MachineRunner
+from sevmon.machine.spec import GuestSpec
 from sevmon.qmp.server import QMPServer
 from sevmon.unixsock import SocketInUse
 
@@ -19,80 +21,77 @@ log = logging.getLogger("sevmon")
 GUEST_TICK = 0.05  # seconds between guest time slices while running
 
 
-async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None) -> None:
+async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None,
+                     build_commands=build, configure=None, until=None) -> None:
+    """``build_commands(machine)`` gives the command set; ``configure(server)`` adjusts the
+    QMP server before it listens; ``until`` (an awaitable) also ends the daemon."""
     # The machine thread runs long pure-Python walks; a short GIL switch interval lets the
     # event loop answer state queries and other clients' I/O in between (measured by
     # sevmon bench: query-status p99 under 31 concurrent info mem clients).
     sys.setswitchinterval(0.0005)
-    registry, hmp = build(machine)
-    server = QMPServer(machine, registry, hmp)
+    runner = MachineRunner(machine)
+    registry, hmp = build_commands(runner)
+    server = QMPServer(runner, registry, hmp)
+    if configure is not None:
+        configure(server)
     hmp_server = None
     paths: list[str] = []
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the sockets exist: a client may signal at once
+        loop.add_signal_handler(sig, lambda: machine.quit("host-signal"))
     from sevmon.commands.migration import start_incoming
-    incoming = start_incoming(machine)  # --incoming: bound before the daemon says it is ready
+    incoming = start_incoming(runner)  # --incoming: bound before the daemon says it is ready
     try:
         for path in qmp_paths:
             await server.listen(path)
             paths.append(path)
         if hmp_paths:
             from sevmon.hmp.server import HMPServer
-            hmp_server = HMPServer(machine, hmp, server.executor)
+            hmp_server = HMPServer(runner, hmp)
             for path in hmp_paths:
                 await hmp_server.listen(path)
                 paths.append(path)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: machine.quit("host-signal"))
         log.info("listening: QMP on %s%s", ", ".join(qmp_paths),
                  f", HMP on {', '.join(hmp_paths)}" if hmp_paths else "")
         if ready is not None:
             ready()
-        ticker = asyncio.create_task(_guest_ticker(machine, server))
-        await server.shutdown.wait()
+        ticker = asyncio.create_task(_guest_ticker(runner))
+        waits = [asyncio.ensure_future(server.shutdown.wait())]
+        if until is not None:
+            waits.append(asyncio.ensure_future(until))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
         ticker.cancel()
     finally:
-        job = machine.dump
-        if job is not None and job.active:  # SIGTERM mid-dump: stop it; it removes its partial file
-            job.cancel.set()
-            for _ in range(200):
-                if not job.active:
-                    break
-                await asyncio.sleep(0.05)
         if incoming is not None:
             incoming.close()
-        job = machine.config.extra.get("migration-job")
-        if job is not None and job.active:
-            job.cancel.set()
+        await runner.cancel_jobs()  # SIGTERM mid-dump: the dump stops and removes its partial file
         if hmp_server is not None:
             await hmp_server.close()
         await server.close()
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        server.executor.shutdown(wait=False, cancel_futures=True)
+        runner.shutdown()
 
 
-async def _guest_ticker(machine, server) -> None:
+async def _guest_ticker(runner: MachineRunner) -> None:
     """Give a running guest time slices on the machine thread, between commands."""
-    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(GUEST_TICK)
-        if machine.running and machine.workload is not None:
-            def tick():
-                with machine.lock:
-                    machine.run_guest()
-            await loop.run_in_executor(server.executor, tick)
+        await runner.guest_slice()
 
 
-def serve(args) -> int:
+def serve(spec: GuestSpec, qmp: list[str], hmp: list[str]) -> int:
+    """``sevmon serve``: build the machine ``spec`` describes and serve it until quit or a signal."""
     try:
-        machine = build_machine(args)
+        machine = build_machine(spec)
     except GuestError as e:
         log.error("%s", e)
         return 1
-    qmp = args.qmp or ["./sevmon-qmp.sock"]
     try:
-        asyncio.run(run_daemon(machine, qmp, args.hmp))
+        asyncio.run(run_daemon(machine, qmp, hmp))
     except SocketInUse as e:
         log.error("%s", e)
         return 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sevmon.debug.access import DebugMemory
-from sevmon.machine.ram import PAGE_SHIFT, PAGE_SIZE
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE
 
 
 class NaiveMemory:

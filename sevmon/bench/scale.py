@@ -10,8 +10,9 @@ from __future__ import annotations
 import random
 import struct
 
-from sevmon.machine.cpu import CpuState
-from sevmon.machine.ram import PAGE_SIZE, RAM
+from sevmon.memory.ram import PAGE_SIZE, RAM
+from sevmon.x86.cpu import CpuState
+from sevmon.x86.modes import MODES
 from sevmon.x86.pte import PG_ACCESSED as A
 from sevmon.x86.pte import PG_ADDRESS_MASK
 from sevmon.x86.pte import PG_DIRTY as D
@@ -19,6 +20,8 @@ from sevmon.x86.pte import PG_PRESENT as P
 from sevmon.x86.pte import PG_RW as RW
 from sevmon.x86.pte import PG_USER as US
 from sevmon.x86.pte import TABLE_FLAGS as TABLE
+
+MODE = MODES["4level"]
 
 
 def build_scale_guest(n_pages: int, write, cbit: int, ram_size: int = 1 << 40, seed: int = 1) -> CpuState:
@@ -48,7 +51,7 @@ def build_scale_guest(n_pages: int, write, cbit: int, ram_size: int = 1 << 40, s
         write(pt, struct.pack("<512Q", *entries))
         # link it in, creating PDPT/PD tables as needed (kept in memory, written at the end)
         table = pml4
-        for shift in (39, 30):
+        for shift in (lvl.shift for lvl in MODE.levels[:2]):
             idx = (va >> shift) & 511
             if not tables[table][idx] & P:
                 child = alloc()
@@ -58,7 +61,7 @@ def build_scale_guest(n_pages: int, write, cbit: int, ram_size: int = 1 << 40, s
         tables[table][(va >> 21) & 511] = pt | TABLE | cbit
     for pa, entries in tables.items():
         write(pa, struct.pack("<512Q", *entries))
-    return CpuState(0, {"cr0": 0x80050033, "cr3": pml4 | cbit, "cr4": 0x3406E0, "efer": 0xD01})
+    return CpuState(0, {"cr0": MODE.cr0, "cr3": pml4 | cbit, "cr4": MODE.cr4, "efer": MODE.efer})
 
 
 def make_scale_ram() -> RAM:

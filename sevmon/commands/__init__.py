@@ -1,6 +1,6 @@
 """Monitor commands: the QMP handlers, and the HMP table built on the same functions.
 
-Each module covers one area (control, run state, SEV, memory, dump). QMP handlers take
+Each module covers one area (control, run state, SEV, memory, dump, migration). QMP handlers take
 ``(ctx, **arguments)`` already checked against ``schemas/``; HMP handlers print text and
 call the same functions, turning a QMPError into QEMU's ``Error: ...`` line.
 """
@@ -13,26 +13,12 @@ from sevmon.qmp.dispatch import CommandRegistry
 from sevmon.qmp.schema import Schema
 
 
-def build(machine) -> tuple[CommandRegistry, HumanMonitor]:
-    """The QMP registry and the human monitor for ``machine``, every command registered."""
-    from sevmon.commands import control, runstate  # noqa: PLC0415 (registration order)
+def build(runner) -> tuple[CommandRegistry, HumanMonitor]:
+    """The QMP registry and the human monitor for ``runner``'s machine, every command registered."""
+    from sevmon.commands import control, dump, memory, migration, runstate, sev, sevmem
 
     registry = CommandRegistry(Schema())
     hmp, info = CommandTable(), CommandTable()
-    for module in (control, runstate, *_optional_modules()):
+    for module in (control, runstate, sev, memory, dump, sevmem, migration):
         module.register(registry, hmp, info)
-    return registry, HumanMonitor(machine, hmp, info)
-
-
-def _optional_modules():
-    """Areas added as they land (SEV, memory); each has register(registry, hmp, info)."""
-    import importlib
-
-    out = []
-    for name in ("sev", "memory", "dump", "migration"):
-        try:
-            out.append(importlib.import_module(f"sevmon.commands.{name}"))
-        except ModuleNotFoundError as e:
-            if e.name != f"sevmon.commands.{name}":
-                raise
-    return out
+    return registry, HumanMonitor(runner, hmp, info)

@@ -20,7 +20,7 @@ def register(registry, hmp, info) -> None:
     @registry.register("query-qmp-schema", inline=True)
     def query_qmp_schema(ctx):
         return [e for e in schema.introspect()
-                if e["meta-type"] != "command" or e["name"] in registry.handlers]
+                if e["meta-type"] != "command" or e["name"] in registry]
 
     @registry.register("quit")
     def quit_(ctx):
@@ -34,7 +34,7 @@ def register(registry, hmp, info) -> None:
         out = ctx.server.hmp.run(command_line, cpu_index or 0)
         return out.replace("\n", "\r\n")
 
-    registry.register("qmp_capabilities")(lambda ctx, enable=None: {})  # handled by the session
+    registry.register_session_command("qmp_capabilities")
 
     # -- HMP ---------------------------------------------------------------------------
     @hmp.command("help|?", "name:S?", "[cmd]", "show the help")

@@ -1,8 +1,8 @@
 """dump-guest-memory / query-dump / DUMP_COMPLETED, as QEMU 7.2's dump/dump.c behaves
 (ELF, paging off), reading plaintext through the debug API so an SEV guest's dump is
 usable. A detached dump runs on its own thread, taking the machine lock per chunk, and
-reports progress through query-dump; the daemon cancels it on shutdown and removes the
-partial file.
+reports progress through query-dump. It is the runner's "dump" job: the daemon cancels it on
+shutdown and it removes the partial file.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import contextlib
 import os
 import threading
 
-from sevmon.debug.ops import DebugFailed, DebugRefused
+from sevmon.debug.ops import DebugError
+from sevmon.machine.cbit_note import cbit_note
 from sevmon.machine.dump import write_core
-from sevmon.machine.ram import PAGE_SHIFT
+from sevmon.machine.interface import RunState
+from sevmon.memory.ram import PAGE_SHIFT
 from sevmon.qmp.errors import QMPError
 
 UNSUPPORTED_FORMATS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp")
@@ -23,18 +25,24 @@ class Cancelled(Exception):
     pass
 
 
+JOB = "dump"  # the runner's job kind
+
+
 class DumpJob:
-    def __init__(self, machine, path: str, fd: int, begin, length):
-        self.machine, self.path, self.fd = machine, path, fd
+    def __init__(self, runner, path: str, fd: int, begin, length):
+        self.runner, self.machine, self.path, self.fd = runner, runner.machine, path, fd
         self.begin, self.length = begin, length
         self.status, self.completed, self.total = "active", 0, 0
         self.error: str | None = None
-        self.cancel = threading.Event()
+        self.cancelled = threading.Event()
         self.resume = False
 
     @property
     def active(self) -> bool:
         return self.status == "active"
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
     def query(self) -> dict:
         return {"status": self.status, "completed": self.completed, "total": self.total}
@@ -47,25 +55,25 @@ class DumpJob:
 
     def run(self) -> None:
         m = self.machine
-        runs = [(first << PAGE_SHIFT, n << PAGE_SHIFT) for first, n in m.ram.runs()]
+        runs = [(first << PAGE_SHIFT, n << PAGE_SHIFT) for first, n in m.ram_runs()]
 
         def read_run(gpa: int, size: int) -> bytes:
-            if self.cancel.is_set():
+            if self.cancelled.is_set():
                 raise Cancelled()
-            with m.lock:
-                return m.memory.read_zero_filled(gpa, size)
+            return self.runner.locked(lambda: m.memory.read_zero_filled(gpa, size))
 
         def progress(done: int, total: int) -> None:
             self.completed, self.total = done, total
 
         try:
             with os.fdopen(self.fd, "wb") as f:
-                write_core(f, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length)
+                write_core(f, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length,
+                           extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
             self.status = "completed"
         except Cancelled:
             self.status, self.error = "failed", "dump cancelled: sevmon is shutting down"
             self._remove_partial()
-        except (DebugRefused, DebugFailed) as e:
+        except DebugError as e:
             self.status, self.error = "failed", e.reason
             self._remove_partial()
         except OSError as e:
@@ -74,15 +82,20 @@ class DumpJob:
         except Exception as e:  # never leave a half-written file without a message
             self.status, self.error = "failed", f"dump failed: {e}"
         finally:
-            with m.lock:
-                if self.resume:
-                    m.status = "paused"
-                    m.cont()
+            if self.resume:
+                self.runner.locked(self._resume)
             m.emit("DUMP_COMPLETED", {"result": self.query(), **({"error": self.error} if self.error else {})})
 
 
-def start_dump(machine, paging: bool, protocol: str, detach: bool | None, begin, length, format) -> DumpJob:
-    if machine.dump is not None and machine.dump.active:
+    def _resume(self) -> None:
+        """QEMU resumes a guest that the dump stopped."""
+        self.machine.transition(RunState.PAUSED)
+        self.machine.cont()
+
+
+def start_dump(runner, paging: bool, protocol: str, detach: bool | None, begin, length, format) -> DumpJob:
+    machine = runner.machine
+    if runner.busy(JOB):
         raise QMPError("There is a dump in process, please wait.")
     if begin is not None and length is None:
         raise QMPError("Parameter 'length' is missing")
@@ -103,11 +116,11 @@ def start_dump(machine, paging: bool, protocol: str, detach: bool | None, begin,
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
     except OSError as e:
         raise QMPError(f"Could not open '{path}': {os.strerror(e.errno)}") from None
-    job = DumpJob(machine, path, fd, begin, length)
-    machine.dump = job
+    job = DumpJob(runner, path, fd, begin, length)
+    runner.add_job(JOB, job)
     if machine.running:  # QEMU stops the VM for the dump and resumes it afterwards
         machine.stop()
-        machine.status = "save-vm"
+        machine.transition(RunState.SAVE_VM)
         job.resume = True
     if detach:
         threading.Thread(target=job.run, name="dump", daemon=True).start()
@@ -121,12 +134,12 @@ def start_dump(machine, paging: bool, protocol: str, detach: bool | None, begin,
 def register(registry, hmp, info) -> None:
     @registry.register("dump-guest-memory")
     def qmp_dump(ctx, paging, protocol, detach=None, begin=None, length=None, format=None):
-        start_dump(ctx.machine, paging, protocol, detach, begin, length, format)
+        start_dump(ctx.runner, paging, protocol, detach, begin, length, format)
         return {}
 
     @registry.register("query-dump", inline=True)
     def qmp_query_dump(ctx):
-        job = ctx.machine.dump
+        job = ctx.runner.job(JOB)
         return job.query() if job is not None else {"status": "none", "completed": 0, "total": 0}
 
     registry.register("query-dump-guest-memory-capability")(lambda ctx: {"formats": ["elf"]})
@@ -148,14 +161,11 @@ def register(registry, hmp, info) -> None:
             return
         fmt = "kdump-zlib" if zlib else "kdump-lzo" if lzo else "kdump-snappy" if snappy else \
             "win-dmp" if windmp else None
-        try:
-            start_dump(ctx.machine, paging, "file:" + filename, detach, begin, length, fmt)
-        except QMPError as e:
-            ctx.print(f"Error: {e.desc}")
+        start_dump(ctx.runner, paging, "file:" + filename, detach, begin, length, fmt)
 
     @info.command("dump", "", "", "Display the latest dump status")
     def info_dump(ctx):
-        job = ctx.machine.dump
+        job = ctx.runner.job(JOB)
         q = job.query() if job is not None else {"status": "none", "completed": 0, "total": 0}
         ctx.print(f"Status: {q['status']}")
         if q["status"] == "active":

@@ -8,9 +8,9 @@ from __future__ import annotations
 import itertools
 import os
 
-from sevmon.debug.ops import DebugFailed, DebugRefused
+from sevmon.debug.ops import DebugError
 from sevmon.hmp.memory_dump import _printc, memory_dump
-from sevmon.machine.ram import PAGE_SIZE, MemoryAccessError
+from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
 from sevmon.qmp.errors import QMPError
 from sevmon.x86 import paging
 from sevmon.x86.registers import info_registers
@@ -64,7 +64,7 @@ def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) 
             n = min(left, COPY_CHUNK)
             try:
                 data = read(addr, n)
-            except (DebugRefused, DebugFailed) as e:
+            except DebugError as e:
                 raise QMPError(e.reason) from None
             except MemoryAccessError:
                 raise QMPError(f"Invalid addr 0x{val & U64:016x}/size {size} specified") from None
@@ -80,7 +80,7 @@ def pmemsave(machine, val: int, size: int, filename: str) -> None:
             n = min(left, COPY_CHUNK, (1 << 64) - addr)
             try:
                 data = machine.memory.read_zero_filled(addr, n)
-            except (DebugRefused, DebugFailed) as e:
+            except DebugError as e:
                 raise QMPError(e.reason) from None
             _write(f, data)
             addr = (addr + n) & U64
@@ -109,15 +109,13 @@ def register(registry, hmp, info) -> None:
         pmemsave(ctx.machine, val, size, filename)
         return {}
 
-    registry.register("query-sev-debug-stats", inline=True)(lambda ctx: debug_stats(ctx.machine))
+    # On the machine thread, between commands: counters of a half-done command would not add up.
+    registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
         lines = fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine))
-        try:
-            while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
-                ctx.print("\n".join(batch))
-        except (DebugRefused, DebugFailed) as e:
-            ctx.print(f"Error: {e.reason}")
+        while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
+            ctx.print("\n".join(batch))
 
     @info.command("mem", "", "", "show the active virtual memory mappings")
     def info_mem(ctx):
@@ -152,10 +150,7 @@ def register(registry, hmp, info) -> None:
     @hmp.command("gva2gpa", "addr:l", "addr",
                  "print the guest physical address corresponding to a guest virtual address")
     def hmp_gva2gpa(ctx, addr):
-        try:
-            ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, me_mask(ctx.machine)))
-        except (DebugRefused, DebugFailed) as e:
-            ctx.print(f"Error: {e.reason}")
+        ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, me_mask(ctx.machine)))
 
     @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'")
     def hmp_x(ctx, count, format, size, addr):
@@ -172,18 +167,12 @@ def register(registry, hmp, info) -> None:
     @hmp.command("memsave", "val:l,size:i,filename:s", "addr size file",
                  "save to disk virtual memory dump starting at 'addr' of size 'size'")
     def hmp_memsave(ctx, val, size, filename):
-        try:
-            memsave(ctx.machine, val, size, filename, ctx.cpu_index)
-        except QMPError as e:
-            ctx.print(f"Error: {e.desc}")
+        memsave(ctx.machine, val, size, filename, ctx.cpu_index)
 
     @hmp.command("pmemsave", "val:l,size:i,filename:s", "addr size file",
                  "save to disk physical memory dump starting at 'addr' of size 'size'")
     def hmp_pmemsave(ctx, val, size, filename):
-        try:
-            pmemsave(ctx.machine, val, size, filename)
-        except QMPError as e:
-            ctx.print(f"Error: {e.desc}")
+        pmemsave(ctx.machine, val, size, filename)
 
     @hmp.command("print|p", "fmt:/,val:l", "/fmt expr", "print expression value (use $reg for CPU register access)")
     def hmp_print(ctx, count, format, size, val):

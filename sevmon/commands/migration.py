@@ -3,7 +3,8 @@
 Source: ``migrate-set-parameters`` takes the target's ``sev-pdh``, ``sev-plat-cert`` and
 ``sev-amd-cert`` (base64, the parameter names of the SEV live-migration series); ``migrate``
 (``unix:PATH`` or ``exec:COMMAND``) runs a job on its own thread, taking the machine lock
-per chunk of pages so the guest keeps running (and dirtying pages) meanwhile:
+per chunk of pages so the guest keeps running (and dirtying pages) meanwhile. It is the
+runner's "migration" job (one at a time; ``query-migrate`` reads it; shutdown cancels it):
 
 1. SEND_START (the firmware checks the policy and the target's chain; NOSEND fails here and
    the guest runs on);
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -34,17 +36,24 @@ import struct
 import subprocess
 import threading
 import time
+import weakref
 
 from sevmon.commands.sev import g_base64_decode
 from sevmon.machine import migration_stream as ms
-from sevmon.machine.cpu import CpuState
-from sevmon.machine.ram import PAGE_SHIFT, PAGE_SIZE
+from sevmon.machine.incoming import IncomingMachine
+from sevmon.machine.interface import RunState
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE
 from sevmon.qmp.errors import QMPError
+from sevmon.x86.cpu import CpuState
 
 log = logging.getLogger("sevmon")
 
 CHUNK_PAGES = 32            # pages sent per hold of the machine lock
 ACK_TIMEOUT = 120.0         # seconds to wait for the target's answer
+JOB = "migration"           # the runner's job kind (outgoing or incoming)
+
+#: migrate-set-parameters, per daemon (QEMU keeps them in its MigrationState)
+_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _ram_stats(done: int, total: int, elapsed: float) -> dict:
@@ -86,19 +95,23 @@ def _parse_uri(uri: str) -> tuple[str, str]:
 class MigrationJob:
     """One outgoing migration (the source side)."""
 
-    def __init__(self, machine, kind: str, target: str, params: dict):
-        self.machine, self.kind, self.target, self.params = machine, kind, target, params
+    def __init__(self, runner, kind: str, target: str, params: dict):
+        self.runner, self.machine = runner, runner.machine
+        self.kind, self.target, self.params = kind, target, params
         self.status = "setup"
         self.error: str | None = None
         self.done = self.total = 0
         self.start = time.monotonic()
         self.end: float | None = None
         self.downtime = 0
-        self.cancel = threading.Event()
+        self.cancelled = threading.Event()
 
     @property
     def active(self) -> bool:
         return self.status in ("setup", "active")
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
     def query(self) -> dict:
         elapsed = (self.end or time.monotonic()) - self.start
@@ -134,7 +147,7 @@ class MigrationJob:
         return _Transport(proc.stdin, proc=proc)
 
     def run(self) -> None:
-        m = self.machine
+        m, lock = self.machine, self.runner.lock
         sev = m.sev
         from sevmon.sev import migration_vmm as mig
         from sevmon.sev.vm import SevError
@@ -142,7 +155,7 @@ class MigrationJob:
         t = None
         try:
             t = self._open()
-            with m.lock:
+            with lock:
                 source_pdh = sev.platform_certificates()[0]
                 session, policy = mig.send_start(sev, self.params["sev-pdh"], self.params["sev-plat-cert"],
                                                  self.params.get("sev-amd-cert", b""))
@@ -156,7 +169,7 @@ class MigrationJob:
             sent: dict[int, bytes] = {}
             bandwidth = self.params.get("max-bandwidth") or 0
             for i in range(0, len(pfns), CHUNK_PAGES):
-                if self.cancel.is_set():
+                if self.cancelled.is_set():
                     raise OSError("migration cancelled: sevmon is shutting down")
                 t0 = time.monotonic()
                 out = self._send_pages(mig, pfns[i:i + CHUNK_PAGES], sent)
@@ -164,12 +177,12 @@ class MigrationJob:
                 self.done += len(pfns[i:i + CHUNK_PAGES])
                 if bandwidth:  # max-bandwidth, bytes per second
                     time.sleep(max(0.0, len(out) / bandwidth - (time.monotonic() - t0)))
-            with m.lock:  # stop-and-copy: the guest is paused for the rest
+            with lock:  # stop-and-copy: the guest is paused for the rest
                 stop_at = time.monotonic()
                 was_running = m.running
                 if was_running:
                     m.stop()
-                m.status = "finish-migrate"
+                m.transition(RunState.FINISH_MIGRATE)
                 dirty = [pfn for pfn in m.ram.frames()
                          if sent.get(pfn) != hashlib.sha256(m.ram.frame(pfn)).digest()]
                 self.total += len(dirty)
@@ -180,21 +193,21 @@ class MigrationJob:
             answer = self._answer(t)
             if answer != "OK":
                 raise OSError(answer)
-            with m.lock:
+            with lock:
                 mig.send_finish(sev)
                 sending = False
-                m.status = "postmigrate"
+                m.transition(RunState.POSTMIGRATE)
             self.downtime = int((time.monotonic() - stop_at) * 1000)
             self.end = time.monotonic()
             self._set("completed")
         except Exception as e:  # every failure: the guest stays here and runs on, one line says why
             self.error = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
-            with m.lock:
+            with lock:
                 if sending:
                     with contextlib.suppress(SevError):
                         mig.send_finish(sev, cancel=True)  # SEND_CANCEL: the guest stays here
-                if m.status == "finish-migrate":
-                    m.status = "paused"
+                if m.state is RunState.FINISH_MIGRATE:
+                    m.transition(RunState.PAUSED)
                 if was_running:
                     m.cont()
             self.end = time.monotonic()
@@ -207,7 +220,7 @@ class MigrationJob:
     def _send_pages(self, mig, pfns, sent, *, locked: bool = False) -> bytes:
         m = self.machine
         out = []
-        with contextlib.nullcontext() if locked else m.lock:
+        with contextlib.nullcontext() if locked else self.runner.lock:
             for pfn in pfns:
                 if not m.ram.has(pfn):
                     continue
@@ -246,15 +259,30 @@ class MigrationJob:
 
 # -- the target -------------------------------------------------------------------------------
 class IncomingMigration:
-    """One incoming migration (the target side), on its own thread."""
+    """One incoming migration (the target side), on its own thread: the runner's "migration" job
+    until it has received its guest (or failed)."""
 
-    def __init__(self, machine, uri: str):
-        self.machine, self.uri = machine, uri
+    def __init__(self, runner, uri: str):
+        self.runner, self.machine, self.uri = runner, runner.machine, uri
         self.kind, self.where = uri.partition(":")[0], uri.partition(":")[2]
         self.status = "none"
         self.error: str | None = None
         self.listener = None
+        self.conn = None
         self.pages = 0
+        self.cancelled = threading.Event()
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+    def cancel(self) -> None:
+        """Shutdown: stop listening, cut a stream being received (the guest is dropped)."""
+        self.cancelled.set()
+        self.close()
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)
 
     def query(self) -> dict:
         if self.status == "none":
@@ -284,6 +312,7 @@ class IncomingMigration:
         try:
             if self.kind == "unix":
                 conn, _ = self.listener.accept()
+                self.conn = conn
                 f = conn.makefile("rwb")
             else:
                 proc = subprocess.Popen(["/bin/sh", "-c", self.where], stdout=subprocess.PIPE)
@@ -322,11 +351,10 @@ class IncomingMigration:
 
     def _discard(self) -> None:
         m = self.machine
-        with m.lock:
+        with self.runner.lock:
             for pfn in list(m.ram.frames()):
                 m.ram.drop(pfn)
-            if m.memory is not None:
-                m.memory.invalidate()
+            m.memory.invalidate()
 
     def _receive(self, f) -> None:
         from sevmon.sev import migration_vmm as mig
@@ -335,7 +363,6 @@ class IncomingMigration:
         kind, payload = ms.read_record(f)
         if kind != ms.HEADER:
             raise ms.StreamError("the migration stream does not start with its HEADER")
-        import json
         header = json.loads(payload)
         if header.get("ram-size") != m.ram.size:
             raise ms.StreamError(f"the source has {header.get('ram-size')} bytes of guest RAM, this target "
@@ -347,7 +374,7 @@ class IncomingMigration:
             if kind == ms.SEV_START:
                 if len(payload) != 2084 + 128 + 4:
                     raise ms.StreamError("a SEV-START record of the wrong size")
-                with m.lock:
+                with self.runner.lock:
                     mig.receive_start(m.sev, payload[:2084], payload[2084:2212],
                                       struct.unpack_from("<I", payload, 2212)[0])
                 started = True
@@ -355,66 +382,61 @@ class IncomingMigration:
                 if not started:
                     raise ms.StreamError("a PAGE record before SEV-START")
                 gpa, hdr, trans = ms.parse_page(payload)
-                with m.lock:
+                with self.runner.lock:
                     mig.receive_page(m.sev, gpa, hdr, trans)
                 self.pages += 1
             elif kind == ms.CPU:
-                import json as _json
-                cpus = _json.loads(payload)
+                cpus = json.loads(payload)
             elif kind == ms.END:
                 break
             else:
                 raise ms.StreamError(f"an unexpected record of type {kind}")
         if not started or cpus is None:
             raise ms.StreamError("the migration stream has no SEV-START or CPU record")
-        with m.lock:
+        with self.runner.lock:
             mig.receive_finish(m.sev)
-            m.cpus[:] = [CpuState(c["index"], {k: int(v) for k, v in c["regs"].items()}) for c in cpus]
-            m.status = "paused"
-            if m.memory is not None:
-                m.memory.invalidate()
-            if m.autostart:
-                m.cont()
+            m.arrived([CpuState(c["index"], {k: int(v) for k, v in c["regs"].items()}) for c in cpus])
 
 
-def start_incoming(machine) -> IncomingMigration | None:
+def start_incoming(runner) -> IncomingMigration | None:
     """Called by the daemon before it listens: bind the --incoming endpoint, start receiving."""
-    uri = machine.config.extra.get("incoming")
-    if not uri:
+    machine = runner.machine
+    if not isinstance(machine, IncomingMachine):
         return None
-    inc = IncomingMigration(machine, uri)
-    machine.config.extra["incoming-job"] = inc
+    inc = IncomingMigration(runner, machine.uri)
+    runner.add_job(JOB, inc)
     inc.open()
     return inc
 
 
 # -- commands ---------------------------------------------------------------------------------
-def _params(machine) -> dict:
-    return machine.config.extra.setdefault("migration-parameters", {})
+def _params(runner) -> dict:
+    return _PARAMETERS.setdefault(runner, {})
 
 
-def migrate(machine, uri: str) -> None:
-    job = machine.config.extra.get("migration-job")
-    if job is not None and job.active:
+def migrate(runner, uri: str) -> None:
+    machine = runner.machine
+    if runner.busy(JOB):
         raise QMPError("There's a migration process in progress")
     kind, target = _parse_uri(uri)
-    if machine.sev is None:
+    if not machine.capabilities.migrate or machine.sev is None:
         raise QMPError("sevmon migrates SEV guests only (SEND/RECEIVE): this guest has no SEV context")
-    if machine.status in ("inmigrate", "postmigrate", "prelaunch") or machine.sev.state_name != "running":
-        raise QMPError(f"cannot migrate the guest in state {machine.status} (SEV {machine.sev.state_name}): "
+    state = machine.state
+    if state in (RunState.INMIGRATE, RunState.POSTMIGRATE, RunState.PRELAUNCH) or machine.sev.state_name != "running":
+        raise QMPError(f"cannot migrate the guest in state {state.value} (SEV {machine.sev.state_name}): "
                        "its launch must be finished and it must not have left already")
-    params = _params(machine)
+    params = _params(runner)
     if not params.get("sev-pdh") or not params.get("sev-plat-cert"):
         raise QMPError("SEV migration needs the target's PDH and platform certificates: set sev-pdh and "
                        "sev-plat-cert with migrate-set-parameters first")
-    job = MigrationJob(machine, kind, target, dict(params))
-    machine.config.extra["migration-job"] = job
+    job = MigrationJob(runner, kind, target, dict(params))
+    runner.add_job(JOB, job)
     machine.emit("MIGRATION", {"status": "setup"})
     threading.Thread(target=job.run, name="migration", daemon=True).start()
 
 
-def set_parameters(machine, **kw) -> None:
-    params = _params(machine)
+def set_parameters(runner, **kw) -> None:
+    params = _params(runner)
     kw = {k.replace("_", "-"): v for k, v in kw.items()}  # handlers get QAPI names with '_'
     for name in ("sev-pdh", "sev-plat-cert", "sev-amd-cert"):
         if kw.get(name) is not None:
@@ -423,40 +445,34 @@ def set_parameters(machine, **kw) -> None:
         params["max-bandwidth"] = kw["max-bandwidth"]
 
 
-def query_migrate(machine) -> dict:
-    job = machine.config.extra.get("migration-job")
-    if job is not None:
-        return job.query()
-    inc = machine.config.extra.get("incoming-job")
-    return inc.query() if inc is not None else {}
+def query_migrate(runner) -> dict:
+    job = runner.job(JOB)
+    return job.query() if job is not None else {}
 
 
 def register(registry, hmp, info) -> None:
     @registry.register("migrate")
     def qmp_migrate(ctx, uri, blk=None, inc=None, detach=None, resume=None):
-        migrate(ctx.machine, uri)
+        migrate(ctx.runner, uri)
         return {}
 
     @registry.register("migrate-set-parameters")
     def qmp_set(ctx, **kw):
-        set_parameters(ctx.machine, **kw)
+        set_parameters(ctx.runner, **kw)
         return {}
 
-    registry.register("query-migrate")(lambda ctx: query_migrate(ctx.machine))
+    registry.register("query-migrate")(lambda ctx: query_migrate(ctx.runner))
 
     @hmp.command("migrate", "detach:-d,blk:-b,inc:-i,resume:-r,uri:s", "[-d] [-b] [-i] [-r] uri",
                  "migrate to URI (using -d to not wait for completion)\n\t\t\t -b for migration without shared "
                  "storage with full copy of disk\n\t\t\t -i for migration without shared storage with incremental "
                  "copy of disk (base image shared between src and destination)\n\t\t\t -r to resume a paused migration")
     def hmp_migrate(ctx, uri, detach=False, blk=False, inc=False, resume=False):
-        try:
-            migrate(ctx.machine, uri)
-        except QMPError as e:
-            ctx.print(f"Error: {e}")
+        migrate(ctx.runner, uri)  # a QMPError is printed as QEMU's "Error: ..." line by the monitor
 
     @info.command("migrate", "", "", "show migration status")
     def info_migrate(ctx):
-        q = query_migrate(ctx.machine)
+        q = query_migrate(ctx.runner)
         if "status" in q:
             ctx.print(f"Migration status: {q['status']}")
         if "ram" in q:

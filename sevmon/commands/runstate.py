@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import threading
 
+from sevmon.commands import dump
 from sevmon.qmp.errors import QMPError
 
 
 def query_status(machine) -> dict:
-    return {"status": machine.status, "singlestep": False, "running": machine.running}
+    return {"status": machine.state.value, "singlestep": False, "running": machine.running}
 
 
-def cont(machine) -> None:
-    if machine.reset_required:
+def cont(runner) -> None:
+    if runner.machine.reset_required:
         raise QMPError("Resetting the Virtual Machine is required")
-    if machine.dump is not None and machine.dump.active:
+    if runner.busy(dump.JOB):
         raise QMPError("There is a dump in process, please wait.")
-    machine.cont()
+    runner.machine.cont()
 
 
 def kvm_info(machine) -> dict:
@@ -26,7 +27,7 @@ def kvm_info(machine) -> dict:
 def register(registry, hmp, info) -> None:
     registry.register("query-status", inline=True)(lambda ctx: query_status(ctx.machine))
     registry.register("stop")(lambda ctx: ctx.machine.stop() or {})
-    registry.register("cont")(lambda ctx: cont(ctx.machine) or {})
+    registry.register("cont")(lambda ctx: cont(ctx.runner) or {})
     registry.register("system_reset")(lambda ctx: ctx.machine.system_reset() or {})
     registry.register("system_powerdown")(lambda ctx: ctx.machine.system_powerdown() or {})
     registry.register("query-kvm", inline=True)(lambda ctx: kvm_info(ctx.machine))
@@ -44,10 +45,7 @@ def register(registry, hmp, info) -> None:
 
     @hmp.command("cont|c", "", "", "resume emulation")
     def hmp_cont(ctx):
-        try:
-            cont(ctx.machine)
-        except QMPError as e:
-            ctx.print(f"Error: {e.desc}")
+        cont(ctx.runner)
 
     @hmp.command("system_reset", "", "", "reset the system")
     def hmp_system_reset(ctx):
@@ -70,6 +68,6 @@ def register(registry, hmp, info) -> None:
         k = kvm_info(ctx.machine)
         if k["present"]:
             ctx.print("kvm support: " + ("enabled" if k["enabled"] else "disabled"))
-            ctx.print("memory encryption: " + ("enabled" if ctx.machine.sev is not None else "disabled"))
+            ctx.print("memory encryption: " + ("enabled" if ctx.machine.config.memory_encryption else "disabled"))
         else:
             ctx.print("kvm support: not compiled")

@@ -7,22 +7,12 @@ every command answers as QEMU 7.2 does on a TCG guest (shared/fixtures transcrip
 from __future__ import annotations
 
 import base64
-import binascii
-import re
 
 from sevmon.qmp.errors import QMPError
+from sevmon.sev.abi import Policy
+from sevmon.sev.owner_files import g_base64_decode
 
 SEV_MIGRATION_BLOCKER = "SEV: Migration is not implemented"
-
-
-def g_base64_decode(text: str) -> bytes:
-    """glib's lenient decoder: characters outside the alphabet are skipped, padding optional."""
-    clean = re.sub(r"[^A-Za-z0-9+/]", "", text.split("=", 1)[0])
-    clean = clean[: len(clean) - len(clean) % 4 if len(clean) % 4 == 1 else len(clean)]
-    try:
-        return base64.b64decode(clean + "=" * (-len(clean) % 4))
-    except (binascii.Error, ValueError):
-        return b""
 
 
 def query_sev(machine) -> dict:
@@ -69,7 +59,7 @@ def inject_launch_secret(machine, packet_header: str, secret: str, gpa: int | No
         raise QMPError("SEV not enabled for guest")
     if gpa is None:  # QEMU looks the area up in the OVMF table of pflash unit 0
         from sevmon.machine.ovmf_table import secret_area
-        area = secret_area(machine.config.extra.get("ovmf-table") or {})
+        area = secret_area(machine.config.ovmf_table)
         if area is None:
             raise QMPError("SEV: no secret area found in OVMF, gpa must be specified.")
         gpa = area[0]
@@ -82,7 +72,7 @@ def inject_launch_secret(machine, packet_header: str, secret: str, gpa: int | No
     if not data:
         raise QMPError("SEV: Failed to decode data")
     for pfn in range(gpa >> 12, ((gpa + len(data) - 1) >> 12) + 1):
-        if not machine.ram.has(pfn) and (pfn << 12) >= machine.ram.size:
+        if not sev.ram.has(pfn) and (pfn << 12) >= sev.ram.size:
             raise QMPError(f"SEV: Failed to calculate guest address: No memory is mapped at address 0x{gpa:x}")
     try:
         sev.inject_launch_secret(hdr, data, gpa)
@@ -129,7 +119,7 @@ def register(registry, hmp, info) -> None:
         ctx.print(f"state: {s['state']}")
         ctx.print(f"build: {s['build-id']}")
         ctx.print(f"api version: {s['api-major']}.{s['api-minor']}")
-        ctx.print(f"debug: {'off' if s['policy'] & 0x1 else 'on'}")
+        ctx.print(f"debug: {'off' if s['policy'] & Policy.NODBG else 'on'}")
         ctx.print(f"key-sharing: {'off' if s['policy'] & 0x2 else 'on'}")
 
     @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from sevmon.machine.ram import MemoryAccessError  # noqa: F401  (re-exported)
+from sevmon.memory.ram import MemoryAccessError  # noqa: F401  (re-exported)
 
 
 class PhysicalMemory(Protocol):

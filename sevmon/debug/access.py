@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sevmon.debug.cache import PageCache
-from sevmon.machine.ram import PAGE_SHIFT, PAGE_SIZE, MemoryAccessError
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, MemoryAccessError
 
 MAX_RUN_PAGES = 16384  # 64 MiB per request bounds the kernel's pinned memory per ioctl
 

@@ -9,15 +9,20 @@ not allowed, so no ioctl is issued and no plaintext can leave.
 
 from __future__ import annotations
 
-from sevmon.machine.ram import PAGE_SHIFT, RAM, MemoryAccessError
+from sevmon.memory.ram import PAGE_SHIFT, RAM, MemoryAccessError
+from sevmon.sev.abi import Policy
 from sevmon.sev.vm import SevError
 
 
-class DebugRefused(MemoryAccessError):
+class DebugError(MemoryAccessError):
+    """Debug access did not happen: ``reason`` is the one sentence a monitor shows (after ``Error: ``)."""
+
+
+class DebugRefused(DebugError):
     """Debug access is forbidden (guest policy NODBG, or the security policy)."""
 
 
-class DebugFailed(MemoryAccessError):
+class DebugFailed(DebugError):
     """The kernel or the firmware failed a debug request; ``reason`` is its one sentence
     (e.g. "SEV: DBG_DECRYPT failed: ... (fw error 7)"). Nothing of the request was kept."""
 
@@ -61,7 +66,7 @@ class SevOps(PlainOps):
     def __init__(self, ram: RAM, sev, *, allowed: bool = True):
         super().__init__(ram, allowed=allowed)
         self.sev = sev
-        if self.refusal is None and sev.policy & 0x1:
+        if self.refusal is None and sev.policy & Policy.NODBG:
             self.refusal = (f"the SEV guest policy 0x{sev.policy:x} forbids debug access (NODBG): "
                             "guest memory cannot be decrypted")
 

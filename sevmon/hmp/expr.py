@@ -211,7 +211,7 @@ def check_int_arg(value: int, cmd_name: str) -> int:
 
 
 def monitor_reg_lookup(cpu) -> GetReg:
-    """QEMU 7.2's x86_64 ``monitor_defs`` over a :class:`~sevmon.machine.cpu.CpuState`.
+    """QEMU 7.2's x86_64 ``monitor_defs`` over a :class:`~sevmon.x86.cpu.CpuState`.
 
     Names (exact, case-sensitive, as ``hmp_compare_cmd``): ``eax ecx edx ebx``,
     ``esp|sp``, ``ebp|fp``, ``esi edi``, ``r8``..``r15``, ``eflags``, ``eip``; per segment

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sevmon.hmp.errors import HmpError
-from sevmon.machine.ram import MemoryAccessError
+from sevmon.memory.ram import MemoryAccessError
 
 _SPACE = " \t\n\v\f\r"
 _U64 = (1 << 64) - 1

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 
+from sevmon.debug.ops import DebugError
 from sevmon.hmp.errors import HmpError
 from sevmon.hmp.parser import FmtDefaults, parse_arguments
 from sevmon.hmp.registers import register_lookup
 from sevmon.hmp.table import CommandTable, HmpCommand
+from sevmon.qmp.errors import QMPError
 
 log = logging.getLogger("sevmon.hmp")
 
@@ -24,11 +26,12 @@ class OutputLimit(Exception):
 
 
 class HmpContext:
-    """What an HMP handler gets: the machine, the selected vCPU, and a bounded output buffer."""
+    """What an HMP handler gets: the machine, its runner (jobs), the selected vCPU, and a bounded output buffer."""
 
     def __init__(self, monitor: HumanMonitor, cpu_index: int, limit: int):
         self.monitor = monitor
         self.machine = monitor.machine
+        self.runner = monitor.runner
         self.cpu_index = cpu_index
         self.limit = limit
         self._size = 0
@@ -51,11 +54,13 @@ class HmpContext:
 class HumanMonitor:
     """Shared by every HMP user of one machine (the format defaults are global in QEMU)."""
 
-    def __init__(self, machine, table: CommandTable, info_table: CommandTable):
-        self.machine = machine
+    def __init__(self, runner, table: CommandTable, info_table: CommandTable):
+        self.runner = runner
+        self.machine = runner.machine
         self.table = table
         self.info_table = info_table
         self.fmt = FmtDefaults()
+        self.fallback = None  # attached to a QEMU: fallback(ctx, line) runs the lines sevmon does not own
         info = table.find("info")
         if info is not None:
             info.sub_table = info_table.commands
@@ -71,6 +76,10 @@ class HumanMonitor:
             self._dispatch(ctx, line)
         except OutputLimit:
             ctx._out.append(f"sevmon: output truncated: one command may print at most {limit >> 20} MiB\n")
+        except QMPError as e:  # QEMU's hmp_handle_error: what was printed stays, then the error
+            ctx.print(f"Error: {e.desc}")
+        except DebugError as e:
+            ctx.print(f"Error: {e.reason}")
         except Exception as e:  # a bug prints one line, never a traceback
             log.exception("HMP command failed: %r", line)
             ctx.print(f"Error: internal error: {e}")
@@ -90,6 +99,9 @@ class HumanMonitor:
                 p += 1
             word = line[start:p]
             found = next((c for c in commands if c.matches(word)), None)
+            if found is None and self.fallback is not None:
+                self.fallback(ctx, line)
+                return
             if found is None:
                 ctx.print(f"unknown command: '{line[:p]}'")
                 return

@@ -13,6 +13,7 @@ import contextlib
 import logging
 
 from sevmon import __version__
+from sevmon.cmdlog import hmp_label, timed
 from sevmon.unixsock import listen_unix
 
 log = logging.getLogger("sevmon.hmp")
@@ -23,10 +24,9 @@ HMP_SOCKET_OUTPUT_LIMIT = 64 << 20  # a terminal has no 10 MiB line limit; memor
 
 
 class HMPServer:
-    def __init__(self, machine, monitor, executor):
-        self.machine = machine
+    def __init__(self, runner, monitor):
+        self.runner = runner
         self.monitor = monitor
-        self.executor = executor
         self.servers = []
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -36,7 +36,6 @@ class HMPServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
-        loop = asyncio.get_running_loop()
         try:
             writer.write(f"sevmon {__version__} monitor - type 'help' for more information\r\n{PROMPT}"
                          .encode())
@@ -53,12 +52,9 @@ class HMPServer:
                     continue
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
 
-                def run(line=line):
-                    with self.machine.lock:
-                        self.machine.begin_command()
-                        return self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT)
-
-                out = await loop.run_in_executor(self.executor, run)
+                with timed(f"HMP {hmp_label(line)}"):
+                    out = await self.runner.command(
+                        lambda line=line: self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT))
                 writer.write((out.replace("\n", "\r\n") + PROMPT).encode("utf-8", "replace"))
                 await writer.drain()
                 if reader.at_eof():

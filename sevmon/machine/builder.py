@@ -1,9 +1,8 @@
-"""Build the Machine the daemon serves from the guest options.
+"""Build the machine the daemon serves from a :class:`~sevmon.machine.spec.GuestSpec`.
 
-Sources: the built-in guest (default), a QEMU ELF core (``--core``) or a raw RAM image
-(``--raw`` + ``--cpu-state``). With ``--sev`` (the default for the built-in guest) the
-guest runs on the SEV platform model: its image goes through LAUNCH_UPDATE_DATA and its
-RAM is ciphertext from then on; the monitor reaches it only through DBG_DECRYPT.
+Sources: the built-in guest (default), a QEMU ELF core or a raw RAM image. With SEV (the default for the built-in
+guest) the guest runs on the SEV platform model: its image goes through LAUNCH_UPDATE_DATA and its RAM is
+ciphertext from then on; the monitor reaches it only through DBG_DECRYPT.
 """
 
 from __future__ import annotations
@@ -13,10 +12,16 @@ import logging
 from sevmon.debug.access import DebugMemory
 from sevmon.debug.ops import PlainOps, SevOps
 from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_raw
+from sevmon.machine.interface import MachineConfig
+from sevmon.machine.launch import PlatformFileError, launch_sev
+from sevmon.machine.local import LocalMachine
+from sevmon.machine.paging_registers import paging_registers_error
 from sevmon.machine.pflash import FlashError
-from sevmon.machine.ram import PAGE_SHIFT
 from sevmon.machine.sevify import set_cbit
-from sevmon.machine.vm import Machine, MachineConfig
+from sevmon.machine.spec import GuestSpec
+from sevmon.memory.ram import PAGE_SHIFT
+from sevmon.sev.linux import SevUnavailable
+from sevmon.sev.vm import SevError
 
 log = logging.getLogger("sevmon")
 
@@ -25,80 +30,57 @@ class GuestError(Exception):
     """The guest cannot be built: one clear sentence for the user."""
 
 
-def build_machine(args) -> Machine:
+def build_machine(spec: GuestSpec) -> LocalMachine:
+    """The machine ``spec`` describes; GuestError (one sentence) when it cannot be built."""
     try:
-        return _build(args)
-    except ImageError as e:
-        raise GuestError(str(e)) from None
-    except FlashError as e:
+        return _build(spec)
+    except (ImageError, FlashError, PlatformFileError) as e:
         raise GuestError(str(e)) from None
     except OSError as e:  # --bios/--pflash and friends
         raise GuestError(f"{e.filename}: {e.strerror.lower() if e.strerror else e}") from None
-    except Exception as e:
-        from sevmon.sev.linux import SevUnavailable
-        from sevmon.sev.vm import SevError
-        if isinstance(e, SevError | SevUnavailable):
-            raise GuestError(str(e)) from None
-        raise
+    except (SevError, SevUnavailable) as e:
+        raise GuestError(str(e)) from None
 
 
-def _sev_kernel(args):
-    """The kernel transport: the simulated platform, or real /dev/kvm + /dev/sev."""
-    if not args.kvm:
-        if not getattr(args, "sev_platform", None):
-            return None  # SevVm makes a fresh simulated platform
-        from sevmon.sev.platform_store import load_or_create
-        from sevmon.sev.transport import SimulatedHost, SimulatedKvm
-        host = SimulatedHost(cbitpos=args.cbitpos, reduced_phys_bits=max(args.reduced_phys_bits, 0))
-        try:
-            load_or_create(args.sev_platform, host.psp)
-        except (ValueError, KeyError, TypeError) as e:
-            raise GuestError(f"--sev-platform {args.sev_platform}: not a sevmon platform file ({e})") from None
-        return SimulatedKvm(host)
-    from sevmon.sev.linux import LinuxSevTransport
-    return LinuxSevTransport()  # raises SevUnavailable with one sentence on hosts without SEV
+def _debug_memory(spec: GuestSpec):
+    """How the machine's debug-access layer is made once its RAM and SEV context exist."""
+    cache_pages = max(0, spec.debug_cache_mb) << (20 - PAGE_SHIFT)
+
+    def make(ram, sev) -> DebugMemory:
+        ops = (SevOps(ram, sev, allowed=spec.debug_policy) if sev is not None
+               else PlainOps(ram, allowed=spec.debug_policy))
+        return DebugMemory(ram, ops, cache_pages=cache_pages)
+    return make
 
 
-def _build(args) -> Machine:
-    debug_allowed = args.debug_policy == "on"
-    cache_pages = max(0, args.debug_cache_mb) << (20 - PAGE_SHIFT)
-    if getattr(args, "incoming", None):
-        if args.sev is False or args.core or args.raw:
+def _build(spec: GuestSpec) -> LocalMachine:
+    if spec.incoming:
+        if spec.sev is None or spec.source != "builtin":
             raise GuestError("--incoming receives an SEV guest (SEND/RECEIVE): it takes neither --no-sev, "
                              "--core nor --raw")
-        kind, _, rest = args.incoming.partition(":")
+        kind, _, rest = spec.incoming.partition(":")
         if kind not in ("unix", "exec") or not rest:
-            raise GuestError(f"--incoming {args.incoming}: sevmon receives over unix:PATH or exec:COMMAND only")
+            raise GuestError(f"--incoming {spec.incoming}: sevmon receives over unix:PATH or exec:COMMAND only")
         from sevmon.machine.incoming import build_incoming
-        machine = build_incoming(args)
-    elif args.core or args.raw:
-        if args.raw and not args.cpu_state:
-            raise GuestError("--raw needs --cpu-state FILE.json: a raw image carries no registers")
-        image = load_core(args.core) if args.core else load_raw(args.raw)
-        if args.cpu_state:
-            apply_cpu_json(image, args.cpu_state)
-        ram, cpus = image.ram, image.cpus
-        sev = None
-        if args.sev:
-            from sevmon.sev.vm import SevVm
-            set_cbit(ram, cpus[0], args.cbitpos)
-            from sevmon.sev.owner_files import owner_launch_files
-            sev = SevVm(ram, policy=args.policy, cbitpos=args.cbitpos,
-                        reduced_phys_bits=args.reduced_phys_bits, kernel=_sev_kernel(args),
-                        **owner_launch_files(args))
-            runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
-            sev.launch(runs)
-            if not args.prelaunch:
-                sev.finish()
-        config = MachineConfig(kvm_enabled=sev is not None, source="core" if args.core else "raw",
-                               debug_policy=debug_allowed)
-        machine = Machine(ram, cpus, config=config, sev=sev, running=False, prelaunch=args.prelaunch)
-        if args.prelaunch and sev is not None:
-            machine.first_run = sev.finish
-    else:
+        return build_incoming(spec, _debug_memory(spec))
+    if spec.source == "builtin":
         from sevmon.machine.builtin_guest import build_builtin
-        machine = build_builtin(args)
-    ops = (SevOps(machine.ram, machine.sev, allowed=debug_allowed) if machine.sev is not None
-           else PlainOps(machine.ram, allowed=debug_allowed))
-    machine.memory = DebugMemory(machine.ram, ops, cache_pages=cache_pages)
-    return machine
+        return build_builtin(spec, _debug_memory(spec))
+    if spec.source == "raw" and not spec.cpu_state:
+        raise GuestError("--raw needs --cpu-state FILE.json: a raw image carries no registers")
+    image = load_core(spec.image) if spec.source == "core" else load_raw(spec.image)
+    if spec.cpu_state:
+        apply_cpu_json(image, spec.cpu_state)
+    if spec.source == "raw":
+        problem = paging_registers_error(spec.cpu_state, image.cpus[0])
+        if problem:
+            raise GuestError(problem)
+    ram, cpus = image.ram, image.cpus
+    sev = None
+    if spec.sev is not None:
+        set_cbit(ram, cpus[0], spec.sev.cbitpos)
+        runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
+        sev = launch_sev(ram, runs, spec.sev)
+    config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source=spec.source, debug_policy=spec.debug_policy)
+    return LocalMachine(ram, cpus, _debug_memory(spec)(ram, sev), config=config, sev=sev,
+                        prelaunch=spec.prelaunch, running=False)

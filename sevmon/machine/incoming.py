@@ -9,35 +9,44 @@ guest has arrived (QEMU's autostart), as it does under QEMU's ``-S``.
 
 from __future__ import annotations
 
-from sevmon.machine.cpu import CpuState
+from sevmon.machine.interface import MachineConfig, RunState
+from sevmon.machine.launch import open_sev
+from sevmon.machine.local import LocalMachine
 from sevmon.machine.pflash import FOUR_GIB
-from sevmon.machine.ram import RAM
-from sevmon.machine.vm import Machine, MachineConfig
+from sevmon.machine.spec import GuestSpec
+from sevmon.memory.ram import RAM
+from sevmon.x86.cpu import CpuState
 
 
-class IncomingMachine(Machine):
-    """A Machine waiting for its guest."""
+class IncomingMachine(LocalMachine):
+    """A LocalMachine waiting for its guest: ``uri`` is where it comes from."""
 
-    def __init__(self, *a, autostart: bool = True, **kw):
-        super().__init__(*a, **kw)
-        self.status = "inmigrate"
+    def __init__(self, *a, uri: str, autostart: bool = True, **kw):
+        super().__init__(*a, prelaunch=True, **kw)
+        self.uri = uri
         self.autostart = autostart
+        self.transition(RunState.INMIGRATE)
 
     def cont(self) -> None:
-        if self.status == "inmigrate":
+        if self.state is RunState.INMIGRATE:
             self.autostart = True  # qmp_cont: run when the incoming migration completes
             return
         super().cont()
 
+    def arrived(self, cpus: list[CpuState]) -> None:
+        """RECEIVE_FINISH is done: the guest's vCPUs are here; it runs now unless -S asked to wait."""
+        self.cpus[:] = cpus
+        self.transition(RunState.PAUSED)
+        self._invalidate()
+        if self.autostart:
+            self.cont()
 
-def build_incoming(args) -> Machine:
-    from sevmon.machine.builder import _sev_kernel
-    from sevmon.sev.vm import SevVm
 
-    ram = RAM(FOUR_GIB if args.pflash else args.memory << 20)
-    sev = SevVm(ram, policy=args.policy, cbitpos=args.cbitpos, reduced_phys_bits=args.reduced_phys_bits,
-                kernel=_sev_kernel(args))
-    config = MachineConfig(kvm_enabled=True, source="incoming", debug_policy=args.debug_policy == "on")
-    config.extra["incoming"] = args.incoming
+def build_incoming(spec: GuestSpec, memory_for) -> IncomingMachine:
+    ram = RAM(FOUR_GIB if spec.pflash else spec.memory_mib << 20)
+    sev = open_sev(ram, spec.sev)
+    config = MachineConfig(kvm_enabled=True, memory_encryption=True, source="incoming",
+                           debug_policy=spec.debug_policy)
     cpu = CpuState(0, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})
-    return IncomingMachine(ram, [cpu], config=config, sev=sev, autostart=not args.prelaunch)
+    return IncomingMachine(ram, [cpu], memory_for(ram, sev), config=config, sev=sev, uri=spec.incoming,
+                           autostart=not spec.prelaunch)

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import struct
 
-from sevmon.machine.cpu import CpuState
-from sevmon.machine.ram import PAGE_SHIFT, RAM
+from sevmon.memory.ram import PAGE_SHIFT, RAM
+from sevmon.x86.cpu import CpuState
+from sevmon.x86.modes import mode_of
 from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE
-
-_LEVELS = {"pae": 3, "4level": 4, "5level": 5}
-_PAE_ROOT_ENTRIES = 4
 
 
 def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
@@ -22,18 +20,27 @@ def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
     Returns the number of table pages rewritten. Tables are visited once even when
     shared; large leaves (PS at the PDPT/PD level) end the descent.
     """
-    mode = cpu.paging_mode()
-    if mode not in _LEVELS:
+    return _rewrite(ram, cpu, cbitpos, True)
+
+
+def clear_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
+    """The reverse of :func:`set_cbit`: a dump of an SEV guest made a plain guest again."""
+    return _rewrite(ram, cpu, cbitpos, False)
+
+
+def _rewrite(ram: RAM, cpu: CpuState, cbitpos: int, on: bool) -> int:
+    mode = mode_of(cpu)
+    if mode is None or not mode.wide:
         return 0
     cbit = 1 << cbitpos
-    levels = _LEVELS[mode]
+    levels = len(mode.levels)
     cr3 = cpu.cr3 & ~cbit
-    if mode == "pae":
+    if not mode.long_mode:  # PAE: the 32-byte PDPT, CR3 itself has no C-bit
         root_addr = cr3 & 0xFFFFFFE0
-        frontier = {root_addr >> PAGE_SHIFT: (root_addr & 0xFFF, _PAE_ROOT_ENTRIES)}
+        frontier = {root_addr >> PAGE_SHIFT: (root_addr & 0xFFF, mode.levels[0].entries)}
     else:
         frontier = {(cr3 & PG_ADDRESS_MASK) >> PAGE_SHIFT: (0, 512)}
-        cpu.set("cr3", cpu.cr3 | cbit)
+        cpu.set("cr3", cpu.cr3 | cbit if on else cr3)
     done: set[int] = set()
     rewritten = 0
     for depth in range(levels):
@@ -50,8 +57,8 @@ def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
             for i, e in enumerate(entries):
                 if not e & PG_PRESENT:
                     continue
-                entries[i] = e | cbit
-                large = e & PG_PSE and depth in (levels - 3, levels - 2) and not (mode == "pae" and depth == 0)
+                entries[i] = e | cbit if on else e & ~cbit
+                large = e & PG_PSE and mode.levels[depth].large_leaf
                 if not leaf_level and not large:
                     nxt[((e & ~cbit) & PG_ADDRESS_MASK) >> PAGE_SHIFT] = (0, 512)
             struct.pack_into(f"<{count}Q", frame, offset, *entries)

@@ -1,17 +1,17 @@
 """The QMP server: UNIX sockets with mode 0600, sessions, event broadcast, command execution.
 
-Commands execute one at a time on the machine thread (QEMU's big lock) so the asyncio
-loop stays free for I/O: greetings, parse errors and other clients are never held up by
-a client that is slow to read or write.
+Commands execute one at a time on the machine thread (:mod:`sevmon.machine.runner`, QEMU's big lock) so the
+asyncio loop stays free for I/O: greetings, parse errors and other clients are never held up by a client that is
+slow to read or write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from sevmon import PACKAGE, QEMU_VERSION
+from sevmon.cmdlog import qmp_label, timed
 from sevmon.qmp.dispatch import CommandRegistry, Request
 from sevmon.qmp.errors import QMPError
 from sevmon.qmp.session import QMPSession, event_message
@@ -21,26 +21,26 @@ log = logging.getLogger("sevmon.qmp")
 
 
 class CommandContext:
-    """What a QMP handler may use: the machine, the server (for HMP), the session."""
+    """What a QMP handler may use: the machine, its runner (jobs), the server (for HMP), the session."""
 
     def __init__(self, server: QMPServer, session: QMPSession | None):
         self.server = server
         self.machine = server.machine
+        self.runner = server.runner
         self.session = session
 
 
 class QMPServer:
-    def __init__(self, machine, registry: CommandRegistry, hmp, *, executor: ThreadPoolExecutor | None = None):
-        self.machine = machine
+    def __init__(self, runner, registry: CommandRegistry, hmp):
+        self.runner = runner
+        self.machine = runner.machine
         self.registry = registry
         self.hmp = hmp
-        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="machine")
         self.sessions: set[QMPSession] = set()
         self.servers: list[asyncio.base_events.Server] = []
-        self.paths: list[str] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shutdown = asyncio.Event()
-        machine.add_listener(self._on_event)
+        self.machine.add_listener(self._on_event)
 
     @staticmethod
     def version_info() -> dict:
@@ -53,7 +53,6 @@ class QMPServer:
         sock = listen_unix(path)
         srv = await asyncio.start_unix_server(self._client, sock=sock, limit=1 << 20)
         self.servers.append(srv)
-        self.paths.append(path)
 
     async def _client(self, reader, writer) -> None:
         session = QMPSession(self, reader, writer)
@@ -71,8 +70,7 @@ class QMPServer:
         """Stop listening, let in-flight commands finish and their replies flush, close."""
         for srv in self.servers:
             srv.close()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, lambda: None)  # the machine thread is idle
+        await self.runner.idle()  # the machine thread is idle
         for _ in range(3):
             await asyncio.sleep(0)  # sessions enqueue the replies of those commands
         sessions = list(self.sessions)
@@ -86,12 +84,12 @@ class QMPServer:
         await asyncio.sleep(0)
 
     # -- events ------------------------------------------------------------------------
-    def _on_event(self, name: str, data: dict | None) -> None:
-        msg = event_message(name, data)
+    def _on_event(self, name: str, data: dict | None, timestamp: dict | None = None) -> None:
+        msg = event_message(name, data, timestamp)
         if self.loop is None:
             return
         self.loop.call_soon_threadsafe(self._broadcast, msg)
-        if name == "SHUTDOWN":
+        if name == "SHUTDOWN" and self.machine.capabilities.ends_with_shutdown:
             self.loop.call_soon_threadsafe(self.shutdown.set)
 
     def _broadcast(self, msg: dict) -> None:
@@ -100,26 +98,24 @@ class QMPServer:
 
     # -- execution ---------------------------------------------------------------------
     async def execute(self, req: Request, session: QMPSession | None):
-        handler = self.registry.handlers[req.name]
+        with timed(qmp_label(req.name, req.args)):
+            return await self._execute(req, session)
+
+    async def _execute(self, req: Request, session: QMPSession | None):
         ctx = CommandContext(self, session)
+        if req.forward:
+            return await self.registry.forwarder.forward(ctx, req)
+        handler = self.registry.handlers[req.name]
         kwargs = {k.replace("-", "_"): v for k, v in req.args.items()}
         if req.name in self.registry.inline:
             result = handler(ctx, **kwargs)
             await asyncio.sleep(0)  # one request at a time per turn: a pipelining client cannot hog the loop
             return result
 
-        def run():
-            with self.machine.lock:
-                self.machine.begin_command()
-                return handler(ctx, **kwargs)
-
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+            return await self.runner.command(lambda: handler(ctx, **kwargs))
         except QMPError:
             raise
         except Exception as e:  # never a traceback on the wire
             log.exception("command %s failed", req.name)
             raise QMPError(f"{req.name}: internal error: {e}") from None
-
-    def request_shutdown(self) -> None:
-        self.shutdown.set()

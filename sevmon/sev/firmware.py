@@ -224,7 +224,7 @@ class SevFirmware:
             FwCmd.DBG_ENCRYPT: lambda b: self._dbg(b, encrypt=True),
         }
         from .firmware_migration import MigrationCommands
-        MigrationCommands(self).install()  # SEND_* / RECEIVE_*
+        MigrationCommands(self, GuestContext).install()  # SEND_* / RECEIVE_*
 
     # -- entry points ---------------------------------------------------------------------
     def call(self, cmd: int, buf: bytearray | None = None) -> SevRet:

@@ -95,8 +95,9 @@ def cert_key(cert: bytes) -> ec.EllipticCurvePublicKey:
 class MigrationCommands:
     """The handlers, bound to one :class:`~sevmon.sev.firmware.SevFirmware`."""
 
-    def __init__(self, fw):
-        self.fw = fw
+    def __init__(self, fw, guest_context):
+        """``guest_context``: the firmware's per-guest record class (passed in: no import back into firmware)."""
+        self.fw, self.guest_context = fw, guest_context
 
     def install(self) -> None:
         self.fw._handlers.update({
@@ -213,8 +214,7 @@ class MigrationCommands:
         handle = next((h for h in range(1, SEV_GUEST_COUNT_MAX + 1) if h not in fw.guests), None)
         if handle is None:
             return SevRet.RESOURCE_LIMIT
-        from .firmware import GuestContext
-        guest = GuestContext(handle=handle, policy=p.policy, vek=MemoryKey(fw._rng(32)), tek=tek, tik=tik,
+        guest = self.guest_context(handle=handle, policy=p.policy, vek=MemoryKey(fw._rng(32)), tek=tek, tik=tik,
                              state=GuestState.RUPDATE)
         guest.ld = None
         fw.guests[handle] = guest

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import bisect
 
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
 
 from .abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 
 
-class _Extents:
+class Extents:
     """Non-overlapping ``[base, base+size)`` ranges with a payload, and first-fit allocation."""
 
     def __init__(self, lo: int, hi: int):
@@ -65,7 +65,7 @@ class HostMemory:
     """
 
     def __init__(self):
-        self._regions = _Extents(0, 1 << 52)
+        self._regions = Extents(0, 1 << 52)
         self._loose: dict[int, bytearray] = {}
 
     def map(self, base: int, backing: bytearray | RAM, size: int | None = None) -> None:

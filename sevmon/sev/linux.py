@@ -9,11 +9,11 @@ import ctypes
 import mmap
 import os
 
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
 
 from .abi import KVM_CREATE_VM, PAGE_SHIFT
 from .cpuid import LEAF, SevCpuid
-from .transport import KernelStats
+from .stats import KernelStats
 
 
 class SevUnavailable(RuntimeError):

@@ -8,14 +8,26 @@ passes the session even without a certificate (the firmware then ignores it).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 
 from .vm import SevError
 
 
+def g_base64_decode(text: str) -> bytes:
+    """glib's lenient decoder: characters outside the alphabet are skipped, padding optional."""
+    clean = re.sub(r"[^A-Za-z0-9+/]", "", text.split("=", 1)[0])
+    clean = clean[: len(clean) - len(clean) % 4 if len(clean) % 4 == 1 else len(clean)]
+    try:
+        return base64.b64decode(clean + "=" * (-len(clean) % 4))
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def read_file_base64(path: str) -> bytes:
     """The decoded contents, or SevError with QEMU's text: failed to read 'F' (why)."""
-    from sevmon.commands.sev import g_base64_decode
     try:
         with open(path, "rb") as f:
             text = f.read()
@@ -26,11 +38,11 @@ def read_file_base64(path: str) -> bytes:
     return g_base64_decode(text.decode("latin-1"))
 
 
-def owner_launch_files(args) -> dict:
-    """``SevVm`` keyword arguments for ``--dh-cert-file``/``--session-file`` (empty if none)."""
+def owner_launch_files(session_file: str | None, dh_cert_file: str | None) -> dict:
+    """``SevVm`` keyword arguments for ``--session-file``/``--dh-cert-file`` (empty if none)."""
     out = {}
-    if getattr(args, "session_file", None):
-        out["session"] = read_file_base64(args.session_file)
-    if getattr(args, "dh_cert_file", None):
-        out["dh_cert"] = read_file_base64(args.dh_cert_file)
+    if session_file:
+        out["session"] = read_file_base64(session_file)
+    if dh_cert_file:
+        out["dh_cert"] = read_file_base64(dh_cert_file)
     return out

@@ -1,7 +1,7 @@
 """The VMM side of SEV: what QEMU's ``target/i386/sev.c`` does, and all the rest of sevmon uses.
 
 Everything goes through the kernel object's ``ioctl`` with packed structs in the process's
-own memory, so the same code drives :class:`~sevmon.sev.transport.SimulatedKvm` and
+own memory, so the same code drives :class:`~sevmon.sev.sim_kvm.SimulatedKvm` and
 :class:`~sevmon.sev.linux.LinuxSevTransport`. Debug accesses are exactly one
 ``KVM_SEV_DBG_*`` ioctl each: round trips are the cost the monitor's page cache minimises.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno as E
 import os
 
-from sevmon.machine.ram import PAGE_SHIFT, RAM
+from sevmon.memory.ram import PAGE_SHIFT, RAM
 
 from .abi import (
     KVM_MEMORY_ENCRYPT_OP,
@@ -39,7 +39,9 @@ from .abi import (
     fw_error_to_str,
 )
 from .cpuid import SevCpuid
-from .transport import KernelStats, SimulatedHost, SimulatedKvm
+from .sim_host import SimulatedHost
+from .sim_kvm import SimulatedKvm
+from .stats import KernelStats
 
 _U32 = 0xFFFF_FFFF
 

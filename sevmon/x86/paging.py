@@ -1,7 +1,7 @@
 """x86 page-table walkers: ``info tlb``, ``info mem`` and ``gva2gpa`` with QEMU 7.2's text.
 
 One walker per paging mode (32-bit with optional 4 MiB PSE pages, PAE, 4-level, 5-level), described as data
-(:class:`_Mode`) and run by one shared engine, the way ``target/i386/monitor.c`` keeps its walkers side by side
+(:mod:`sevmon.x86.modes`) and run by one shared engine, the way ``target/i386/monitor.c`` keeps its walkers side by side
 over one line printer and one range merger.
 
 Two things QEMU does not do, and why:
@@ -17,9 +17,9 @@ Two things QEMU does not do, and why:
   below can merge contiguous frames into one request each. The lines are then produced depth-first from the
   tables in hand, in VA order, as generators: memory is O(tables), never O(lines).
 
-QEMU bugs deliberately not copied: the PAE 2 MiB ``info tlb`` physical-address column (QEMU keeps NX and bits
-52..63 there; we print bits 21..51), and LA57 ``info mem`` (QEMU inverts two present checks; we apply the 4-level
-rules with the final flush at 2^57). The PAE *4 KiB* column does keep NX in QEMU 7.2 and that is reproduced.
+QEMU bugs deliberately not copied: the PAE ``info tlb`` physical-address column (QEMU 7.2 keeps NX and bits
+52..63 there, on 2 MiB and 4 KiB lines alike; we print bits 21..51 / 12..51, the address), and LA57 ``info mem``
+(QEMU inverts two present checks; we apply the 4-level rules with the final flush at 2^57).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from sevmon.debug import PhysicalMemory
-from sevmon.machine.cpu import CR4_PSE, CpuState
+from sevmon.x86.cpu import CR4_PSE, CpuState
+from sevmon.x86.modes import MONITOR_TABLE_MASK, PagingMode, mode_of
 from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE, PG_RW, PG_USER
 
 __all__ = [
@@ -39,8 +40,6 @@ __all__ = [
 ]
 
 PROT_MASK = PG_USER | PG_RW | PG_PRESENT
-#: Address bits 12..49: what QEMU's ``info tlb`` / ``info mem`` use for CR3 and table pointers.
-_MON_TABLE_MASK = 0x3FFFFFFFFF000
 
 _U64 = (1 << 64) - 1
 _PAGE = 4096
@@ -53,8 +52,8 @@ _unpack1024 = struct.Struct("<1024I").unpack
 class Mapping:
     """One leaf, as ``info tlb`` prints it.
 
-    ``pa`` is the *printed* physical-address column (QEMU's per-mode mask), so for PAE 4 KiB pages it keeps
-    bits 52..63 (NX) exactly as QEMU 7.2 prints them; use :func:`translate` for the address the CPU would use.
+    ``pa`` is the *printed* physical-address column (QEMU's per-mode mask: in 32-bit modes bit 21 of a 4 MiB
+    PDE stays, PSE-36 bits go); use :func:`translate` for the address the CPU would use.
     """
 
     va: int        #: canonical virtual address of the page
@@ -65,51 +64,7 @@ class Mapping:
     private: bool  #: the leaf had the C-bit (always True without one: 32-bit paging or ``me_mask == 0``)
 
 
-# -- paging modes as data ------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class _Level:
-    shift: int       # log2 of the VA span of one entry at this level
-    leaf_mask: int   # info tlb PA mask of a leaf here; 0 = the PS bit does not make a leaf at this level
-    ands_prot: bool  # a table entry here ANDs its U/W/P into the leaves below (PAE PDPTEs have none)
-
-
-@dataclass(frozen=True, slots=True)
-class _Mode:
-    name: str
-    wide: bool                    # 8-byte entries: the C-bit applies
-    levels: tuple[_Level, ...]    # root first; the last level holds 4 KiB leaves only
-    canon_bit: int                # VA sign-extension bit for printing (0: none)
-
-    @property
-    def table_mask(self) -> int:
-        return 0xFFFFF000 if not self.wide else _MON_TABLE_MASK
-
-
-_4K_32 = _Level(12, 0xFFFFF000, True)
-_MODES: dict[str, _Mode] = {
-    # tlb_info_32: 4M PA = pde & ~((1 << 21) - 1) on a 32-bit pde (bit 21 kept, PSE-36 bits dropped)
-    "32": _Mode("32", False, (_Level(22, 0, True), _4K_32), 0),
-    "32pse": _Mode("32pse", False, (_Level(22, 0xFFE00000, True), _4K_32), 0),
-    # tlb_info_pae32: 4K keeps bits 12..63 (NX leaks into the column: reproduced); 2M: bits 21..51 (QEMU bug #1)
-    "pae": _Mode("pae", True, (_Level(30, 0, False), _Level(21, 0x000FFFFFFFE00000, True),
-                               _Level(12, 0xFFFFFFFFFFFFF000, True)), 0),
-    "4level": _Mode("4level", True, (_Level(39, 0, True), _Level(30, 0x3FFFFC0000000, True),
-                                     _Level(21, 0x3FFFFFFE00000, True), _Level(12, 0x3FFFFFFFFF000, True)),
-                    47),
-}
-_MODES["5level"] = _Mode("5level", True, (_Level(48, 0, True),) + _MODES["4level"].levels, 56)
-
-
-def _mode_of(cpu: CpuState) -> _Mode | None:
-    name = cpu.paging_mode()
-    if name == "off":
-        return None
-    if name == "32" and cpu.cr4 & CR4_PSE:
-        name = "32pse"
-    return _MODES[name]
-
-
-def _canon(mode: _Mode, addr: int) -> int:
+def _canon(mode: PagingMode, addr: int) -> int:
     """QEMU's ``addr_canonical``: sign-extend from bit 47 (bit 56 under LA57); legacy modes never are."""
     b = mode.canon_bit
     if b and addr >> b & 1:
@@ -127,7 +82,7 @@ class _Tables:
 
     __slots__ = ("mode", "me", "root", "frames", "requests")
 
-    def __init__(self, mem: PhysicalMemory, mode: _Mode, cr3: int, me_mask: int):
+    def __init__(self, mem: PhysicalMemory, mode: PagingMode, cr3: int, me_mask: int):
         self.mode = mode
         self.me = me = me_mask if mode.wide else 0
         self.frames: dict[int, bytes | None] = {}
@@ -136,7 +91,7 @@ class _Tables:
         if mode.name == "pae":
             base = cr3 & ~0x1F & _U64          # 4 PDPTEs, 32-byte aligned
         elif mode.wide:
-            base = cr3 & _MON_TABLE_MASK
+            base = cr3 & MONITOR_TABLE_MASK
         else:
             base = cr3 & 0xFFFFF000
         self._fetch(mem, [base >> 12])
@@ -238,7 +193,7 @@ class _Tables:
 
 
 def _tables(mem: PhysicalMemory, cpu: CpuState, me_mask: int) -> _Tables | None:
-    mode = _mode_of(cpu)
+    mode = mode_of(cpu)
     return None if mode is None else _Tables(mem, mode, cpu.cr3, me_mask)
 
 
@@ -381,6 +336,14 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
         yield line(start, end, cur)
 
 
+#: The walk's own parts, for other views of the same leaves (the C-bit map, ``sevmon.x86.cbit_map``): they
+#: read the very tables ``info mem``/``info tlb`` read, so a warm cache makes them cost no round trip.
+tables = _tables
+LeafTable = _LeafTable
+canonical = _canon
+PROT_CODES = _PROT_CODES
+
+
 def count_table_reads(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> tuple[int, int]:
     """``(pages, runs)`` a cold walk asks for: distinct table pages, and their contiguous runs per level call.
 
@@ -443,19 +406,16 @@ def translate(mem: PhysicalMemory, cpu: CpuState, va: int, me_mask: int = 0) -> 
 
     me = me_mask
     cr3 = cpu.cr3 & ~me
+    mode = mode_of(cpu)
     if name == "pae":
         va &= 0xFFFFFFFF
         table = cr3 & ~0x1F & _U64
-        steps = ((30, 0x18, False),)     # PDPT: 4 entries, PS not a leaf
     else:
         sva = va - (1 << 64) if va >> 63 else va
-        top = 56 if name == "5level" else 47
-        if (sva >> top) not in (0, -1):
+        if (sva >> mode.canon_bit) not in (0, -1):
             return None
         table = cr3 & PG_ADDRESS_MASK
-        steps = ((48, 0xFF8, False),) if name == "5level" else ()
-        steps += ((39, 0xFF8, False), (30, 0xFF8, True))
-    steps += ((21, 0xFF8, True), (12, 0xFF8, True))
+    steps = [(lvl.shift, (lvl.entries - 1) << 3, lvl.large_leaf) for lvl in mode.levels]
     for shift, idx_mask, ps_leaf in steps:
         e = _read_entry(mem, table + ((va >> (shift - 3)) & idx_mask), 8)
         if not e & PG_PRESENT:

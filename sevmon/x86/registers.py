@@ -36,7 +36,7 @@ data in the real guest (and, for the 32-bit guest, FPR6), which a memory image c
 
 from __future__ import annotations
 
-from sevmon.machine.cpu import EFER_LMA, CpuState
+from sevmon.x86.cpu import EFER_LMA, CpuState
 
 DESC_A = 1 << 8
 DESC_W = DESC_R = 1 << 9

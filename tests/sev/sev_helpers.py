@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
 from sevmon.sev import SevVm, SimulatedHost, SimulatedKvm
 from sevmon.sev.abi import KVM_MEMORY_ENCRYPT_OP, KvmSevCmd
 from sevmon.sev.engine import MemoryController

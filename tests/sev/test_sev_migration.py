@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
 from sevmon.sev import migration_vmm as mig
 from sevmon.sev.vm import SevError, SevVm
 

@@ -9,9 +9,8 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sev_helpers import IMAGE_GPA, new_vm, raw_op
 
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
 from sevmon.sev import LinuxSevTransport, SevError, SevUnavailable, SevVm, SimulatedHost, SimulatedKvm
 from sevmon.sev.abi import (
     KVM_MEMORY_ENCRYPT_OP,
@@ -23,7 +22,8 @@ from sevmon.sev.abi import (
     SevCmdId,
     SevRet,
 )
-from sevmon.sev.transport import GUEST_HVA_BASE
+from sevmon.sev.sim_host import GUEST_HVA_BASE
+from tests.sev.sev_helpers import IMAGE_GPA, new_vm, raw_op
 
 A = IMAGE_GPA
 
@@ -45,7 +45,7 @@ class Spy:
 
 
 def guest_pa(vm: SevVm, gpa: int) -> int:
-    return vm.kernel._guest_hpa + gpa
+    return vm.kernel.mem.guest_hpa + gpa
 
 
 # -- the §2.4 table ---------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_linux_transport_names_the_missing_device(tmp_path):
 def test_asids_are_recycled_only_after_df_flush(image):
     host = SimulatedHost(max_asid=2)
     a, b = new_vm(image, host=host), new_vm(image, host=host)
-    assert {a.kernel._asid, b.kernel._asid} == {1, 2}
+    assert {a.kernel.asid, b.kernel.asid} == {1, 2}
     with pytest.raises(SevError) as ei:
         new_vm(host=host)
     assert ei.value.errno == E.EBUSY                   # nothing to reclaim yet
@@ -313,7 +313,7 @@ def test_asids_are_recycled_only_after_df_flush(image):
     a.close()                                           # DEACTIVATE + DECOMMISSION; ASID 1 to reclaim
     assert host.psp.guest_count == 1
     c = new_vm(image, host=host)                        # recycling runs DF_FLUSH, then ASID 1 is reused
-    assert c.kernel._asid == 1 and c.dbg_decrypt(A, 64) == image[:64]
+    assert c.kernel.asid == 1 and c.dbg_decrypt(A, 64) == image[:64]
 
 
 def test_linux_transport_plumbing_without_sev(tmp_path):

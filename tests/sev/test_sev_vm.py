@@ -11,9 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from sev_helpers import IMAGE_GPA, new_vm, raw_op
 
-from sevmon.machine.ram import RAM, MemoryAccessError
+from sevmon.memory.ram import RAM, MemoryAccessError
 from sevmon.sev import SevError, SevVm, SimulatedHost, SimulatedKvm
 from sevmon.sev.abi import (
     KvmSevGuestStatus,
@@ -22,6 +21,7 @@ from sevmon.sev.abi import (
     SevCmdId,
     SevRet,
 )
+from tests.sev.sev_helpers import IMAGE_GPA, new_vm, raw_op
 
 A = IMAGE_GPA
 

@@ -14,12 +14,12 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from x86_reference import brute_translate, naive_mem, naive_tlb
-from x86_testmem import CountingMemory
 
-from sevmon.machine.cpu import CpuState
-from sevmon.machine.ram import RAM
+from sevmon.memory.ram import RAM
 from sevmon.x86 import paging
+from sevmon.x86.cpu import CpuState
+from tests.x86.x86_reference import brute_translate, naive_mem, naive_tlb
+from tests.x86.x86_testmem import CountingMemory
 
 U64 = (1 << 64) - 1
 PG, PE = 1 << 31, 1

@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 import pytest
-from x86_reference import naive_mem
 
 from sevmon.machine.images import apply_cpu_json, load_core
 from tests.conftest import hmp, qmp_connect
+from tests.x86.x86_reference import naive_mem
 
 FX = Path(__file__).resolve().parent.parent / "data" / "linux-5level"
 

@@ -11,13 +11,13 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_x86_paging_props import Builder
-from x86_testmem import CountingMemory
 
 from sevmon.bench.readers import make_reader
 from sevmon.debug.ops import SevOps
-from sevmon.machine.ram import PAGE_SHIFT, RAM
+from sevmon.memory.ram import PAGE_SHIFT, RAM
 from sevmon.sev.vm import SevVm
 from sevmon.x86 import paging
+from tests.x86.x86_testmem import CountingMemory
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
-from sevmon.machine.cpu import CR4_PSE, CpuState
-from sevmon.machine.ram import RAM, MemoryAccessError
+from sevmon.memory.ram import RAM, MemoryAccessError
+from sevmon.x86.cpu import CR4_PSE, CpuState
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "qemu-7.2"
 if not FIXTURES.exists():  # same lookup as tests/conftest.py: shared/ beside the clone, else the env/default

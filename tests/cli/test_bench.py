@@ -1,0 +1,47 @@
+"""sevmon bench reports deterministic counts side by side (not a timed test: only counts
+and shapes are asserted; wall times are reported, never compared)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import FIXTURES
+
+
+def test_bench_json_on_the_32bit_fixture():
+    fx = FIXTURES / "linux-32bit"
+    out = subprocess.run([sys.executable, "-m", "sevmon", "bench", "--json", "--repeat", "1",
+                          "--core", str(fx / "core.elf"), "--cpu-state", str(fx / "cpu.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    bound = report["level-batched lower bound"]
+    assert bound == {"table-pages": 15, "round-trips": 11, "achieved-round-trips": 11}
+    tlb = report["info tlb"]
+    assert tlb["cold"]["round-trips"] == 11 and tlb["cold"]["firmware-calls"] == 15
+    assert tlb["cold"]["per-page-round-trips"] == 15
+    assert tlb["cold"]["naive-round-trips"] == 15 * 1024          # one DBG_DECRYPT per 4-byte entry
+    assert tlb["warm"]["round-trips"] == 0 and tlb["warm"]["cache-hits"] == 15
+    assert report["info mem"]["cold"]["round-trips"] == 11
+    assert report["info sev-mem"]["cold"]["round-trips"] == 11 and report["info sev-mem"]["warm"]["round-trips"] == 0
+    assert report["pmemsave 64MiB"]["cold"]["bytes-decrypted"] > 0
+    for key in ("query-status x1", "query-status x32", "info mem x1", "info mem x32"):
+        assert report["latency"][key]["p50-ms"] <= report["latency"][key]["p99-ms"]
+
+
+def test_bench_scale_reports_both_sizes():
+    out = subprocess.run([sys.executable, "-c", "import json, sevmon.bench.run as r; print(json.dumps(r._scale(20000)))"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    scale = json.loads(out.stdout)
+    small, big = scale["sizes"]
+    assert (small["pages"], big["pages"]) == (2000, 20000)
+    assert big["info mem lines"] == 20000 and big["round-trips"] > small["round-trips"]
+
+
+def test_bench_vs_qemu_without_qemu_says_so(monkeypatch):
+    from sevmon.bench import run
+    monkeypatch.setattr(run.shutil, "which", lambda name: None)
+    assert "not installed" in run._vs_qemu("k", "i")["skipped"]
