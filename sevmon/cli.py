@@ -43,7 +43,16 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reduced-phys-bits", type=ranged(1, 63), default=1,
                    help="physical address bits lost to the C-bit, CPUID 0x8000001F EBX[11:6], 1..63 (default 1)")
     g.add_argument("--bios", metavar="FILE", help="firmware image measured at launch (default: a built-in one)")
-    g.add_argument("--pflash", metavar="FILE", action="append", default=[], help="pflash image, measured after the BIOS")
+    g.add_argument("--pflash", metavar="FILE", action="append", default=[],
+                   help="QEMU's -drive if=pflash,unit=N (repeat for units 0, 1...): unit 0 replaces the BIOS, "
+                        "ends at 4 GiB and alone is measured; later units (OVMF_VARS) sit below it, plain")
+    g.add_argument("--dh-cert-file", metavar="FILE",
+                   help="the guest owner's DH certificate (base64 sev_cert), as QEMU's sev-guest dh-cert-file")
+    g.add_argument("--session-file", metavar="FILE",
+                   help="the guest owner's launch session (base64, 128 bytes), as QEMU's sev-guest session-file")
+    g.add_argument("--sev-platform", metavar="FILE",
+                   help="simulated platform's persistent keys (OCA/PEK/PDH/CEK): created on first use, then "
+                        "reused, so an owner can fetch the PDH and launch later on the same 'machine'")
     g.add_argument("--paging", choices=["4", "5", "pae", "32"], default="4", help="built-in guest paging mode")
     g.add_argument("--memory", metavar="MIB", type=ranged(MEMORY_MIN_MIB, MEMORY_MAX_MIB, what="MiB"), default=256,
                    help=f"built-in guest RAM size in MiB, {MEMORY_MIN_MIB}..{MEMORY_MAX_MIB} (default 256)")
@@ -65,11 +74,13 @@ def guest_spec(args: argparse.Namespace) -> GuestSpec:
     # SEV is the default for the built-in guest only; --sev/--no-sev decide for images.
     sev_on = args.sev is not False if source == "builtin" else bool(args.sev)
     sev = SevSpec(policy=args.policy, cbitpos=args.cbitpos, reduced_phys_bits=args.reduced_phys_bits,
-                  kvm=args.kvm) if sev_on else None
+                  kvm=args.kvm, dh_cert_file=args.dh_cert_file, session_file=args.session_file,
+                  platform_file=args.sev_platform) if sev_on else None
     return GuestSpec(source=source, image=args.core or args.raw, cpu_state=args.cpu_state, sev=sev,
                      bios=args.bios, pflash=tuple(args.pflash), paging=CLI_NAMES[args.paging],
                      memory_mib=args.memory, debug_policy=args.debug_policy == "on",
-                     debug_cache_mb=args.debug_cache_mb, prelaunch=args.prelaunch, workload=args.workload)
+                     debug_cache_mb=args.debug_cache_mb, prelaunch=args.prelaunch, workload=args.workload,
+                     incoming=getattr(args, "incoming", None))
 
 
 def build_parser() -> OneLineParser:
@@ -83,6 +94,9 @@ def build_parser() -> OneLineParser:
     serve.add_argument("--qmp", metavar="PATH", action="append",
                        help="QMP UNIX socket (repeatable; default ./sevmon-qmp.sock)")
     serve.add_argument("--hmp", metavar="PATH", action="append", default=[], help="HMP UNIX socket (repeatable)")
+    serve.add_argument("--incoming", metavar="URI",
+                       help="QEMU's -incoming: start in 'inmigrate' and receive an SEV guest from unix:PATH "
+                            "(listening there) or exec:COMMAND (its output)")
     serve.add_argument("--attach", metavar="QEMU_QMP_SOCKET",
                        help="be the monitor of a running QEMU: its QMP socket, its RAM in a shared backend "
                             "(see README)")
@@ -127,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         check_guest_options(parser.subcommands[args.subcommand], args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sevmon: %(message)s", stream=sys.stderr)
+    if args.subcommand == "serve" and args.attach and args.incoming:
+        parser.subcommands["serve"].error("argument --incoming: not allowed with argument --attach "
+                                          "(the attached QEMU takes its own -incoming)")
     if args.subcommand == "serve" and args.attach:
         from sevmon.attach.serve import serve_attached
         return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb)

@@ -40,6 +40,8 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the sockets exist: a client may signal at once
         loop.add_signal_handler(sig, lambda: machine.quit("host-signal"))
     gdb_server = _gdb_stub(runner, hmp)
+    from sevmon.commands.migration import start_incoming
+    incoming = start_incoming(runner)  # --incoming: bound before the daemon says it is ready
     try:
         if gdb:
             await _start_gdb(gdb_server, gdb)
@@ -65,6 +67,8 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
             w.cancel()
         ticker.cancel()
     finally:
+        if incoming is not None:
+            incoming.close()
         await runner.cancel_jobs()  # SIGTERM mid-dump: the dump stops and removes its partial file
         await gdb_server.close()
         if hmp_server is not None:

@@ -7,23 +7,12 @@ every command answers as QEMU 7.2 does on a TCG guest (shared/fixtures transcrip
 from __future__ import annotations
 
 import base64
-import binascii
-import re
 
 from sevmon.qmp.errors import QMPError
 from sevmon.sev.abi import Policy
+from sevmon.sev.owner_files import g_base64_decode
 
 SEV_MIGRATION_BLOCKER = "SEV: Migration is not implemented"
-
-
-def g_base64_decode(text: str) -> bytes:
-    """glib's lenient decoder: characters outside the alphabet are skipped, padding optional."""
-    clean = re.sub(r"[^A-Za-z0-9+/]", "", text.split("=", 1)[0])
-    clean = clean[: len(clean) - len(clean) % 4 if len(clean) % 4 == 1 else len(clean)]
-    try:
-        return base64.b64decode(clean + "=" * (-len(clean) % 4))
-    except (binascii.Error, ValueError):
-        return b""
 
 
 def query_sev(machine) -> dict:
@@ -68,8 +57,12 @@ def inject_launch_secret(machine, packet_header: str, secret: str, gpa: int | No
     sev = machine.sev
     if sev is None:
         raise QMPError("SEV not enabled for guest")
-    if gpa is None:
-        raise QMPError("SEV: no secret area found in OVMF, gpa must be specified.")
+    if gpa is None:  # QEMU looks the area up in the OVMF table of pflash unit 0
+        from sevmon.machine.ovmf_table import secret_area
+        area = secret_area(machine.config.ovmf_table)
+        if area is None:
+            raise QMPError("SEV: no secret area found in OVMF, gpa must be specified.")
+        gpa = area[0]
     if sev.state_name != "launch-secret":
         raise QMPError(f"SEV: Not in correct state. (LSECRET) {sev.state_number:x}")
     hdr = g_base64_decode(packet_header)
@@ -116,10 +109,6 @@ def register(registry, hmp, info) -> None:
         inject_launch_secret(ctx.machine, packet_header, secret, gpa)
         return {}
 
-    @registry.register("migrate")
-    def migrate(ctx, uri, blk=None, inc=None, detach=None, resume=None):
-        raise QMPError(migration_blocker(ctx.machine) or "sevmon cannot migrate a guest: it has no migration stream")
-
     @info.command("sev", "", "", "show SEV information")
     def info_sev(ctx):
         s = query_sev(ctx.machine)
@@ -136,11 +125,3 @@ def register(registry, hmp, info) -> None:
     @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created")
     def hmp_savevm(ctx, name=None):
         ctx.print("Error: " + (migration_blocker(ctx.machine) or "no block device can store vmstate for snapshot"))
-
-    @hmp.command("migrate", "detach:-d,blk:-b,inc:-i,resume:-r,uri:s", "[-d] [-b] [-i] [-r] uri",
-                 "migrate to URI (using -d to not wait for completion)\n\t\t\t -b for migration without shared "
-                 "storage with full copy of disk\n\t\t\t -i for migration without shared storage with incremental "
-                 "copy of disk (base image shared between src and destination)\n\t\t\t -r to resume a paused migration")
-    def hmp_migrate(ctx, uri, detach=False, blk=False, inc=False, resume=False):
-        ctx.print("Error: " + (migration_blocker(ctx.machine) or
-                               "sevmon cannot migrate a guest: it has no migration stream"))

@@ -13,9 +13,10 @@ from sevmon.debug.access import DebugMemory
 from sevmon.debug.ops import PlainOps, SevOps
 from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_raw
 from sevmon.machine.interface import MachineConfig
-from sevmon.machine.launch import launch_sev
+from sevmon.machine.launch import PlatformFileError, launch_sev
 from sevmon.machine.local import LocalMachine
 from sevmon.machine.paging_registers import paging_registers_error
+from sevmon.machine.pflash import FlashError
 from sevmon.machine.sevify import set_cbit
 from sevmon.machine.spec import GuestSpec
 from sevmon.memory.ram import PAGE_SHIFT
@@ -33,7 +34,7 @@ def build_machine(spec: GuestSpec) -> LocalMachine:
     """The machine ``spec`` describes; GuestError (one sentence) when it cannot be built."""
     try:
         return _build(spec)
-    except ImageError as e:
+    except (ImageError, FlashError, PlatformFileError) as e:
         raise GuestError(str(e)) from None
     except OSError as e:  # --bios/--pflash and friends
         raise GuestError(f"{e.filename}: {e.strerror.lower() if e.strerror else e}") from None
@@ -53,6 +54,15 @@ def _debug_memory(spec: GuestSpec):
 
 
 def _build(spec: GuestSpec) -> LocalMachine:
+    if spec.incoming:
+        if spec.sev is None or spec.source != "builtin":
+            raise GuestError("--incoming receives an SEV guest (SEND/RECEIVE): it takes neither --no-sev, "
+                             "--core nor --raw")
+        kind, _, rest = spec.incoming.partition(":")
+        if kind not in ("unix", "exec") or not rest:
+            raise GuestError(f"--incoming {spec.incoming}: sevmon receives over unix:PATH or exec:COMMAND only")
+        from sevmon.machine.incoming import build_incoming
+        return build_incoming(spec, _debug_memory(spec))
     if spec.source == "builtin":
         from sevmon.machine.builtin_guest import build_builtin
         return build_builtin(spec, _debug_memory(spec))

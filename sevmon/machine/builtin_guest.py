@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from sevmon.machine.interface import MachineConfig
 from sevmon.machine.launch import launch_sev
 from sevmon.machine.local import LocalMachine
+from sevmon.machine.ovmf_table import parse_ovmf_table
+from sevmon.machine.pflash import FOUR_GIB, FlashError, isa_bios_copy, map_flash
 from sevmon.machine.spec import GuestSpec
 from sevmon.memory.ram import PAGE_SIZE, RAM
 from sevmon.x86.cpu import CpuState
@@ -90,14 +92,16 @@ class GuestOS:
     returns the vCPU a booted Linux would have; ``step`` is the workload (when enabled).
     """
 
-    def __init__(self, ram: RAM, write, cbit: int, mode: PagingMode, *, workload: bool = True, seed: int = 0x5E7):
+    def __init__(self, ram: RAM, write, cbit: int, mode: PagingMode, *, workload: bool = True, seed: int = 0x5E7,
+                 mem_top: int | None = None):
         self.ram, self.write, self.mode = ram, write, mode
+        self.mem_top = ram.size if mem_top is None else mem_top  # RAM below the flash (--pflash)
         self.sev = cbit != 0                     # an SEV guest keeps one shared (C-bit clear) page
         self.cbit = cbit if mode.wide else 0     # 4-byte entries have no C-bit
         self.layout = LAYOUTS[mode.name]
         self.stepping = workload
         self.rng = random.Random(seed)
-        lo, hi = KERNEL_PA + (8 << 20), ram.size - FIRMWARE_SIZE - (1 << 20)
+        lo, hi = KERNEL_PA + (8 << 20), self.mem_top - FIRMWARE_SIZE - (1 << 20)
         self.free = list(range(lo >> 12, hi >> 12))
         self.rng.shuffle(self.free)              # tables and pages land scattered, as in Linux
         self.tables: dict[int, list[int]] = {}   # frame -> entries (the guest's own view)
@@ -204,7 +208,7 @@ class GuestOS:
         self.write(KERNEL_PA, b"".join(f"kernel text +{off:#x}".encode().ljust(PAGE_SIZE, b"\x90")
                                        for off in range(0, 4 << 20, PAGE_SIZE)))
         if lay.direct is not None:  # direct map of RAM in 1 GiB pages, as Linux does when it can
-            for off in range(0, self.ram.size, 1 << 30):
+            for off in range(0, self.mem_top, 1 << 30):
                 self.map(lay.direct + off, off, P | RW | A | D | G | nx, 1 << 30)
         for i in range(32):     # program text and data, 4 KiB, read-only text then rw data
             flags = P | US | A | (0 if i < 16 else RW | D | nx)
@@ -245,26 +249,42 @@ class GuestOS:
         self.ticks = 0
 
 
+def _firmware_images(spec: GuestSpec, mem_top: int) -> tuple[list, list, dict]:
+    """(measured images, plain images, OVMF table) as QEMU loads firmware: pflash unit 0
+    (measured as a whole, ending at 4 GiB; ``--bios`` then unused) and plain later units, or
+    else the BIOS (``--bios`` or the built-in image) at the top of RAM, measured."""
+    if spec.pflash:
+        units = map_flash(list(spec.pflash))
+        if mem_top > units[-1].gpa:
+            raise FlashError(f"--memory {spec.memory_mib} overlaps the system flash mapped at "
+                             f"{units[-1].gpa:#x}: at most {units[-1].gpa >> 20} MiB with these --pflash files")
+        ovmf = parse_ovmf_table(units[0].data)  # before launch, where QEMU parses it
+        plain = [isa_bios_copy(units[0])] + [(u.gpa, u.data) for u in units[1:]]
+        return [(units[0].gpa, units[0].data)], plain, ovmf
+    firmware = open(spec.bios, "rb").read() if spec.bios else builtin_firmware()
+    firmware = firmware + bytes(-len(firmware) % 16)
+    return [((mem_top - len(firmware)) & ~(PAGE_SIZE - 1), firmware)], [], {}
+
+
 def build_builtin(spec: GuestSpec, memory_for) -> LocalMachine:
     """The built-in guest of ``spec``; ``memory_for(ram, sev)`` makes its debug-access layer."""
-    ram = RAM(spec.memory_mib << 20)
-    images = []
-    firmware = open(spec.bios, "rb").read() if spec.bios else builtin_firmware()
-    top = ram.size
-    for blob in [firmware, *(open(p, "rb").read() for p in spec.pflash)]:
-        blob = blob + bytes(-len(blob) % 16)
-        top = (top - len(blob)) & ~(PAGE_SIZE - 1)
-        images.append((top, blob))
+    mem_top = spec.memory_mib << 20
+    measured, plain, ovmf = _firmware_images(spec, mem_top)
+    ram = RAM(FOUR_GIB if spec.pflash else mem_top)
     mode = MODES[spec.paging]
     if spec.sev is not None:
-        sev = launch_sev(ram, images, spec.sev)
-        guest = GuestOS(ram, sev.guest_write, sev.me_mask, mode, workload=spec.workload)
+        sev = launch_sev(ram, measured, spec.sev)
+        for gpa, blob in plain:  # later pflash units and the ISA BIOS copy: plain, unmeasured
+            ram.write(gpa, blob)
+        guest = GuestOS(ram, sev.guest_write, sev.me_mask, mode, workload=spec.workload, mem_top=mem_top)
     else:
         sev = None
-        for gpa, blob in images:
+        for gpa, blob in [*measured, *plain]:
             ram.write(gpa, blob)
-        guest = GuestOS(ram, lambda gpa, data, private=True: ram.write(gpa, data), 0, mode, workload=spec.workload)
-    config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source="builtin", debug_policy=spec.debug_policy)
+        guest = GuestOS(ram, lambda gpa, data, private=True: ram.write(gpa, data), 0, mode, workload=spec.workload,
+                        mem_top=mem_top)
+    config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source="builtin",
+                           debug_policy=spec.debug_policy, ovmf_table=ovmf)
     # Under -S the vCPU sits at the reset vector (paging off) and the launch is not finished.
     cpu = CpuState(0, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})
     return LocalMachine(ram, [cpu], memory_for(ram, sev), config=config, sev=sev, program=guest,

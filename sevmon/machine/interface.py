@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from sevmon.x86.cpu import CpuState
@@ -137,6 +137,7 @@ class MachineConfig:
     source: str = "builtin"        # builtin | core | raw
     debug_policy: bool = True      # the security-policy object: may debug access happen at all
     memory_encryption: bool = False  # the guest's memory is encrypted (info kvm's "memory encryption:" line)
+    ovmf_table: dict = field(default_factory=dict)  # pflash unit 0's OVMF footer table (the launch secret's area)
 
 
 @runtime_checkable

@@ -42,7 +42,7 @@ class LocalMachine(RunStateMachine):
         self.config = config or MachineConfig()
         self.sev = sev                   # sevmon.sev.vm.SevVm or None
         self.program = program
-        self.capabilities = Capabilities(run_guest=program is not None and program.stepping)
+        self.capabilities = Capabilities(run_guest=program is not None and program.stepping, migrate=sev is not None)
         self.reset_required = False
         self._launched = False
         if not prelaunch:

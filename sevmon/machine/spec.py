@@ -20,6 +20,9 @@ class SevSpec:
     cbitpos: int = 47                 #: CPUID 0x8000001F EBX[5:0]
     reduced_phys_bits: int = 1        #: CPUID 0x8000001F EBX[11:6]
     kvm: bool = False                 #: the real /dev/kvm + /dev/sev instead of the platform model
+    dh_cert_file: str | None = None   #: the guest owner's DH certificate (base64), QEMU's dh-cert-file
+    session_file: str | None = None   #: the guest owner's launch session (base64), QEMU's session-file
+    platform_file: str | None = None  #: the simulated platform's persistent keys (--sev-platform)
 
     @property
     def debug_allowed(self) -> bool:
@@ -35,10 +38,11 @@ class GuestSpec:
     cpu_state: str | None = None      #: cpu.json: registers (needed for raw, fills gaps for core)
     sev: SevSpec | None = field(default_factory=SevSpec)  #: None: plain, unencrypted memory
     bios: str | None = None           #: firmware measured at launch (built-in guest)
-    pflash: tuple[str, ...] = ()      #: pflash images measured after the firmware (built-in guest)
+    pflash: tuple[str, ...] = ()      #: pflash units 0, 1...: unit 0 replaces the BIOS and alone is measured
     paging: str = "4level"            #: built-in guest paging mode, a :data:`sevmon.x86.modes.MODES` name
     memory_mib: int = 256             #: built-in guest RAM
     debug_policy: bool = True         #: the security-policy object: may debug access happen at all
     debug_cache_mb: int = 64          #: debug page cache size
     prelaunch: bool = False           #: QEMU's -S: the SEV launch finishes on the first cont
     workload: bool = True             #: built-in guest: map/unmap pages while running
+    incoming: str | None = None       #: QEMU's -incoming (unix:PATH, exec:CMD): receive the guest by migration

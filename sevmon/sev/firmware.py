@@ -17,9 +17,11 @@ CEK), PDH (signed by PEK) and an unsigned CEK in ``sev_cert`` format with P-384 
 PDH_CERT_EXPORT returns them; the PEK signs attestation reports. The CEK's AMD (ASK)
 signature cannot exist here.
 
-Not modelled (answer ``UNSUPPORTED``): the ECDH launch channel (LAUNCH_START with a DH
-certificate), PEK_GEN/PEK_CSR/PEK_CERT_IMPORT/PDH_GEN, SEND_*/RECEIVE_*, COPY, ACTIVATE_EX,
-INIT_EX, DOWNLOAD_FIRMWARE, SNP. Without a DH certificate TEK = TIK = 16 zero
+LAUNCH_START with a DH certificate opens the guest owner's channel (ECDH with the PDH,
+KEK/KIK, TEK/TIK: :mod:`sevmon.sev.channel`); SEND_*/RECEIVE_* migrate a guest between
+platforms (:mod:`sevmon.sev.firmware_migration`). Not modelled (answer ``UNSUPPORTED``):
+PEK_GEN/PEK_CSR/PEK_CERT_IMPORT/PDH_GEN, SEND/RECEIVE_UPDATE_VMSA, COPY, ACTIVATE_EX, INIT_EX,
+DOWNLOAD_FIRMWARE, SNP. Without a DH certificate TEK = TIK = 16 zero
 bytes, exactly as the firmware does for QEMU without ``dh-cert-file``.
 """
 
@@ -79,6 +81,7 @@ from .abi import (
     SevRet,
     SevUserDataStatus,
 )
+from .channel import ChannelError, open_server
 from .engine import MemoryController, MemoryKey
 
 # The modelled firmware version: Genoa 1.55 build 25 (hex 01.37.19), the AMD-ASPFW release.
@@ -141,13 +144,15 @@ def sev_cert(public_key: ec.EllipticCurvePublicKey, usage: int, algo: int,
 class _Identity:
     """The platform's keys. CEK and chip id are chip-unique; FACTORY_RESET renews the rest."""
 
-    def __init__(self, rng: Callable[[int], bytes]):
-        self.cek = ec.generate_private_key(ec.SECP384R1())
-        self.chip_id = rng(GET_ID_LEN)
-        self.renew()
+    def __init__(self, rng: Callable[[int], bytes], keys: dict | None = None):
+        """``keys``: a stored identity (cek, oca, pek, pdh private keys and chip_id) to reuse."""
+        keys = dict(keys or {})
+        self.cek = keys.pop("cek", None) or ec.generate_private_key(ec.SECP384R1())
+        self.chip_id = keys.pop("chip_id", None) or rng(GET_ID_LEN)
+        self.renew(**keys)
 
-    def renew(self) -> None:
-        self.oca, self.pek, self.pdh = (ec.generate_private_key(ec.SECP384R1()) for _ in range(3))
+    def renew(self, oca=None, pek=None, pdh=None) -> None:
+        self.oca, self.pek, self.pdh = (k or ec.generate_private_key(ec.SECP384R1()) for k in (oca, pek, pdh))
         self.oca_cert = sev_cert(self.oca.public_key(), CERT_USAGE_OCA, CERT_ALGO_ECDSA_SHA256,
                                  ((self.oca, CERT_USAGE_OCA),))
         self.pek_cert = sev_cert(self.pek.public_key(), CERT_USAGE_PEK, CERT_ALGO_ECDSA_SHA256,
@@ -218,6 +223,8 @@ class SevFirmware:
             FwCmd.DBG_DECRYPT: lambda b: self._dbg(b, encrypt=False),
             FwCmd.DBG_ENCRYPT: lambda b: self._dbg(b, encrypt=True),
         }
+        from .firmware_migration import MigrationCommands
+        MigrationCommands(self, GuestContext).install()  # SEND_* / RECEIVE_*
 
     # -- entry points ---------------------------------------------------------------------
     def call(self, cmd: int, buf: bytearray | None = None) -> SevRet:
@@ -268,6 +275,14 @@ class SevFirmware:
     # -- helpers --------------------------------------------------------------------------
     def _guest(self, handle: int) -> GuestContext | None:
         return self.guests.get(handle) if 1 <= handle <= SEV_GUEST_COUNT_MAX else None
+
+    def identity(self) -> _Identity:
+        """The platform's keys (generated on first use)."""
+        return self._identity()
+
+    def restore_identity(self, **keys) -> None:
+        """Reuse a stored identity (:mod:`sevmon.sev.platform_store`): the PSP's NV storage."""
+        self._ident = _Identity(self._rng, keys)
 
     def _identity(self) -> _Identity:
         if self._ident is None:
@@ -424,10 +439,15 @@ class SevFirmware:
         if self.state not in (PlatformState.INIT, PlatformState.WORKING):
             return SevRet.INVALID_PLATFORM_STATE
         p = SevDataLaunchStart.parse(bytes(buf[:SevDataLaunchStart.sizeof()]))
+        tek = tik = bytes(16)  # no DH certificate: no channel, all-zero transport keys
         if p.dh_cert_address:
             if p.session_len != SESSION_LEN or p.dh_cert_len != SEV_CERT_LEN:
                 return SevRet.INVALID_LEN
-            return SevRet.UNSUPPORTED  # the ECDH channel to a guest owner is not modelled
+            try:
+                tek, tik = open_server(self._identity().pdh, self.mc.read(p.dh_cert_address, SEV_CERT_LEN),
+                                       self.mc.read(p.session_address, SESSION_LEN), p.policy)
+            except ChannelError as e:
+                return e.status
         if p.handle == 0:
             vek = MemoryKey(self._rng(32))
         else:
@@ -443,7 +463,7 @@ class SevFirmware:
         es = bool(p.policy & Policy.ES)
         if es and not self.config_flags & _INIT_FLAG_ES:
             return SevRet.UNSUPPORTED
-        self.guests[handle] = GuestContext(handle=handle, policy=p.policy, vek=vek, es=es)
+        self.guests[handle] = GuestContext(handle=handle, policy=p.policy, vek=vek, es=es, tek=tek, tik=tik)
         self.state = PlatformState.WORKING
         self._put(buf, SevDataLaunchStart, dict(p, handle=handle))
         return SevRet.SUCCESS

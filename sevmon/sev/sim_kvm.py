@@ -25,7 +25,7 @@ Choices where the model has to decide (documented, not guessed at silently):
   engine pass per physically contiguous run (see :meth:`SevFirmware.dbg_crypt`); fault
   injection splits the run at the failing command, so the outcome is the same as issuing them
   one by one.
-* SEND_*/RECEIVE_* are dispatched like the kernel does but the firmware answers UNSUPPORTED.
+* SEND_*/RECEIVE_* (migration) are :mod:`sevmon.sev.sim_migration`'s ops, as the kernel's.
 * ``/dev/sev`` (``SEV_ISSUE_CMD``) serves PLATFORM_STATUS, PDH_CERT_EXPORT and GET_ID2, what
   QEMU uses; the other commands answer ``-EINVAL``.
 * The host runs without SME, so the PSP gets plain host physical addresses (no C-bit).
@@ -73,13 +73,14 @@ from .cpuid import SevCpuid
 from .sim_dbg import DebugCrypt
 from .sim_devsev import SevDeviceIoctls
 from .sim_host import KernelError, SimulatedHost
+from .sim_migration import MigrationOps
 from .sim_process import ProcessMemory
 from .stats import KernelStats
 
 _U64 = (1 << 64) - 1
 
 
-class SimulatedKvm(SevDeviceIoctls, DebugCrypt):
+class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
     """One VM fd (plus the process's ``/dev/sev`` fd) of a VMM process on a simulated host.
 
     The VMM-facing surface is what :class:`LinuxSevTransport` offers too: ``vm_fd``, ``sev_fd``,
@@ -459,15 +460,6 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt):
         return self._blob_to_user(cmd, params, KvmSevAttestationReport, FwCmd.ATTESTATION_REPORT,
                                   SevDataAttestationReport, mnonce=bytes(params.mnonce))
 
-    def _op_unmodelled(self, cmd: Container) -> int:
-        self._require_sev()
-        fwcmd = {SevCmdId.SEND_START: FwCmd.SEND_START, SevCmdId.SEND_UPDATE_DATA: FwCmd.SEND_UPDATE_DATA,
-                 SevCmdId.SEND_FINISH: FwCmd.SEND_FINISH, SevCmdId.SEND_CANCEL: FwCmd.SEND_CANCEL,
-                 SevCmdId.RECEIVE_START: FwCmd.RECEIVE_START,
-                 SevCmdId.RECEIVE_UPDATE_DATA: FwCmd.RECEIVE_UPDATE_DATA,
-                 SevCmdId.RECEIVE_FINISH: FwCmd.RECEIVE_FINISH}[cmd.id]
-        return self._sev_issue(fwcmd, bytearray(64), cmd)
-
     def _op_enotty(self, cmd: Container) -> int:
         raise KernelError(E.ENOTTY)  # LAUNCH_UPDATE_VMSA on a non-ES VM; SNP commands on a non-SNP VM
 
@@ -488,13 +480,13 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt):
         SevCmdId.DBG_DECRYPT: lambda self, cmd: self._op_dbg(cmd, True),
         SevCmdId.DBG_ENCRYPT: lambda self, cmd: self._op_dbg(cmd, False),
         SevCmdId.GET_ATTESTATION_REPORT: _op_attestation,
-        SevCmdId.SEND_START: _op_unmodelled,
-        SevCmdId.SEND_UPDATE_DATA: _op_unmodelled,
-        SevCmdId.SEND_FINISH: _op_unmodelled,
-        SevCmdId.SEND_CANCEL: _op_unmodelled,
-        SevCmdId.RECEIVE_START: _op_unmodelled,
-        SevCmdId.RECEIVE_UPDATE_DATA: _op_unmodelled,
-        SevCmdId.RECEIVE_FINISH: _op_unmodelled,
+        SevCmdId.SEND_START: MigrationOps._op_send_start,
+        SevCmdId.SEND_UPDATE_DATA: lambda self, cmd: self._op_update_data(cmd, receive=False),
+        SevCmdId.SEND_FINISH: lambda self, cmd: self._op_handle_only(cmd, FwCmd.SEND_FINISH),
+        SevCmdId.SEND_CANCEL: lambda self, cmd: self._op_handle_only(cmd, FwCmd.SEND_CANCEL),
+        SevCmdId.RECEIVE_START: MigrationOps._op_receive_start,
+        SevCmdId.RECEIVE_UPDATE_DATA: lambda self, cmd: self._op_update_data(cmd, receive=True),
+        SevCmdId.RECEIVE_FINISH: lambda self, cmd: self._op_handle_only(cmd, FwCmd.RECEIVE_FINISH),
         SevCmdId.SNP_LAUNCH_START: _op_enotty,
         SevCmdId.SNP_LAUNCH_UPDATE: _op_enotty,
         SevCmdId.SNP_LAUNCH_FINISH: _op_enotty,

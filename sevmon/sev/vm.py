@@ -61,7 +61,7 @@ class SevVm:
     """One SEV guest as the VMM sees it."""
 
     def __init__(self, ram: RAM, *, policy: int = 0, cbitpos: int = 47, reduced_phys_bits: int = 1,
-                 kernel=None):
+                 kernel=None, dh_cert: bytes | None = None, session: bytes | None = None):
         """Open the SEV context like QEMU's ``sev_kvm_init``: check the C-bit against the host,
         read the platform version (``SEV_PLATFORM_STATUS`` on ``/dev/sev``), ``KVM_SEV_INIT``,
         map guest RAM and register it (``KVM_MEMORY_ENCRYPT_REG_REGION``).
@@ -69,6 +69,9 @@ class SevVm:
         ``kernel`` defaults to a :class:`SimulatedKvm` on a fresh simulated host whose CPUID
         reports ``cbitpos``/``reduced_phys_bits``; pass a ``SimulatedKvm(host)`` to put several
         guests on one platform, or a ``LinuxSevTransport`` for real hardware.
+
+        ``dh_cert``/``session``: the guest owner's ``dh-cert-file``/``session-file`` contents
+        (decoded), given to LAUNCH_START as QEMU does.
         """
         if kernel is None:
             kernel = SimulatedKvm(SimulatedHost(cbitpos=cbitpos, reduced_phys_bits=max(reduced_phys_bits, 0)))
@@ -83,6 +86,7 @@ class SevVm:
             raise SevError(f"SEV: reduced_phys_bits check failed, it should be >=1, requested '{reduced_phys_bits}'",
                            errno=E.EINVAL)
         self.reduced_phys_bits = reduced_phys_bits
+        self.dh_cert, self.session = dh_cert, session
         self.handle = 0
         self.measurement: bytes | None = None
         self._state = GuestState.UNINIT
@@ -120,7 +124,7 @@ class SevVm:
         in launch-secret."""
         if self._state != GuestState.UNINIT:
             raise SevError(f"SEV: launch already started (state {self.state_name})")
-        out = self._op(SevCmdId.LAUNCH_START, "LAUNCH_START", KvmSevLaunchStart, dict(handle=0, policy=self.policy))
+        out = self._launch_start()
         self.handle = out.handle
         self._state = GuestState.LUPDATE
         for gpa, image in images:
@@ -145,6 +149,28 @@ class SevVm:
         self._state = GuestState.LSECRET
         return self.measurement
 
+    def _launch_start(self):
+        """LAUNCH_START as QEMU's ``sev_launch_start``: the owner's session and DH certificate,
+        when given, travel in process buffers; a failure is QEMU's one line."""
+        k = self.kernel
+        bufs, start = [], dict(handle=0, policy=self.policy)
+        try:
+            for blob, addr, length in ((self.session, "session_uaddr", "session_len"),
+                                       (self.dh_cert, "dh_uaddr", "dh_len")):
+                if blob is not None:
+                    hva = k.alloc(len(blob))
+                    bufs.append(hva)
+                    k.write(hva, blob)
+                    start.update({addr: hva, length: len(blob)})
+            return self._op(SevCmdId.LAUNCH_START, "LAUNCH_START", KvmSevLaunchStart, start)
+        except SevError as e:
+            fw = e.fw_error if e.fw_error is not None else 0
+            raise SevError(f"sev_launch_start: LAUNCH_START ret=-1 fw_error={fw} '{fw_error_to_str(fw)}'",
+                           errno=e.errno, fw_error=e.fw_error) from None
+        finally:
+            for hva in bufs:
+                k.free(hva)
+
     def inject_launch_secret(self, header: bytes, secret: bytes, gpa: int) -> None:
         """LAUNCH_SECRET (QMP ``sev-inject-launch-secret``): the PSP checks the packet's MAC
         with the TIK, decrypts with the TEK and writes the secret with the guest's key.
@@ -156,7 +182,9 @@ class SevVm:
             raise SevError(f"SEV: Not in correct state. (LSECRET) {int(self._state):x}")
         if gpa < 0 or gpa + len(secret) > self.ram.size:
             raise SevError(f"SEV: Failed to calculate HVA for GPA {gpa:#x}", errno=E.EFAULT, gpa=gpa)
-        for pfn in range(gpa >> PAGE_SHIFT, ((gpa + max(len(secret), 1) - 1) >> PAGE_SHIFT) + 1):
+        faulted = [pfn for pfn in range(gpa >> PAGE_SHIFT, ((gpa + max(len(secret), 1) - 1) >> PAGE_SHIFT) + 1)
+                   if not self.ram.has(pfn)]
+        for pfn in faulted:
             self.ram.ensure(pfn)
         hdr_hva = self.kernel.alloc(len(header))
         trans_hva = self.kernel.alloc(len(secret))
@@ -166,6 +194,10 @@ class SevVm:
             self._op(SevCmdId.LAUNCH_SECRET, "LAUNCH_SECRET", KvmSevLaunchSecret, dict(
                 hdr_uaddr=hdr_hva, hdr_len=len(header), guest_uaddr=self._ram_hva + gpa,
                 guest_len=len(secret), trans_uaddr=trans_hva, trans_len=len(secret)))
+        except SevError:
+            for pfn in faulted:  # refused (e.g. a wrong MAC): the guest's memory is as it was
+                self.ram.drop(pfn)
+            raise
         finally:
             self.kernel.free(hdr_hva)
             self.kernel.free(trans_hva)

@@ -68,6 +68,13 @@ def test_verify_measurement(make_daemon, tmp_path):
     assert "MISMATCH" in bad.stdout
 
 
+def test_guest_owner(tmp_path):
+    p = run_example("guest_owner.py", str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "4. measurement verified with my TIK" in p.stdout
+    assert "7. read back: b\"owner's disk passphrase: hunter2\"" in p.stdout
+
+
 def test_watch_events_until_shutdown(daemon, raw):
     p = subprocess.Popen([sys.executable, str(EXAMPLES / "watch_events.py"), daemon.qmp, "60"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

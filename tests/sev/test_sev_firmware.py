@@ -197,7 +197,7 @@ def test_launch_start_rules():
     assert start(dh_cert_address=0x1000, dh_cert_len=100, session_address=0x2000, session_len=128)[0] \
         == SevRet.INVALID_LEN
     assert start(dh_cert_address=0x1000, dh_cert_len=2084, session_address=0x2000, session_len=128)[0] \
-        == SevRet.UNSUPPORTED  # the ECDH channel is not modelled
+        == SevRet.INVALID_CERTIFICATE  # an all-zero DH certificate (version 0): the channel refuses it
     # handle 2 freed -> reused first
     fw.call(FwCmd.DEACTIVATE, bytearray(SevDataHandle.build(dict(handle=b))))
     assert fw.call(FwCmd.DECOMMISSION, bytearray(SevDataHandle.build(dict(handle=b)))) == 0
@@ -253,7 +253,8 @@ def test_guest_status_and_platform_status():
     assert fw.call(FwCmd.SHUTDOWN) == 0 and fw.state == PlatformState.UNINIT
     assert _status(fw, 1)[0] == SevRet.INVALID_PLATFORM_STATE
     assert fw.call(0x7F) == SevRet.INVALID_COMMAND
-    assert fw.call(FwCmd.SEND_START) == SevRet.UNSUPPORTED
+    assert fw.call(FwCmd.SEND_START) == SevRet.INVALID_PLATFORM_STATE  # modelled now: checks the platform first
+    assert fw.call(FwCmd.SEND_UPDATE_VMSA) == SevRet.UNSUPPORTED
 
 
 def test_launch_secret_and_finish():

@@ -36,9 +36,9 @@ def test_launch_with_bios_and_independent_measurement_check(make_daemon, tmp_pat
     caps = q.cmd("query-sev-capabilities")
     assert caps["cbitpos"] == 47 and caps["reduced-phys-bits"] == 1
     r = q.cmd_obj({"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1"}})
-    assert r["error"] == {"class": "GenericError", "desc": "SEV: Migration is not implemented"}
+    assert r["error"] == {"class": "GenericError", "desc": "sevmon migrates over unix: and exec: only, not tcp:"}
     assert hmp(q, "savevm s1") == "Error: SEV: Migration is not implemented\r\n"
-    assert hmp(q, "migrate tcp:127.0.0.1:1") == "Error: SEV: Migration is not implemented\r\n"
+    assert hmp(q, "migrate bogus") == "Error: Parameter 'uri' expects a valid migration protocol\r\n"
     r = q.cmd_obj({"execute": "query-sev-attestation-report", "arguments": {"mnonce": "AAAA"}})
     assert r["error"]["desc"] == "SEV: mnonce must be 16 bytes (got 3)"
     r = q.cmd_obj({"execute": "sev-inject-launch-secret", "arguments": {"packet-header": "AA==", "secret": "AA==",

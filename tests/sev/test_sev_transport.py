@@ -273,7 +273,7 @@ def test_fault_on_launch_start_and_on_the_rmw_encrypt(image):
     with pytest.raises(SevError) as ei:
         vm.launch([(0, image)])
     assert (ei.value.errno, ei.value.fw_error) == (E.EIO, 0x17)
-    assert str(ei.value) == "SEV: LAUNCH_START failed: Required firmware resource depleted (fw error 23)"
+    assert str(ei.value) == "sev_launch_start: LAUNCH_START ret=-1 fw_error=23 'Required firmware resource depleted'"
     assert vm.state_name == "uninit"
     vm.launch([(0, image)])
     kvm.fail_firmware_call(2, SevRet.INVALID_ADDRESS)  # the DBG_ENCRYPT after the RMW's DBG_DECRYPT
