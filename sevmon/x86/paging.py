@@ -80,7 +80,7 @@ class _Tables:
     as an all-zero table). A frame reached at several levels (or from several entries) is read once.
     """
 
-    __slots__ = ("mode", "me", "root", "frames", "requests")
+    __slots__ = ("mode", "me", "root", "root_raw", "frames", "requests")
 
     def __init__(self, mem: PhysicalMemory, mode: PagingMode, cr3: int, me_mask: int):
         self.mode = mode
@@ -98,8 +98,10 @@ class _Tables:
         data = self.frames[base >> 12]
         if mode.name == "pae":
             self.root = struct.unpack_from("<4Q", data, base & 0xFFF) if data else (0,) * 4
+            self.root_raw = b""
         else:
             self.root = self.unpack(data)
+            self.root_raw = data or b""
         tmask = mode.table_mask
         nme = ~me
         level: list[int] = []       # frames of the current level (below the root)
@@ -164,7 +166,7 @@ class _Tables:
         """VA-ordered walk output: large leaves as ``(va, entry, depth, prot, private)`` tuples, and
         whole 4 KiB leaf tables as ``_LeafTable`` so a consumer can process a table in one
         tight loop (or in C, from its raw bytes) instead of one generator step per page."""
-        return self._descend(0, self.root, 0, PROT_MASK)
+        return self._descend(0, self.root, 0, PROT_MASK, self.root_raw)
 
     def _descend(self, depth: int, entries: tuple[int, ...], base: int, pprot: int, raw: bytes = b""):
         levels = self.mode.levels
@@ -177,9 +179,13 @@ class _Tables:
         ps_leaf = PG_PSE if lvl.leaf_mask else 0
         tmask = self.mode.table_mask
         frames = self.frames
-        for i, e in enumerate(entries):
-            if not e & PG_PRESENT:
-                continue
+        if raw:
+            # Visit only the present entries, found in C from their low bytes (most of a table is empty).
+            present = [hit.start() for hit in _ONES.finditer(raw[::self.mode.entry_size].translate(_POINTS_DOWN[0]))]
+        else:
+            present = [i for i, e in enumerate(entries) if e & PG_PRESENT]
+        for i in present:
+            e = entries[i]
             c = e & me
             e ^= c
             va = base + (i << shift)
