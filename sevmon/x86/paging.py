@@ -46,6 +46,7 @@ _PAGE = 4096
 
 _unpack512 = struct.Struct("<512Q").unpack
 _unpack1024 = struct.Struct("<1024I").unpack
+_ENTRY = {8: struct.Struct("<Q"), 4: struct.Struct("<I")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,7 @@ class _Tables:
     as an all-zero table). A frame reached at several levels (or from several entries) is read once.
     """
 
-    __slots__ = ("mode", "me", "root", "frames", "requests")
+    __slots__ = ("mode", "me", "root", "root_raw", "frames", "requests")
 
     def __init__(self, mem: PhysicalMemory, mode: PagingMode, cr3: int, me_mask: int):
         self.mode = mode
@@ -98,8 +99,10 @@ class _Tables:
         data = self.frames[base >> 12]
         if mode.name == "pae":
             self.root = struct.unpack_from("<4Q", data, base & 0xFFF) if data else (0,) * 4
+            self.root_raw = b""
         else:
             self.root = self.unpack(data)
+            self.root_raw = data or b""
         tmask = mode.table_mask
         nme = ~me
         level: list[int] = []       # frames of the current level (below the root)
@@ -145,10 +148,21 @@ class _Tables:
         """Leaves in VA order as ``(raw va, entry without C-bit, level index, prot, private)``."""
         me = self.me
         for item in self.chunks():
+            if type(item) is _LeafRun:
+                base, depth, pprot, raw, start, stop = item
+                entries = self.unpack(raw)
+                shift = self.mode.levels[depth].shift
+                for i in range(start, stop):
+                    e = entries[i]
+                    c = e & me
+                    e ^= c
+                    yield base + (i << shift), e, depth, e & pprot, c != 0 or not me
+                continue
             if type(item) is not _LeafTable:
                 yield item
                 continue
-            base, entries, depth, pprot, _raw = item
+            base, depth, pprot, raw = item
+            entries = self.unpack(raw)
             # 4 KiB leaf table: the hot loop (a million iterations for a million pages).
             if me:
                 for i, e in enumerate(entries):
@@ -161,22 +175,43 @@ class _Tables:
                         yield base + (i << 12), e, depth, e & pprot, True
 
     def chunks(self):
-        """VA-ordered walk output: large leaves as ``(va, entry, depth, prot, private)`` tuples, and
-        whole 4 KiB leaf tables as ``_LeafTable`` so a consumer can process a table in one
-        tight loop (or in C, from its raw bytes) instead of one generator step per page."""
-        return self._descend(0, self.root, 0, PROT_MASK)
+        """VA-ordered walk output: runs of large leaves as ``_LeafRun`` (or, under a root read without its
+        page, ``(va, entry, depth, prot, private)`` tuples), and whole 4 KiB leaf tables as ``_LeafTable``,
+        so a consumer can process them in one tight loop (or in C, from their raw bytes) instead of one
+        generator step per page."""
+        return self._descend(0, 0, PROT_MASK, self.root_raw, self.root)
 
-    def _descend(self, depth: int, entries: tuple[int, ...], base: int, pprot: int, raw: bytes = b""):
+    def _descend(self, depth: int, base: int, pprot: int, raw: bytes, entries: tuple[int, ...] = ()):
+        """The chunks under one table: from its page ``raw`` (entries unpacked only where needed), or from
+        ``entries`` alone (PAE's four PDPTEs)."""
         levels = self.mode.levels
         me = self.me
         shift = levels[depth].shift
         if depth == len(levels) - 1:
-            yield _LeafTable(base, entries, depth, pprot, raw)
+            yield _LeafTable(base, depth, pprot, raw)
             return
         lvl = levels[depth]
         ps_leaf = PG_PSE if lvl.leaf_mask else 0
         tmask = self.mode.table_mask
         frames = self.frames
+        if raw:
+            # Visit only the present entries, found in C from their low bytes (most of a table is empty);
+            # consecutive large leaves go up as one _LeafRun (a direct map is thousands of them).
+            kinds = raw[::self.mode.entry_size].translate(_ENTRY_KINDS[1 if ps_leaf else 0])
+            present = []
+            for hit in _KIND_RUNS.finditer(kinds):
+                first, stop = hit.span()
+                if kinds[first] == 1:   # a pointer, maybe followed by leaves
+                    present.append(first)
+                    first += 1
+                if first < stop:
+                    if present:
+                        yield from self._pointers(depth, raw, base, pprot, present)
+                        present = []
+                    yield _LeafRun(base, depth, pprot, raw, first, stop)
+            if present:
+                yield from self._pointers(depth, raw, base, pprot, present)
+            return
         for i, e in enumerate(entries):
             if not e & PG_PRESENT:
                 continue
@@ -188,8 +223,23 @@ class _Tables:
                 continue
             data = frames.get((e & tmask) >> 12)
             if data is not None:
-                yield from self._descend(depth + 1, self.unpack(data), va,
-                                         pprot & e if lvl.ands_prot else pprot, data)
+                yield from self._descend(depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
+
+    def _pointers(self, depth: int, raw: bytes, base: int, pprot: int, present: list[int]):
+        """Descend through the entries ``present`` of a non-leaf table, all pointers to next-level tables."""
+        lvl = self.mode.levels[depth]
+        shift = lvl.shift
+        nme = ~self.me
+        tmask = self.mode.table_mask
+        frames = self.frames
+        esize = self.mode.entry_size
+        entry = _ENTRY[esize].unpack_from
+        for i in present:
+            e = entry(raw, i * esize)[0] & nme
+            va = base + (i << shift)
+            data = frames.get((e & tmask) >> 12)
+            if data is not None:
+                yield from self._descend(depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
 
 
 def _tables(mem: PhysicalMemory, cpu: CpuState, me_mask: int) -> _Tables | None:
@@ -226,11 +276,21 @@ def _flag_table() -> tuple[str, ...]:
 _FLAGS = _flag_table()
 
 
-class _LeafTable(NamedTuple):
-    """One 4 KiB-leaf table of the walk: its VA, entries (C-bit still set), raw page bytes."""
+class _LeafRun(NamedTuple):
+    """Consecutive present large leaves, entries ``start`` to ``stop`` of the table ``raw`` at ``depth``."""
 
     base: int
-    entries: tuple[int, ...]
+    depth: int
+    pprot: int
+    raw: bytes
+    start: int
+    stop: int
+
+
+class _LeafTable(NamedTuple):
+    """One 4 KiB-leaf table of the walk: its VA and raw page bytes (entries with the C-bit still set)."""
+
+    base: int
     depth: int
     pprot: int
     raw: bytes
@@ -243,6 +303,10 @@ _PROT_RUNS = re.compile(rb"([\x01-\x07])\1*")
 _POINTS_DOWN = [bytes(1 if b & PG_PRESENT else 0 for b in range(256)),
                 bytes(1 if b & PG_PRESENT and not b & PG_PSE else 0 for b in range(256))]
 _ONES = re.compile(rb"\x01")
+# _descend: a low byte -> 0 absent, 1 points to a table, 2 large leaf ([0]: PS ignored, [1]: PS = leaf)
+_ENTRY_KINDS = [bytes(1 if b & PG_PRESENT else 0 for b in range(256)),
+                bytes((2 if b & PG_PSE else 1) if b & PG_PRESENT else 0 for b in range(256))]
+_KIND_RUNS = re.compile(rb"[\x01\x02]\x02*")  # a char class first: re skips the zero bytes in C
 _LOW_DIGITS: dict[tuple[int, int], list[str]] = {}
 
 
@@ -268,10 +332,12 @@ def info_tlb(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
     sext = -(1 << (cbit + 1)) & _U64 if cbit else 0
     flags = _FLAGS
     pa4k = masks[last] & ~t.me & _U64
+    nme = ~t.me
+    shifts = [lvl.shift for lvl in mode.levels]
     for item in t.chunks():
         if type(item) is _LeafTable:
             # a whole 4 KiB table at once; print_pte(..., pte & ~PG_PSE_MASK, ...): PAT is not "P"
-            base, entries = item.base, item.entries
+            base, entries = item.base, t.unpack(item.raw)
             if cbit and base >> cbit & 1:
                 base |= sext
             # The VA of entry i is base + (i << 12): its top 10 hex digits are the table's, the low 6
@@ -279,6 +345,17 @@ def info_tlb(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
             pre, low = f"{base:016x}"[:10], _low_digits(base & 0xFFFFFF, len(entries))
             yield from [f"{pre}{low[i]}: {e & pa4k:016x} {flags[((e >> 54) & 0x200) | (e & 0x17E)]}"
                         for i, e in enumerate(entries) if e & PG_PRESENT]
+            continue
+        if type(item) is _LeafRun:
+            base, depth, _pprot, raw, start, stop = item
+            entries = t.unpack(raw)
+            shift, mask = shifts[depth], masks[depth] & nme
+            for i in range(start, stop):
+                va = base + (i << shift)
+                if cbit and va >> cbit & 1:
+                    va |= sext
+                e = entries[i]
+                yield f"{va:016x}: {e & mask:016x} {flags[((e >> 54) & 0x200) | (e & 0x1FE)]}"
             continue
         va, e, depth, _prot, _priv = item
         if cbit and va >> cbit & 1:
@@ -313,6 +390,20 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
     # when it reaches the top). Present leaves always have prot != 0 (P is set all the way down).
     esize = 8 if mode.wide else 4
     for item in t.chunks():
+        if type(item) is _LeafRun:
+            # A run of large leaves, merged like a 4 KiB table below (prot codes from the low bytes).
+            base, shift = item.base, shifts[item.depth]
+            codes = item.raw[item.start * esize:item.stop * esize:esize].translate(
+                _PROT_CODES[item.pprot & PROT_MASK])
+            base += item.start << shift
+            for run in _PROT_RUNS.finditer(codes):
+                va, prot = base + (run.start() << shift), codes[run.start()]
+                if va != end or prot != cur:
+                    if start >= 0:
+                        yield line(start, end, cur)
+                    start, cur = va, prot
+                end = base + (run.end() << shift)
+            continue
         if type(item) is not _LeafTable:
             va, _e, depth, prot, _priv = item
             if va != end or prot != cur:
