@@ -110,9 +110,10 @@ def own_schema_entries(registry: CommandRegistry, qemu_commands: set[str]) -> li
             if isinstance(e.get(k), str):
                 refs.append(e[k])
                 e[k] = rename(e[k])
-        if "members" in e:
-            e["members"] = [dict(m, type=rename(m["type"])) for m in e["members"]]
-            refs += [m["type"] for m in entry["members"]]
+        for key in ("members", "variants"):  # enum members carry only a name
+            if key in e:
+                e[key] = [dict(m, type=rename(m["type"])) if "type" in m else m for m in e[key]]
+                refs += [m["type"] for m in entry[key] if "type" in m]
         out.append(e)
         for r in refs:
             if r not in seen and r in by_name and by_name[r]["meta-type"] not in ("command", "event"):
