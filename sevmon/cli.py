@@ -29,7 +29,8 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     sev.add_argument("--no-sev", dest="sev", action="store_false", help="plain, unencrypted memory")
     g.add_argument("--policy", type=integer, default=0x0,
                    help="SEV guest policy (default 0x0: debugging allowed; QEMU's default 0x1 forbids it)")
-    g.add_argument("--cbitpos", type=int, default=47, help="C-bit position, CPUID 0x8000001F EBX[5:0] (default 47)")
+    g.add_argument("--cbitpos", type=int, default=None,
+                   help="C-bit position, CPUID 0x8000001F EBX[5:0] (default: the host's under --kvm, else 47)")
     g.add_argument("--reduced-phys-bits", type=int, default=1, help="CPUID 0x8000001F EBX[11:6] (default 1)")
     g.add_argument("--bios", metavar="FILE", help="firmware image measured at launch (default: a built-in one)")
     g.add_argument("--pflash", metavar="FILE", action="append", default=[], help="pflash image, measured after the BIOS")
@@ -46,12 +47,29 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="built-in guest: do not run the page-mapping workload while running")
 
 
+def _cbitpos(args: argparse.Namespace) -> int:
+    """--cbitpos, else under --kvm the host's own (CPUID 0x8000001F EBX[5:0]: 47 on Rome, 51 on Milan and Genoa),
+    else 47 (the platform model's Rome-like default). A host without SEV reports 0: keep 47 and let the
+    transport say why SEV is unavailable."""
+    if args.cbitpos is not None:
+        return args.cbitpos
+    if args.kvm:
+        from sevmon.sev.linux import SevUnavailable, host_cpuid
+        try:
+            cbit = host_cpuid().cbitpos
+        except SevUnavailable:
+            cbit = 0
+        if cbit:
+            return cbit
+    return 47
+
+
 def guest_spec(args: argparse.Namespace) -> GuestSpec:
     """The guest options as a :class:`GuestSpec` (the machine layer never sees argparse)."""
     source = "core" if args.core else "raw" if args.raw else "builtin"
     # SEV is the default for the built-in guest only; --sev/--no-sev decide for images.
     sev_on = args.sev is not False if source == "builtin" else bool(args.sev)
-    sev = SevSpec(policy=args.policy, cbitpos=args.cbitpos, reduced_phys_bits=args.reduced_phys_bits,
+    sev = SevSpec(policy=args.policy, cbitpos=_cbitpos(args), reduced_phys_bits=args.reduced_phys_bits,
                   kvm=args.kvm) if sev_on else None
     return GuestSpec(source=source, image=args.core or args.raw, cpu_state=args.cpu_state, sev=sev,
                      bios=args.bios, pflash=tuple(args.pflash), paging=CLI_NAMES[args.paging],

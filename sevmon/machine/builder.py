@@ -52,6 +52,9 @@ def _debug_memory(spec: GuestSpec):
 
 
 def _build(spec: GuestSpec) -> LocalMachine:
+    if spec.source == "builtin" and spec.sev is not None and spec.sev.kvm:
+        raise GuestError("--kvm needs a guest image (--core or --raw): the built-in guest runs only on the SEV "
+                         "platform model, it has no vCPU on real KVM")
     if spec.source == "builtin":
         from sevmon.machine.builtin_guest import build_builtin
         return build_builtin(spec, _debug_memory(spec))
