@@ -1,4 +1,4 @@
-"""The ``sevmon`` command: ``serve`` (the daemon), ``shell`` (interactive HMP), ``bench``."""
+"""The ``sevmon`` command: ``serve`` (the daemon), ``shell`` (interactive HMP), ``bench``, ``check``."""
 
 from __future__ import annotations
 
@@ -103,12 +103,20 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeat", type=int, default=5)
     add_guest_options(bench)
 
+    check = sub.add_parser("check", help="can this host debug a live SEV guest? (exit 0 only when it can)")
+    check.add_argument("--qemu-pid", type=int, metavar="PID", help="also check this running QEMU")
+    check.add_argument("--qemu-qmp", metavar="SOCKET", help="QEMU's QMP socket, to read its guest policy")
+    check.add_argument("--json", action="store_true")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sevmon: %(message)s", stream=sys.stderr)
     if args.subcommand == "serve":
         from sevmon.daemon import serve
         return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp)
+    if args.subcommand == "check":
+        from sevmon.check import main as check_main
+        return check_main(args.qemu_pid, args.qemu_qmp, args.json)
     if args.subcommand == "shell":
         from sevmon.shell.app import run_shell
         return run_shell(args)
