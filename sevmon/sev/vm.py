@@ -233,7 +233,7 @@ class SevVm:
         base, buf = self._dbg_buffer(gpa, length)
         try:
             self._op(SevCmdId.DBG_DECRYPT, "DBG_DECRYPT", KvmSevDbg,
-                     dict(src_uaddr=self._ram_hva + gpa, dst_uaddr=buf, len=length), span=(gpa, length))
+                     dict(src_uaddr=self._hva(gpa), dst_uaddr=buf, len=length), span=(gpa, length))
             return self.kernel.read(buf, length)
         finally:
             self.kernel.free(base)
@@ -248,9 +248,13 @@ class SevVm:
         try:
             self.kernel.write(buf, data)
             self._op(SevCmdId.DBG_ENCRYPT, "DBG_ENCRYPT", KvmSevDbg,
-                     dict(src_uaddr=buf, dst_uaddr=self._ram_hva + gpa, len=len(data)), span=(gpa, len(data)))
+                     dict(src_uaddr=buf, dst_uaddr=self._hva(gpa), len=len(data)), span=(gpa, len(data)))
         finally:
             self.kernel.free(base)
+
+    def _hva(self, gpa: int) -> int:
+        """Where guest physical ``gpa`` is mapped in this process (one linear mapping of guest RAM)."""
+        return self._ram_hva + gpa
 
     def _dbg_buffer(self, gpa: int, length: int) -> tuple[int, int]:
         """A page-aligned user buffer and the address in it at ``gpa``'s offset within its page.
@@ -260,7 +264,7 @@ class SevVm:
         into whatever physical page follows (sev-api.md §2.1 bug (c): host memory corruption). With the
         destination at the source's page offset, every chunk's destination ends where its source page ends.
         """
-        off = (self._ram_hva + gpa) & (PAGE_SIZE - 1)
+        off = self._hva(gpa) & (PAGE_SIZE - 1)
         base = self.kernel.alloc(off + length)
         return base, base + off
 
