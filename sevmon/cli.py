@@ -8,12 +8,20 @@ import sys
 
 from sevmon import __version__
 from sevmon.machine.spec import GuestSpec, SevSpec
+from sevmon.options import (
+    CBITPOS_MAX,
+    MEMORY_MAX_MIB,
+    MEMORY_MIN_MIB,
+    POLICY_MAX,
+    OneLineParser,
+    add_verbose,
+    check_guest_options,
+    ranged,
+)
 from sevmon.x86.modes import CLI_NAMES
 
-
-def integer(text: str) -> int:
-    """An integer in C notation (0x1f, 017, 31), as QEMU's options take them."""
-    return int(text, 0)
+DESCRIPTION = ("A QEMU-compatible monitor daemon (QMP and HMP) for AMD SEV guests: serve runs it, "
+               "shell is an HMP prompt over its QMP socket, bench measures its kernel round trips.")
 
 
 def add_guest_options(p: argparse.ArgumentParser) -> None:
@@ -27,18 +35,22 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     sev.add_argument("--sev", dest="sev", action="store_true", default=None,
                      help="run the guest as an SEV guest on the platform model (default for the built-in guest)")
     sev.add_argument("--no-sev", dest="sev", action="store_false", help="plain, unencrypted memory")
-    g.add_argument("--policy", type=integer, default=0x0,
+    g.add_argument("--policy", type=ranged(0, POLICY_MAX, hexa=True), default=0x0,
                    help="SEV guest policy (default 0x0: debugging allowed; QEMU's default 0x1 forbids it)")
-    g.add_argument("--cbitpos", type=int, default=None,
-                   help="C-bit position, CPUID 0x8000001F EBX[5:0] (default: the host's under --kvm, else 47)")
-    g.add_argument("--reduced-phys-bits", type=int, default=1, help="CPUID 0x8000001F EBX[11:6] (default 1)")
+    g.add_argument("--cbitpos", type=ranged(0, CBITPOS_MAX), default=None,
+                   help="C-bit position, CPUID 0x8000001F EBX[5:0] (default: the host's under --kvm, else 47); "
+                        f"must lie above the guest-physical address width of the guest's RAM, at most {CBITPOS_MAX}")
+    g.add_argument("--reduced-phys-bits", type=ranged(1, 63), default=1,
+                   help="physical address bits lost to the C-bit, CPUID 0x8000001F EBX[11:6], 1..63 (default 1)")
     g.add_argument("--bios", metavar="FILE", help="firmware image measured at launch (default: a built-in one)")
     g.add_argument("--pflash", metavar="FILE", action="append", default=[], help="pflash image, measured after the BIOS")
     g.add_argument("--paging", choices=["4", "5", "pae", "32"], default="4", help="built-in guest paging mode")
-    g.add_argument("--memory", metavar="MIB", type=int, default=256, help="built-in guest RAM size in MiB")
+    g.add_argument("--memory", metavar="MIB", type=ranged(MEMORY_MIN_MIB, MEMORY_MAX_MIB, what="MiB"), default=256,
+                   help=f"built-in guest RAM size in MiB, {MEMORY_MIN_MIB}..{MEMORY_MAX_MIB} (default 256)")
     g.add_argument("--debug-policy", choices=["on", "off"], default="on",
                    help="security-policy object: 'off' forbids debug access even if the guest policy allows it")
-    g.add_argument("--debug-cache-mb", type=int, default=64, help="debug page cache size (MiB)")
+    g.add_argument("--debug-cache-mb", type=ranged(0, 1 << 20, what="MiB"), default=64,
+                   help="plaintext page cache size in MiB, 0 (no cache) or more (default 64)")
     g.add_argument("--kvm", action="store_true", help="use the real /dev/kvm + /dev/sev (SEV hardware only)")
     g.add_argument("-S", dest="prelaunch", action="store_true",
                    help="freeze the CPU at startup (QEMU's -S): the SEV guest stays in launch-secret, where "
@@ -77,40 +89,70 @@ def guest_spec(args: argparse.Namespace) -> GuestSpec:
                      debug_cache_mb=args.debug_cache_mb, prelaunch=args.prelaunch, workload=args.workload)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sevmon", description=__doc__)
+def build_parser() -> OneLineParser:
+    """The whole command line; ``parser.subcommands`` maps each subcommand to its parser."""
+    parser = OneLineParser(prog="sevmon", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"sevmon {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="subcommand", required=True)
 
     serve = sub.add_parser("serve", help="run the monitor daemon (QMP, and HMP with --hmp)")
     serve.add_argument("--qmp", metavar="PATH", action="append",
                        help="QMP UNIX socket (repeatable; default ./sevmon-qmp.sock)")
     serve.add_argument("--hmp", metavar="PATH", action="append", default=[], help="HMP UNIX socket (repeatable)")
+    serve.add_argument("--attach", metavar="QEMU_QMP_SOCKET",
+                       help="be the monitor of a running QEMU: its QMP socket, its RAM in a shared backend "
+                            "(see README)")
     add_guest_options(serve)
+    add_verbose(serve)
 
-    shell = sub.add_parser("shell", help="interactive HMP shell over QMP")
-    shell.add_argument("socket", nargs="?", default="./sevmon-qmp.sock", metavar="QMP_SOCKET")
+    shell = sub.add_parser("shell", help="interactive HMP shell over QMP",
+                           description="An HMP prompt over a QMP socket, as QEMU's monitor console.")
+    shell.add_argument("socket", nargs="?", default="./sevmon-qmp.sock", metavar="QMP_SOCKET",
+                       help="the daemon's QMP socket (default ./sevmon-qmp.sock)")
     shell.add_argument("-c", "--command", action="append", default=[], metavar="LINE",
                        help="run LINE non-interactively (repeatable); exit non-zero on a QMP error")
 
     bench = sub.add_parser("bench", help="measure round trips and times, side by side")
-    bench.add_argument("--json", action="store_true")
-    bench.add_argument("--scale", type=int, nargs="?", const=1_000_000, default=None, metavar="N")
-    bench.add_argument("--vs-qemu", nargs=2, metavar=("KERNEL", "INITRD"))
+    bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench.add_argument("--scale", type=ranged(10, 100_000_000), nargs="?", const=1_000_000, default=None,
+                       metavar="N", help="also time a generated guest with N mapped pages, 10..100000000 "
+                                         "(default 1000000)")
+    bench.add_argument("--vs-qemu", nargs=2, metavar=("KERNEL", "INITRD"),
+                       help="also compare with QEMU 7.2's own info tlb/info mem on a TCG guest booting KERNEL")
     bench.add_argument("--qemu-cpu", default="max,la57=off", metavar="MODEL",
                        help="-cpu for --vs-qemu (\"max\" lets Linux use 5-level paging)")
-    bench.add_argument("--repeat", type=int, default=5)
+    bench.add_argument("--attach", action="store_true",
+                       help="with --vs-qemu: sevmon attached to the live QEMU (serve --attach) against QEMU's own "
+                            "monitor, same paused guest (4 GiB of RAM)")
+    bench.add_argument("--repeat", type=ranged(1, 1000), default=5,
+                       help="wall times are medians of this many runs, 1..1000 (default 5)")
     add_guest_options(bench)
 
     check = sub.add_parser("check", help="can this host debug a live SEV guest? (exit 0 only when it can)")
     check.add_argument("--qemu-pid", type=int, metavar="PID", help="also check this running QEMU")
     check.add_argument("--qemu-qmp", metavar="SOCKET", help="QEMU's QMP socket, to read its guest policy")
-    check.add_argument("--json", action="store_true")
+    check.add_argument("--json", action="store_true", help="print the checks as one JSON object")
 
+    add_verbose(shell)
+    add_verbose(bench)
+    add_verbose(check)
+    parser.subcommands = sub.choices
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.subcommand in ("serve", "bench") and args.cbitpos is None:
+        args.cbitpos = _cbitpos(args)
+    if args.subcommand in ("serve", "bench"):
+        check_guest_options(parser.subcommands[args.subcommand], args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sevmon: %(message)s", stream=sys.stderr)
+    if args.subcommand == "serve" and args.attach:
+        from sevmon.attach.serve import serve_attached
+        return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp)
     if args.subcommand == "serve":
         from sevmon.daemon import serve
         return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp)

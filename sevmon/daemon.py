@@ -21,14 +21,19 @@ log = logging.getLogger("sevmon")
 GUEST_TICK = 0.05  # seconds between guest time slices while running
 
 
-async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None) -> None:
+async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None,
+                     build_commands=build, configure=None, until=None) -> None:
+    """``build_commands(machine)`` gives the command set; ``configure(server)`` adjusts the
+    QMP server before it listens; ``until`` (an awaitable) also ends the daemon."""
     # The machine thread runs long pure-Python walks; a short GIL switch interval lets the
     # event loop answer state queries and other clients' I/O in between (measured by
     # sevmon bench: query-status p99 under 31 concurrent info mem clients).
     sys.setswitchinterval(0.0005)
     runner = MachineRunner(machine)
-    registry, hmp = build(runner)
+    registry, hmp = build_commands(runner)
     server = QMPServer(runner, registry, hmp)
+    if configure is not None:
+        configure(server)
     hmp_server = None
     paths: list[str] = []
     loop = asyncio.get_running_loop()
@@ -49,7 +54,12 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
         if ready is not None:
             ready()
         ticker = asyncio.create_task(_guest_ticker(runner))
-        await server.shutdown.wait()
+        waits = [asyncio.ensure_future(server.shutdown.wait())]
+        if until is not None:
+            waits.append(asyncio.ensure_future(until))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
         ticker.cancel()
     finally:
         await runner.cancel_jobs()  # SIGTERM mid-dump: the dump stops and removes its partial file

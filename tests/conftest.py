@@ -20,6 +20,14 @@ if not FIXTURES.exists():  # CI lays shared/ beside the clone
 FIXTURE_NAMES = ["linux-4level", "linux-pae", "linux-32bit"]
 
 
+def pytest_configure(config):
+    """sevmon's pytest plugin (sevmon_daemon, sevmon_qmp) even where the installed sevmon's metadata
+    predates its pytest11 entry point (an editable install made before it existed)."""
+    plugin = "sevmon.testing.pytest_plugin"
+    if not config.pluginmanager.has_plugin(plugin):
+        config.pluginmanager.import_plugin(plugin)
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run long soak/fuzz/scale tests")
 

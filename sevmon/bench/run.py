@@ -18,7 +18,7 @@ import time
 
 from sevmon.bench.readers import make_reader
 from sevmon.memory.ram import PAGE_SHIFT
-from sevmon.x86 import paging
+from sevmon.x86 import cbit_map, paging
 
 PMEMSAVE_SIZE = 64 << 20
 CHUNK = 1 << 20
@@ -47,6 +47,7 @@ def _workloads(machine):
     return {
         "info tlb": lambda mem: _consume(paging.info_tlb(mem, cpu, mask)),
         "info mem": lambda mem: _consume(paging.info_mem(mem, cpu, mask)),
+        "info sev-mem": lambda mem: cbit_map.build_map(mem, machine.cpus, 0, mask),
         "pmemsave 64MiB": lambda mem: _pmemsave(mem, machine.ram),
     }
 
@@ -223,6 +224,12 @@ def run_bench(args, spec) -> int:
     """``sevmon bench``: ``spec`` is the guest (SEV, no workload); ``args`` the bench's own options."""
     from sevmon.machine.builder import GuestError, build_machine
 
+    if args.vs_qemu and args.attach:  # a live QEMU, not sevmon's own guest: that comparison alone
+        from sevmon.bench.vs_qemu_attach import compare_attached
+        report = {"vs-qemu-attach": compare_attached(*args.vs_qemu, args.qemu_cpu, "4G", args.repeat)}
+        print(json.dumps(report, indent=1))
+        return 0
+
     try:
         machine = build_machine(spec)
     except GuestError as e:
@@ -246,7 +253,7 @@ def _print_table(report: dict) -> None:
     cols = ("round-trips", "firmware-calls", "bytes-decrypted", "cache-hits", "cache-misses", "wall-ms",
             "per-page-round-trips", "naive-round-trips", "naive-wall-ms")
     print(f"{'command':16} {'phase':5} " + " ".join(f"{c:>20}" for c in cols))
-    for name in ("info tlb", "info mem", "pmemsave 64MiB"):
+    for name in ("info tlb", "info mem", "info sev-mem", "pmemsave 64MiB"):
         for phase in ("cold", "warm"):
             row = report[name][phase]
             print(f"{name:16} {phase:5} " + " ".join(f"{row.get(c, ''):>20}" for c in cols))
@@ -256,6 +263,6 @@ def _print_table(report: dict) -> None:
     print("\nlatency under load:")
     for k, v in report["latency"].items():
         print(f"  {k:22} p50 {v['p50-ms']:8} ms   p99 {v['p99-ms']:8} ms")
-    for key in ("scale", "vs-qemu"):
+    for key in ("scale", "vs-qemu", "vs-qemu-attach"):
         if key in report:
             print(f"\n{key}: {json.dumps(report[key], indent=1)}")

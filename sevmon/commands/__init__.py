@@ -15,10 +15,10 @@ from sevmon.qmp.schema import Schema
 
 def build(runner) -> tuple[CommandRegistry, HumanMonitor]:
     """The QMP registry and the human monitor for ``runner``'s machine, every command registered."""
-    from sevmon.commands import control, dump, memory, runstate, sev
+    from sevmon.commands import control, dump, memory, runstate, sev, sevmem
 
     registry = CommandRegistry(Schema())
     hmp, info = CommandTable(), CommandTable()
-    for module in (control, runstate, sev, memory, dump):
+    for module in (control, runstate, sev, memory, dump, sevmem):
         module.register(registry, hmp, info)
     return registry, HumanMonitor(runner, hmp, info)

@@ -12,6 +12,7 @@ import os
 import threading
 
 from sevmon.debug.ops import DebugError
+from sevmon.machine.cbit_note import cbit_note
 from sevmon.machine.dump import write_core
 from sevmon.machine.interface import RunState
 from sevmon.memory.ram import PAGE_SHIFT
@@ -66,7 +67,8 @@ class DumpJob:
 
         try:
             with os.fdopen(self.fd, "wb") as f:
-                write_core(f, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length)
+                write_core(f, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length,
+                           extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
             self.status = "completed"
         except Cancelled:
             self.status, self.error = "failed", "dump cancelled: sevmon is shutting down"

@@ -68,6 +68,6 @@ def register(registry, hmp, info) -> None:
         k = kvm_info(ctx.machine)
         if k["present"]:
             ctx.print("kvm support: " + ("enabled" if k["enabled"] else "disabled"))
-            ctx.print("memory encryption: " + ("enabled" if ctx.machine.sev is not None else "disabled"))
+            ctx.print("memory encryption: " + ("enabled" if ctx.machine.config.memory_encryption else "disabled"))
         else:
             ctx.print("kvm support: not compiled")

@@ -13,6 +13,7 @@ import contextlib
 import logging
 
 from sevmon import __version__
+from sevmon.cmdlog import hmp_label, timed
 from sevmon.unixsock import listen_unix
 
 log = logging.getLogger("sevmon.hmp")
@@ -51,8 +52,9 @@ class HMPServer:
                     continue
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
 
-                out = await self.runner.command(
-                    lambda line=line: self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT))
+                with timed(f"HMP {hmp_label(line)}"):
+                    out = await self.runner.command(
+                        lambda line=line: self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT))
                 writer.write((out.replace("\n", "\r\n") + PROMPT).encode("utf-8", "replace"))
                 await writer.drain()
                 if reader.at_eof():

@@ -15,6 +15,7 @@ from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_ra
 from sevmon.machine.interface import MachineConfig
 from sevmon.machine.launch import launch_sev
 from sevmon.machine.local import LocalMachine
+from sevmon.machine.paging_registers import paging_registers_error
 from sevmon.machine.sevify import set_cbit
 from sevmon.machine.spec import GuestSpec
 from sevmon.memory.ram import PAGE_SHIFT
@@ -63,12 +64,16 @@ def _build(spec: GuestSpec) -> LocalMachine:
     image = load_core(spec.image) if spec.source == "core" else load_raw(spec.image)
     if spec.cpu_state:
         apply_cpu_json(image, spec.cpu_state)
+    if spec.source == "raw":
+        problem = paging_registers_error(spec.cpu_state, image.cpus[0])
+        if problem:
+            raise GuestError(problem)
     ram, cpus = image.ram, image.cpus
     sev = None
     if spec.sev is not None:
         set_cbit(ram, cpus[0], spec.sev.cbitpos)
         runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
         sev = launch_sev(ram, runs, spec.sev)
-    config = MachineConfig(kvm_enabled=sev is not None, source=spec.source, debug_policy=spec.debug_policy)
+    config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source=spec.source, debug_policy=spec.debug_policy)
     return LocalMachine(ram, cpus, _debug_memory(spec)(ram, sev), config=config, sev=sev,
                         prelaunch=spec.prelaunch, running=False)

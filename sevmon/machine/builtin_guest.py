@@ -18,6 +18,7 @@ so a monitor that served stale cached data would show it.
 from __future__ import annotations
 
 import random
+import struct
 from dataclasses import dataclass
 
 from sevmon.machine.interface import MachineConfig
@@ -40,7 +41,7 @@ from sevmon.x86.pte import TABLE_FLAGS as TABLE
 
 FIRMWARE_SIZE = 64 * 1024
 KERNEL_PA = 0x1000000
-#: The least RAM the built-in guest boots in: kernel image, its tables and pages, firmware at the top.
+#: The least RAM the built-in guest boots in: its kernel at 16 MiB, its tables and pages above 24 MiB.
 MIN_MEMORY_MIB = 32
 
 
@@ -154,6 +155,29 @@ class GuestOS:
                 return
             table = entry & ~self.cbit & PG_ADDRESS_MASK
 
+    def set_memory_decrypted(self, va: int) -> None:
+        """Linux's ``set_memory_decrypted`` for the 4 KiB page at ``va``: the large pages that cover it are split
+        down to 4 KiB (``split_large_page``: a table of the next level, same flags) and its entry loses the C-bit.
+        Without it the direct map would alias the shared page as private."""
+        table = self.root
+        levels = self.mode.levels
+        for depth, shift, idx in self._indexes(va):
+            entry = self.tables[table][idx]
+            if shift == 12:
+                self.set_entry(table, idx, entry & ~self.cbit)
+                return
+            if entry & PS:
+                below = levels[depth + 1]
+                base = entry & PG_ADDRESS_MASK & ~((1 << shift) - 1)
+                flags = entry & (0xFFF | NX) & ~PS | (PS if below.shift > 12 else 0)
+                child = self.alloc()
+                entries = [self.enc(base + (i << below.shift) | flags) for i in range(below.entries)]
+                self.tables[child] = entries
+                self.write(child, struct.pack(f"<{below.entries}Q", *entries))
+                self.set_entry(table, idx, self.enc(child | TABLE))
+                entry = self.tables[table][idx]
+            table = entry & ~self.cbit & PG_ADDRESS_MASK
+
     def data_page(self, text: str, private: bool = True) -> int:
         """A page of ``text``; ``private=False`` writes it shared where the mode can say so (with 4-byte entries
         every access is private: legacy paging cannot clear a C-bit)."""
@@ -192,6 +216,8 @@ class GuestOS:
         if self.sev:
             shared = self.data_page("shared (unencrypted) bounce buffer", private=False)
             self.map(lay.shared, shared, P | RW | A | D | G | nx, private=False)
+            if lay.direct is not None and mode.wide:
+                self.set_memory_decrypted(lay.direct + shared)
         self.workload_page = self.alloc()
         return self.cpu()
 
@@ -238,7 +264,7 @@ def build_builtin(spec: GuestSpec, memory_for) -> LocalMachine:
         for gpa, blob in images:
             ram.write(gpa, blob)
         guest = GuestOS(ram, lambda gpa, data, private=True: ram.write(gpa, data), 0, mode, workload=spec.workload)
-    config = MachineConfig(kvm_enabled=sev is not None, source="builtin", debug_policy=spec.debug_policy)
+    config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source="builtin", debug_policy=spec.debug_policy)
     # Under -S the vCPU sits at the reset vector (paging off) and the launch is not finished.
     cpu = CpuState(0, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})
     return LocalMachine(ram, [cpu], memory_for(ram, sev), config=config, sev=sev, program=guest,

@@ -203,7 +203,7 @@ def _filter_runs(runs: list[tuple[int, int]], begin: int, length: int) -> list[t
 
 def dump_layout(cpus: Sequence[CpuState], ram_runs: Iterable[tuple[int, int]], *,
                 begin: int | None = None, length: int | None = None,
-                elf_class: int | None = None) -> dict:
+                elf_class: int | None = None, extra_notes: bytes = b"") -> dict:
     """Work out what :func:`write_core` will write (class, machine, runs, offsets, size)."""
     if (begin is None) != (length is None):
         raise ValueError(f"Parameter '{'length' if length is None else 'begin'}' is missing")
@@ -223,7 +223,7 @@ def dump_layout(cpus: Sequence[CpuState], ram_runs: Iterable[tuple[int, int]], *
     ehsize, phentsize, shentsize = (64, 56, 64) if elf_class == 64 else (52, 32, 40)
     phdr_num = 1 + len(runs)
     have_section = phdr_num >= PN_XNUM
-    notes = build_notes(cpus, long_mode)
+    notes = build_notes(cpus, long_mode) + extra_notes
     note_offset = ehsize + phentsize * phdr_num + (shentsize if have_section else 0)
     memory_offset = note_offset + len(notes)
     total = sum(s for _, s in runs)
@@ -279,6 +279,7 @@ def write_core(
     begin: int | None = None,
     length: int | None = None,
     elf_class: int | None = None,
+    extra_notes: bytes = b"",
 ) -> int:
     """Stream a QEMU-layout ELF core of ``ram_runs`` to ``fileobj``; return bytes written.
 
@@ -288,9 +289,10 @@ def write_core(
     ``progress(done, total)`` is called after every piece (RAM bytes). ``begin``/``length``
     restrict the dump to ``[begin, begin+length)`` like ``dump-guest-memory``'s filter
     (both or neither; ValueError with QEMU's text otherwise). ``elf_class`` (32/64)
-    overrides QEMU's class rule (see the module docstring).
+    overrides QEMU's class rule (see the module docstring). ``extra_notes`` (whole notes)
+    follow QEMU's in the PT_NOTE segment.
     """
-    lay = dump_layout(cpus, ram_runs, begin=begin, length=length, elf_class=elf_class)
+    lay = dump_layout(cpus, ram_runs, begin=begin, length=length, elf_class=elf_class, extra_notes=extra_notes)
     head = _headers(lay)
     assert len(head) == lay["note_offset"]
     fileobj.write(head)

@@ -17,7 +17,8 @@
   32-bit PC guests (BIOS ROM below 4 GiB), e.g. the PAE fixture, which must not get LMA.
   NXE cannot be inferred and stays 0 -- load cpu.json for a faithful EFER.
 * :func:`load_raw` reads a raw RAM image (``pmemsave`` of all RAM): gpa 0 at offset 0,
-  every page stored (zero pages included), a short last page zero-padded.
+  every page stored (zero pages included), a short last page zero-padded (RAM is whole
+  pages: an SEV launch encrypts it page by page).
 
 Every failure is an :class:`ImageError` whose message is one sentence starting with the
 path, e.g. ``core.elf: not an ELF file``.
@@ -53,7 +54,8 @@ class LoadedImage:
 
     ``ram_size`` is ``ram.size``: for a core, the highest end (``p_paddr + p_memsz``) of
     any PT_LOAD rounded up to a page -- a sparse core (like the fixtures) reports less than
-    the guest's configured RAM; for a raw image, the file size (or the ``ram_size`` given).
+    the guest's configured RAM; for a raw image, the file size (or the ``ram_size`` given)
+    rounded up to a page.
     """
 
     ram: RAM
@@ -62,6 +64,8 @@ class LoadedImage:
     kind: str = "raw"  # 'elf64' | 'elf32' | 'raw'
     machine: str = ""  # 'EM_X86_64' | 'EM_386' for cores
     path: str = ""
+    #: C-bit position from sevmon's SEVMON note (a dump of an SEV guest), already stripped from the tables
+    stripped_cbitpos: int | None = None
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -185,7 +189,30 @@ def load_core(path: str) -> LoadedImage:
             if "efer" not in cpu.regs and cpu.cr0 & CR0_PG and cpu.cr4 & CR4_PAE:
                 cpu.set("efer", EFER_LMA | EFER_LME)
     kind = "elf64" if elf.elfclass == 64 else "elf32"
-    return LoadedImage(ram=ram, cpus=cpus, ram_size=ram.size, kind=kind, machine=machine, path=path)
+    image = LoadedImage(ram=ram, cpus=cpus, ram_size=ram.size, kind=kind, machine=machine, path=path)
+    _strip_sevmon_cbit(image, notes)
+    return image
+
+
+def _strip_sevmon_cbit(image: LoadedImage, notes) -> None:
+    """A dump sevmon wrote of an SEV guest names its C-bit: strip it (see :mod:`.cbit_note`)."""
+    from sevmon.machine.cbit_note import NOTE_NAME, NT_SEVMON_CBIT, parse_cbit_note
+    from sevmon.machine.sevify import clear_cbit
+
+    for name, ntype, off, dsz in notes:
+        if name != NOTE_NAME or ntype != NT_SEVMON_CBIT:
+            continue
+        with open(image.path, "rb") as f:
+            f.seek(off)
+            desc = f.read(dsz)
+        try:
+            cbitpos = parse_cbit_note(desc)
+        except ValueError as e:
+            raise ImageError(f"{image.path}: unreadable {NOTE_NAME} note ({e})") from None
+        for cpu in image.cpus:
+            clear_cbit(image.ram, cpu, cbitpos)
+        image.stripped_cbitpos = cbitpos
+        return
 
 
 def _cpus_from_notes(path: str, mm, notes) -> list[CpuState]:
@@ -229,7 +256,7 @@ def load_raw(path: str, ram_size: int | None = None) -> LoadedImage:
         if size == 0:
             raise ImageError(f"{path}: the file is empty")
         want = size if ram_size is None else min(size, ram_size)
-        ram = RAM(size if ram_size is None else ram_size)
+        ram = RAM(_round_up(size if ram_size is None else ram_size))
         buf = bytearray(_COPY)
         mv = memoryview(buf)
         gpa = 0

@@ -91,12 +91,21 @@ class RunStateMachine:
             raise StateError(f"invalid runstate transition: '{self._state.value}' -> '{new.value}'")
         self._state = new
 
+    def follow(self, new: RunState) -> None:
+        """Record a state that another authority already changed (an attached QEMU's events): no guard, since
+        QEMU applied its own rules, and sevmon must never disagree with what QEMU reports."""
+        self._state = new
+
     def add_listener(self, fn: EventListener) -> None:
         self._listeners.append(fn)
 
-    def emit(self, event: str, data: dict | None = None) -> None:
+    def emit(self, event: str, data: dict | None = None, timestamp: dict | None = None) -> None:
+        """Tell every listener; ``timestamp`` is QEMU's own for an event relayed from QEMU."""
         for fn in list(self._listeners):
-            fn(event, data)
+            if timestamp is None:
+                fn(event, data)
+            else:
+                fn(event, data, timestamp=timestamp)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,9 @@ class Capabilities:
     step: bool = False           #: single-step and breakpoints
     migrate: bool = False        #: SEND/RECEIVE migration
     write_memory: bool = True    #: debug writes (DBG_ENCRYPT on SEV)
+    #: the daemon ends with the machine's SHUTDOWN; an attached QEMU relays its SHUTDOWN and the daemon ends when
+    #: QEMU closes the link, so that QEMU's last replies and events still reach every client
+    ends_with_shutdown: bool = True
 
 
 @dataclass
@@ -118,6 +130,7 @@ class MachineConfig:
     target: str = "x86_64"
     source: str = "builtin"        # builtin | core | raw
     debug_policy: bool = True      # the security-policy object: may debug access happen at all
+    memory_encryption: bool = False  # the guest's memory is encrypted (info kvm's "memory encryption:" line)
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from sevmon.machine.interface import Capabilities, MachineConfig, RunState, RunStateMachine
-from sevmon.memory.ram import PAGE_SHIFT, RAM
+from sevmon.memory.ram import RAM
 from sevmon.x86.cpu import CpuState
 
 
@@ -51,10 +51,6 @@ class LocalMachine(RunStateMachine):
 
     def ram_runs(self) -> list[tuple[int, int]]:
         return list(self.ram.runs())
-
-    def ram_bytes(self) -> list[tuple[int, int]]:
-        """RAM as ``(gpa, size)`` byte runs."""
-        return [(first << PAGE_SHIFT, n << PAGE_SHIFT) for first, n in self.ram.runs()]
 
     # -- run state (QEMU's semantics: events only on real transitions) --------------------
     def stop(self) -> None:

@@ -20,6 +20,15 @@ def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
     Returns the number of table pages rewritten. Tables are visited once even when
     shared; large leaves (PS at the PDPT/PD level) end the descent.
     """
+    return _rewrite(ram, cpu, cbitpos, True)
+
+
+def clear_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
+    """The reverse of :func:`set_cbit`: a dump of an SEV guest made a plain guest again."""
+    return _rewrite(ram, cpu, cbitpos, False)
+
+
+def _rewrite(ram: RAM, cpu: CpuState, cbitpos: int, on: bool) -> int:
     mode = mode_of(cpu)
     if mode is None or not mode.wide:
         return 0
@@ -31,7 +40,7 @@ def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
         frontier = {root_addr >> PAGE_SHIFT: (root_addr & 0xFFF, mode.levels[0].entries)}
     else:
         frontier = {(cr3 & PG_ADDRESS_MASK) >> PAGE_SHIFT: (0, 512)}
-        cpu.set("cr3", cpu.cr3 | cbit)
+        cpu.set("cr3", cpu.cr3 | cbit if on else cr3)
     done: set[int] = set()
     rewritten = 0
     for depth in range(levels):
@@ -48,7 +57,7 @@ def set_cbit(ram: RAM, cpu: CpuState, cbitpos: int) -> int:
             for i, e in enumerate(entries):
                 if not e & PG_PRESENT:
                     continue
-                entries[i] = e | cbit
+                entries[i] = e | cbit if on else e & ~cbit
                 large = e & PG_PSE and mode.levels[depth].large_leaf
                 if not leaf_level and not large:
                     nxt[((e & ~cbit) & PG_ADDRESS_MASK) >> PAGE_SHIFT] = (0, 512)

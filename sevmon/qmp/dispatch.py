@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sevmon.qmp.errors import COMMAND_NOT_FOUND, QMPError
+from sevmon.qmp.qdict_order import qdict_order
 from sevmon.qmp.schema import Schema
 
 NO_ID = object()  # marks "the request had no id" (None is a valid id: JSON null)
@@ -25,6 +26,7 @@ class Request:
     args: dict
     id: object
     oob: bool
+    forward: bool = False  # not sevmon's: the registry's forwarder passes it on as it came
 
 
 class CommandRegistry:
@@ -35,6 +37,9 @@ class CommandRegistry:
         self.handlers: dict[str, Callable] = {}
         self.inline: set[str] = set()
         self._names: list[str] = []  # registration order, session commands included
+        # Attached to a QEMU: an object with wants(name, arguments) -> bool and
+        # async forward(ctx, request); requests it wants skip sevmon's schema checks.
+        self.forwarder = None
 
     def register(self, name: str, *, inline: bool = False):
         """``inline``: the handler only reads state that is safe to read without the machine
@@ -71,7 +76,8 @@ def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: Command
         raise _Fail(QMPError("QMP input must be a JSON object"), NO_ID)
     rid = msg.get("id", NO_ID)
     exec_key = None
-    for key, value in msg.items():
+    for key in qdict_order(msg):  # QEMU reports the first failure in its QDict's order
+        value = msg[key]
         if key == "execute" or (key == "exec-oob" and oob_enabled):
             if not isinstance(value, str):
                 raise _Fail(QMPError(f"QMP input member '{key}' must be a string"), rid)
@@ -87,6 +93,8 @@ def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: Command
         raise _Fail(QMPError("QMP input lacks member 'execute'"), rid)
     name = msg[exec_key]
     oob = exec_key == "exec-oob"
+    if negotiated and registry.forwarder is not None and registry.forwarder.wants(name, msg.get("arguments")):
+        return Request(name, msg.get("arguments", {}), rid, oob, forward=True)
     available = ("qmp_capabilities",) if not negotiated else registry
     if name not in available or name not in registry:
         if not negotiated:

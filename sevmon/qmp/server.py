@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from sevmon import PACKAGE, QEMU_VERSION
+from sevmon.cmdlog import qmp_label, timed
 from sevmon.qmp.dispatch import CommandRegistry, Request
 from sevmon.qmp.errors import QMPError
 from sevmon.qmp.session import QMPSession, event_message
@@ -83,12 +84,12 @@ class QMPServer:
         await asyncio.sleep(0)
 
     # -- events ------------------------------------------------------------------------
-    def _on_event(self, name: str, data: dict | None) -> None:
-        msg = event_message(name, data)
+    def _on_event(self, name: str, data: dict | None, timestamp: dict | None = None) -> None:
+        msg = event_message(name, data, timestamp)
         if self.loop is None:
             return
         self.loop.call_soon_threadsafe(self._broadcast, msg)
-        if name == "SHUTDOWN":
+        if name == "SHUTDOWN" and self.machine.capabilities.ends_with_shutdown:
             self.loop.call_soon_threadsafe(self.shutdown.set)
 
     def _broadcast(self, msg: dict) -> None:
@@ -97,8 +98,14 @@ class QMPServer:
 
     # -- execution ---------------------------------------------------------------------
     async def execute(self, req: Request, session: QMPSession | None):
-        handler = self.registry.handlers[req.name]
+        with timed(qmp_label(req.name, req.args)):
+            return await self._execute(req, session)
+
+    async def _execute(self, req: Request, session: QMPSession | None):
         ctx = CommandContext(self, session)
+        if req.forward:
+            return await self.registry.forwarder.forward(ctx, req)
+        handler = self.registry.handlers[req.name]
         kwargs = {k.replace("-", "_"): v for k, v in req.args.items()}
         if req.name in self.registry.inline:
             result = handler(ctx, **kwargs)

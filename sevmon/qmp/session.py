@@ -24,10 +24,13 @@ READ_CHUNK = 64 * 1024
 MAX_BACKLOG = 64 << 20
 
 
-def event_message(name: str, data: dict | None) -> dict:
-    """QEMU's event shape: no ``data`` key at all for events without data."""
+def event_message(name: str, data: dict | None, timestamp: dict | None = None) -> dict:
+    """QEMU's event shape: no ``data`` key at all for events without data. ``timestamp``:
+    an event relayed from QEMU keeps QEMU's own."""
     now = time.time()
-    msg = {"timestamp": {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}, "event": name}
+    if timestamp is None:
+        timestamp = {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
+    msg = {"timestamp": timestamp, "event": name}
     if data is not None:
         msg["data"] = data
     return msg

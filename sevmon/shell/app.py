@@ -11,7 +11,7 @@ line ends become ``\\n``). Besides HMP lines it understands, as ``qmp-shell -H``
 Events are printed above the prompt as they arrive (``[event] STOP``) without disturbing
 the line being typed; ``dump-guest-memory`` runs detached with a progress bar; Tab
 completes from the daemon's own ``help``/``info`` tables (:mod:`.completion`). History
-lives in ``$XDG_STATE_HOME/sevmon/history``. Ctrl-C drops the current line (or stops
+lives in ``$XDG_STATE_HOME/sevmon/history`` (mode 0600). A banner greets, as QEMU's HMP. Ctrl-C drops the current line (or stops
 watching a running dump), Ctrl-D leaves.
 
 ``-c LINE`` (repeatable) runs lines without a prompt, as does a standard input that is
@@ -35,8 +35,10 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
+from sevmon.shell.banner import banner
 from sevmon.shell.completion import HelpEntry, MonitorCompleter, parse_help
 from sevmon.shell.events import format_event
+from sevmon.shell.history import open_private
 from sevmon.shell.progress import is_dump_line, watch_dump, with_detach
 
 __all__ = ["PROMPT", "ConnectionLost", "Monitor", "Shell", "history_path", "run_shell"]
@@ -270,13 +272,13 @@ class Shell:
         history = InMemoryHistory()
         with contextlib.suppress(OSError):
             path = history_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.touch()
+            open_private(path)  # mode 0600: commands can hold secrets
             history = FileHistory(str(path))
         completer = MonitorCompleter(self.mon.commands, self.mon.info)
         session = PromptSession(PROMPT, completer=completer, history=history,
                                 complete_style=CompleteStyle.READLINE_LIKE, complete_while_typing=False)
         loop = asyncio.get_running_loop()
+        self._write(banner(self.mon.client.greeting) + "\n")
         tasks = [asyncio.create_task(self._print_events()), asyncio.create_task(self._watch_link(session))]
         try:
             while True:

@@ -74,9 +74,9 @@ MODES: dict[str, PagingMode] = {
     # tlb_info_32: 4M PA = pde & ~((1 << 21) - 1) on a 32-bit pde (bit 21 kept, PSE-36 bits dropped)
     "32": PagingMode("32", 4, (Level(22, 1024, 0, True), _4K_32), 0, 0x340690 & ~CR4_PSE, 0),
     "32pse": PagingMode("32pse", 4, (Level(22, 1024, 0xFFE00000, True), _4K_32), 0, 0x340690, 0),
-    # tlb_info_pae32: 2M keeps bits 21..51 (QEMU keeps NX there: its bug #1, not copied); 4K keeps bits 12..63
+    # tlb_info_pae32 keeps bits 52..63 (NX) in the PA column of 2M and 4K lines; we print the address bits only
     "pae": PagingMode("pae", 8, (Level(30, 4, 0, False), Level(21, 512, 0x000FFFFFFFE00000, True),
-                                 Level(12, 512, 0xFFFFFFFFFFFFF000, True)), 0, 0x3406F0, EFER_NXE),
+                                 Level(12, 512, 0x000FFFFFFFFFF000, True)), 0, 0x3406F0, EFER_NXE),
     "4level": PagingMode("4level", 8, _LONG, 47, _LINUX_CR4, _LONG_EFER),
     "5level": PagingMode("5level", 8, (Level(48, 512, 0, True), *_LONG), 56, _LINUX_CR4 | CR4_LA57, _LONG_EFER),
 }

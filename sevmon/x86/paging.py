@@ -17,9 +17,9 @@ Two things QEMU does not do, and why:
   below can merge contiguous frames into one request each. The lines are then produced depth-first from the
   tables in hand, in VA order, as generators: memory is O(tables), never O(lines).
 
-QEMU bugs deliberately not copied: the PAE 2 MiB ``info tlb`` physical-address column (QEMU keeps NX and bits
-52..63 there; we print bits 21..51), and LA57 ``info mem`` (QEMU inverts two present checks; we apply the 4-level
-rules with the final flush at 2^57). The PAE *4 KiB* column does keep NX in QEMU 7.2 and that is reproduced.
+QEMU bugs deliberately not copied: the PAE ``info tlb`` physical-address column (QEMU 7.2 keeps NX and bits
+52..63 there, on 2 MiB and 4 KiB lines alike; we print bits 21..51 / 12..51, the address), and LA57 ``info mem``
+(QEMU inverts two present checks; we apply the 4-level rules with the final flush at 2^57).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ _unpack1024 = struct.Struct("<1024I").unpack
 class Mapping:
     """One leaf, as ``info tlb`` prints it.
 
-    ``pa`` is the *printed* physical-address column (QEMU's per-mode mask), so for PAE 4 KiB pages it keeps
-    bits 52..63 (NX) exactly as QEMU 7.2 prints them; use :func:`translate` for the address the CPU would use.
+    ``pa`` is the *printed* physical-address column (QEMU's per-mode mask: in 32-bit modes bit 21 of a 4 MiB
+    PDE stays, PSE-36 bits go); use :func:`translate` for the address the CPU would use.
     """
 
     va: int        #: canonical virtual address of the page
@@ -334,6 +334,14 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
             end = base + (run.end() << 12)
     if start >= 0:
         yield line(start, end, cur)
+
+
+#: The walk's own parts, for other views of the same leaves (the C-bit map, ``sevmon.x86.cbit_map``): they
+#: read the very tables ``info mem``/``info tlb`` read, so a warm cache makes them cost no round trip.
+tables = _tables
+LeafTable = _LeafTable
+canonical = _canon
+PROT_CODES = _PROT_CODES
 
 
 def count_table_reads(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> tuple[int, int]:

@@ -25,6 +25,7 @@ def test_bench_json_on_the_32bit_fixture():
     assert tlb["cold"]["naive-round-trips"] == 15 * 1024          # one DBG_DECRYPT per 4-byte entry
     assert tlb["warm"]["round-trips"] == 0 and tlb["warm"]["cache-hits"] == 15
     assert report["info mem"]["cold"]["round-trips"] == 11
+    assert report["info sev-mem"]["cold"]["round-trips"] == 11 and report["info sev-mem"]["warm"]["round-trips"] == 0
     assert report["pmemsave 64MiB"]["cold"]["bytes-decrypted"] > 0
     for key in ("query-status x1", "query-status x32", "info mem x1", "info mem x32"):
         assert report["latency"][key]["p50-ms"] <= report["latency"][key]["p99-ms"]

@@ -74,7 +74,7 @@ class Case:
 # stream parser tells which messages a byte string holds (the same code the daemon runs).
 
 HMP_DENY = {"q", "quit", "memsave", "pmemsave", "dump-guest-memory", "migrate", "savevm", "loadvm",
-            "delvm", "screendump", "logfile", "drive_add", "device_add", "migrate_set_parameter"}
+            "delvm", "screendump", "logfile", "drive_add", "device_add", "migrate_set_parameter", "sev-mem-map"}
 SAFE_FILE = re.compile(r"\A(?:/dev/null|/nonexistent-dir/.*)\Z", re.S)
 
 
@@ -104,7 +104,7 @@ def unsafe_message(msg: object) -> bool:
             continue
         if name in ("quit", "migrate"):
             return True
-        if name in ("memsave", "pmemsave"):
+        if name in ("memsave", "pmemsave", "sev-mem-map"):
             f, size = args.get("filename"), args.get("size")
             if isinstance(f, str) and not SAFE_FILE.match(f):
                 return True

@@ -126,15 +126,13 @@ def test_bad_clients_do_not_affect_others(daemon):
     flood = RawClient(daemon.qmp)
     flood.negotiate()
     junk = bytes(range(256)) * 4096
-    t0 = time.monotonic()
-    for _ in range(4):
+    for _ in range(4):  # the good client is answered between floods (recv fails on a hang: socket timeout)
         good.send('{"execute":"query-kvm","id":"alive"}')
         assert good.recv()["id"] == "alive"
         try:
             flood.sock.sendall(junk)
         except OSError:
             break
-    assert time.monotonic() - t0 < 20
     # a client that never reads its replies
     deaf = socket.socket(socket.AF_UNIX)
     deaf.connect(daemon.qmp)

@@ -125,8 +125,17 @@ def test_oob_rules(daemon):
     assert c.cmd("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
     c.send('{"exec-oob":"query-status","id":1}')
     assert c.recv() == err("The command query-status does not support OOB", id=1)
-    c.send('{"execute":"x","exec-oob":"y"}')
-    assert c.recv() == err("QMP input member 'exec-oob' clashes with 'execute'")
+    # QEMU 7.2 checks members in its QDict's hash order (exec-oob first), whatever the input order
+    for clash in ('{"execute":"x","exec-oob":"y"}', '{"exec-oob":"y","execute":"x"}'):
+        c.send(clash)
+        assert c.recv() == err("QMP input member 'execute' clashes with 'exec-oob'")
+    # ... and the first wrong member in that order is the one reported (QEMU 7.2's answers)
+    c.send('{"control":1,"execute":1}')
+    assert c.recv() == err("QMP input member 'control' is unexpected")
+    c.send('{"zz":1,"execute":1}')
+    assert c.recv() == err("QMP input member 'execute' must be a string")
+    c.send('{"arguments":1,"zz":2,"execute":"x"}')
+    assert c.recv() == err("QMP input member 'zz' is unexpected")
 
 
 def test_parse_error_recovery(raw):

@@ -101,7 +101,7 @@ def _walk(ram: RAM, cpu: CpuState, me: int) -> tuple[list[str], list[str]]:
                         pte = ram_q(ram, (pde & T) + l3 * 8) & nm
                         end = (l1 << 30) + (l2 << 21) + (l3 << 12)
                         if pte & 1:
-                            tlb.append(pte_line(cpu, end, pte & ~0x80, ~0xFFF))
+                            tlb.append(pte_line(cpu, end, pte & ~0x80, 0x000FFFFFFFFFF000))  # QEMU: ~0xfff
                             mp(end, pte & pde & 7)
                         else:
                             mp(end, 0)

@@ -1,0 +1,31 @@
+"""A scripted monitor test written with sevmon's pytest plugin: no conftest needed, the
+fixtures ``sevmon_qmp`` and ``sevmon_daemon`` come with ``pip install sevmon``.
+
+Run it with ``pytest examples/test_sevmon_testing.py``; sevmon's own suite runs it too
+(tests/test_testing.py)."""
+
+import pytest
+from qemu.qmp import ExecuteError
+
+
+def test_stop_pauses_the_guest(sevmon_qmp):
+    sevmon_qmp.cmd("stop")
+    assert sevmon_qmp.event_wait("STOP")["event"] == "STOP"
+    assert sevmon_qmp.cmd("query-status")["status"] == "paused"
+    assert sevmon_qmp.hmp("gva2gpa 0x400000") == "gpa: 0x9930000\r\n"
+
+
+def test_a_paused_info_tlb_costs_no_round_trip(sevmon_qmp):
+    sevmon_qmp.cmd("stop")
+    sevmon_qmp.hmp("info tlb")
+    before = sevmon_qmp.cmd("query-sev-debug-stats")["round-trips"]
+    sevmon_qmp.hmp("info tlb")
+    assert sevmon_qmp.cmd("query-sev-debug-stats")["round-trips"] == before
+
+
+def test_nodbg_policy_keeps_plaintext_in(sevmon_daemon):
+    d = sevmon_daemon("--policy", "0x1", "--no-workload")
+    assert d.qmp.hmp("x /2xg 0x400000") == "0000000000400000: Cannot access memory\r\n"
+    with pytest.raises(ExecuteError) as e:
+        d.qmp.cmd("memsave", val=0x400000, size=16, filename=f"{d.dir}/leak.bin")
+    assert "NODBG" in str(e.value) or "debug" in str(e.value)

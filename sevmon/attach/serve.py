@@ -1,0 +1,96 @@
+"""``sevmon serve --attach QEMU_QMP_SOCKET``: attach, serve, and end with QEMU.
+
+Start-up is all or nothing: the link, RAM discovery and mapping, and the vCPU count are
+settled before sevmon listens; any failure is one sentence and exit status 1 with QEMU's
+monitor released. At the end: QEMU quit (its SHUTDOWN went to every client) -> exit 0;
+QEMU's socket lost without a SHUTDOWN -> one sentence, exit 1; a signal -> sevmon
+detaches (QEMU keeps running), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sevmon.attach.commands import build_attached
+from sevmon.attach.errors import AttachError
+from sevmon.attach.layout import ram_ranges
+from sevmon.attach.link import QemuLink
+from sevmon.attach.machine import AttachedMachine
+from sevmon.attach.ram import open_backends
+from sevmon.debug.access import DebugMemory
+from sevmon.debug.ops import PlainOps
+from sevmon.machine.spec import GuestSpec
+from sevmon.memory.ram import PAGE_SHIFT
+from sevmon.unixsock import SocketInUse
+
+log = logging.getLogger("sevmon")
+
+
+async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = True) -> AttachedMachine:
+    """Connect to QEMU's monitor at ``path`` and build the attached machine."""
+    link = QemuLink(path)
+    await link.connect()
+    try:
+        memdevs = await link.execute("query-memdev")
+        types, paths = {}, {}
+        for dev in memdevs:
+            types[dev["id"]] = await link.execute("qom-get", {"path": f"/objects/{dev['id']}", "property": "type"})
+            if types[dev["id"]] == "memory-backend-file":
+                paths[dev["id"]] = await link.execute("qom-get", {"path": f"/objects/{dev['id']}",
+                                                                  "property": "mem-path"})
+        flat = await link.hmp("info mtree -f")
+        ranges = ram_ranges(flat, {d["id"] for d in memdevs})
+        ram = open_backends(memdevs, types, paths, link.pid, ranges)
+        cpus = await link.execute("query-cpus-fast")
+        status = await link.execute("query-status")
+        kvm = await link.execute("query-kvm")
+        try:
+            sev = bool((await link.execute("query-sev")).get("enabled"))
+        except AttachError:
+            sev = False
+    except BaseException:
+        await link.disconnect()
+        raise
+    memory = DebugMemory(ram, PlainOps(ram, allowed=debug_allowed), cache_pages=cache_pages)
+    return AttachedMachine(link, ram, memory, len(cpus), status["status"], kvm=kvm, memory_encryption=sev)
+
+
+async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str]) -> int:
+    from sevmon.daemon import run_daemon
+
+    cache_pages = max(0, spec.debug_cache_mb) << (20 - PAGE_SHIFT)
+    machine = await attach(path, cache_pages=cache_pages, debug_allowed=spec.debug_policy)
+    link = machine.link
+    version = link.version
+
+    def configure(server) -> None:
+        server.version_info = lambda: version  # the greeting and query-version are QEMU's
+
+    async def until():
+        waits = [asyncio.ensure_future(link.closed.wait()), asyncio.ensure_future(link.detach.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        await asyncio.sleep(0.05)  # replies and QEMU's last events reach the clients first
+
+    try:
+        await run_daemon(machine, qmp, hmp, build_commands=build_attached, configure=configure,
+                         until=until())
+    finally:
+        lost = link.closed.is_set() and not machine.shutdown_seen and not link.detach.is_set()
+        await link.disconnect()
+        machine.ram.close()
+    if lost:
+        raise AttachError(f"lost QEMU's monitor socket {path}: QEMU closed it without a SHUTDOWN "
+                          "(killed or crashed?)")
+    return 0
+
+
+def serve_attached(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str]) -> int:
+    """``sevmon serve --attach PATH``: ``spec`` gives the debug options (cache size, security policy)."""
+    try:
+        return asyncio.run(_serve(path, spec, qmp, hmp))
+    except (AttachError, SocketInUse) as e:
+        log.error("%s", e)
+        return 1

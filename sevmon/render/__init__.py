@@ -1,0 +1,1 @@
+"""Pictures of guest state (SVG), drawn with drawsvg: no hand-written markup."""

@@ -1,0 +1,101 @@
+"""Build the live-test guest once and cache it: a Debian cloud kernel and a busybox initramfs.
+
+    python tests/live/build_guest.py          # prints the cache directory
+    SEVMON_GUEST_DIR=/some/dir python tests/live/build_guest.py
+
+The kernel is Debian's ``linux-image-*-cloud-amd64`` (the package the
+``linux-image-cloud-amd64`` metapackage depends on), fetched with ``apt-get download`` and
+unpacked with ``dpkg-deb -x``; the initramfs (cpio newc, gzip) holds busybox-static and an
+``/init`` that mounts proc/sys, starts a few processes (so user page tables exist), then
+prints ``READY_MARKER`` on the serial console. A second run finds both files and does
+nothing. Needs: apt-get, dpkg-deb, cpio, gzip, /bin/busybox (package busybox-static).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+READY_MARKER = "SEVMON-GUEST-READY"
+KERNEL_META = "linux-image-cloud-amd64"
+BUSYBOX = "/bin/busybox"
+
+INIT = f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+# a few processes with user mappings of their own
+sleep 100000 &
+sh -c 'while :; do sleep 1; done' &
+cat /dev/zero > /dev/null &
+echo {READY_MARKER}
+exec sh -c 'while :; do sleep 3600; done'
+"""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("SEVMON_GUEST_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "sevmon" / "guest"
+
+
+def guest_files(directory: Path | None = None) -> tuple[Path, Path]:
+    """(kernel, initrd) paths in the cache (they may not exist yet)."""
+    d = directory or cache_dir()
+    return d / "vmlinuz", d / "initrd.gz"
+
+
+def _kernel_package() -> str:
+    out = subprocess.run(["apt-cache", "depends", KERNEL_META], check=True, capture_output=True,
+                         text=True).stdout
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("Depends:") and "linux-image-" in line:
+            return line.split()[-1]
+    raise SystemExit(f"cannot resolve {KERNEL_META} (apt-get update?)")
+
+
+def build_kernel(dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", "-q", _kernel_package()], check=True, cwd=tmp)
+        deb = glob.glob(os.path.join(tmp, "*.deb"))[0]
+        subprocess.run(["dpkg-deb", "-x", deb, os.path.join(tmp, "x")], check=True)
+        vmlinuz = glob.glob(os.path.join(tmp, "x", "boot", "vmlinuz-*"))[0]
+        shutil.copyfile(vmlinuz, str(dest) + ".part")
+        os.replace(str(dest) + ".part", dest)
+
+
+def build_initrd(dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        for d in ("bin", "proc", "sys", "dev", "tmp"):
+            (root / d).mkdir(parents=True)
+        shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+        (root / "init").write_text(INIT)
+        (root / "init").chmod(0o755)
+        files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
+        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root, input=files,
+                              check=True, capture_output=True).stdout
+        gz = subprocess.run(["gzip", "-9n"], input=cpio, check=True, capture_output=True).stdout
+        Path(str(dest) + ".part").write_bytes(gz)
+        os.replace(str(dest) + ".part", dest)
+
+
+def build(directory: Path | None = None) -> tuple[Path, Path]:
+    kernel, initrd = guest_files(directory)
+    kernel.parent.mkdir(parents=True, exist_ok=True)
+    if not kernel.exists():
+        build_kernel(kernel)
+    if not initrd.exists():
+        build_initrd(initrd)
+    return kernel, initrd
+
+
+if __name__ == "__main__":
+    k, i = build(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
+    print(k.parent)

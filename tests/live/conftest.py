@@ -1,0 +1,176 @@
+"""Live QEMU 7.2 for the attach tests: a real Linux guest with TWO QMP monitors.
+
+``boot_qemu(tmp, ...)`` starts ``qemu-system-x86_64`` (TCG) with the cached guest of
+``build_guest.py``, RAM in a shared backend (memfd, or a file under ``tmp``), monitor
+``a.sock`` (for sevmon) and ``b.sock`` (for the test, QEMU's own answers), the serial
+console in a file, and waits for the guest's ready marker. Without QEMU or the guest the
+tests skip with the reason; under ``CI=true`` that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_guest import READY_MARKER, guest_files  # noqa: E402
+
+QEMU = "qemu-system-x86_64"
+BOOT_TIMEOUT = 180
+
+
+def _missing(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the live tests must run)")
+    pytest.skip(reason)
+
+
+def require_qemu() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        _missing(f"{QEMU} not installed (apt-get install qemu-system-x86)")
+    return path
+
+
+def require_guest() -> tuple[Path, Path]:
+    kernel, initrd = guest_files()
+    if not (kernel.exists() and initrd.exists()):
+        _missing(f"live-test guest not built: run python tests/live/build_guest.py ({kernel.parent})")
+    return kernel, initrd
+
+
+class Qemu:
+    """One QEMU process; ``a``/``b`` are its QMP socket paths."""
+
+    def __init__(self, tmp: Path, *, mem: str = "4G", cpu: str = "max,la57=off", machine: str = "pc",
+                 backend: str | None = "memfd", share: bool = True, smp: int = 1, guest: bool = True,
+                 extra: list[str] | None = None):
+        self.tmp = tmp
+        self.a, self.b = str(tmp / "a.sock"), str(tmp / "b.sock")
+        self.serial = tmp / "serial.log"
+        ram: list[str] = []  # backend None: QEMU's default, private RAM
+        if backend is not None:
+            obj = f"memory-backend-{backend},id=ram0,size={mem},share={'on' if share else 'off'}"
+            if backend == "file":
+                self.mem_path = tmp / "guest-ram"
+                obj += f",mem-path={self.mem_path}"
+            ram, machine = ["-object", obj], f"{machine},memory-backend=ram0"
+        cmd = [require_qemu(), "-machine", machine, "-accel", "tcg", "-cpu", cpu,
+               "-m", mem, "-smp", str(smp), *ram, "-nodefaults", "-nographic", "-no-reboot",
+               "-serial", f"file:{self.serial}",
+               "-qmp", f"unix:{self.a},server=on,wait=off", "-qmp", f"unix:{self.b},server=on,wait=off",
+               *(extra or [])]
+        if guest:
+            kernel, initrd = require_guest()
+            cmd += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1 quiet"]
+        else:
+            cmd += ["-S"]
+        self.log = open(tmp / "qemu.log", "w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait(guest)
+
+    def _wait(self, guest: bool) -> None:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"QEMU exited {self.proc.returncode}: {self.log.read()}")
+            ready = os.path.exists(self.b) and (
+                not guest or (self.serial.exists() and READY_MARKER in self.serial.read_text(errors="replace")))
+            if ready:
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the guest did not print its ready marker in time")
+
+    def qmp(self, which: str = "b"):
+        """qemu.qmp's synchronous client on monitor ``which``, negotiated."""
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        q = QEMUMonitorProtocol(self.a if which == "a" else self.b)
+        q.connect(negotiate=True)
+        return q
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Attached:
+    """``sevmon serve --attach`` on QEMU's monitor ``a``."""
+
+    def __init__(self, tmp: Path, qemu_socket: str, *, hmp: bool = True, extra: list[str] | None = None):
+        self.qmp_path = str(tmp / "sevmon-qmp.sock")
+        self.hmp_path = str(tmp / "sevmon-hmp.sock") if hmp else None
+        cmd = [sys.executable, "-m", "sevmon", "serve", "--attach", qemu_socket, "--qmp", self.qmp_path,
+               *(["--hmp", self.hmp_path] if hmp else []), *(extra or [])]
+        self.log = open(tmp / "sevmon.log", "w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return  # start-up failed: the test reads output() and the exit status
+            if os.path.exists(self.qmp_path) and (not hmp or os.path.exists(self.hmp_path)):
+                s = socket.socket(socket.AF_UNIX)
+                try:
+                    s.connect(self.qmp_path)
+                    return
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            time.sleep(0.05)
+        raise RuntimeError("sevmon did not start: " + self.output())
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def qmp(self):
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+        q = QEMUMonitorProtocol(self.qmp_path)
+        q.connect(negotiate=True)
+        return q
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def hmp(q, line: str, cpu_index: int | None = None) -> str:
+    args = {"command-line": line}
+    if cpu_index is not None:
+        args["cpu-index"] = cpu_index
+    return q.cmd_obj({"execute": "human-monitor-command", "arguments": args})["return"]
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    # UNIX socket paths are limited to 108 bytes: keep them short
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="sevmon-live-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

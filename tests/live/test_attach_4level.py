@@ -1,0 +1,197 @@
+"""sevmon attached to a live QEMU 7.2 (4-level paging, 4 GiB: RAM above 4 GiB): on the
+same paused guest sevmon's memory commands equal QEMU's own, byte for byte; everything
+else is QEMU's answer; events reach every client; quit ends both. One boot per module."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+
+import pytest
+from conftest import Attached, Qemu, hmp
+from qemu.qmp import QMPClient
+
+from sevmon.machine.images import load_core
+
+
+@pytest.fixture(scope="module")
+def live(module_tmp):
+    qemu = Qemu(module_tmp, mem="4G")
+    sevmon = Attached(module_tmp, qemu.a)
+    assert sevmon.proc.poll() is None, sevmon.output()
+    theirs, ours = qemu.qmp("b"), sevmon.qmp()
+    yield qemu, sevmon, theirs, ours
+    for q in (theirs, ours):
+        with contextlib.suppress(Exception):  # QEMU may have quit already
+            q.close()
+    sevmon.stop()
+    qemu.stop()
+
+
+def _commands(tlb: str) -> list[str]:
+    """x / xp / gva2gpa lines over addresses the guest really maps (user, kernel, >4 GiB)."""
+    lines = [ln for ln in tlb.split("\r\n") if ln and _is_ram(int(ln.split(": ")[1].split()[0], 16))]
+    picks = [lines[0], lines[len(lines) // 3], lines[len(lines) // 2], lines[-1]]
+    out = []
+    for ln in picks:
+        va, rest = ln.split(": ")
+        gpa = int(rest.split()[0], 16)
+        out += [f"gva2gpa 0x{va}", f"x /8xg 0x{va}", f"x /16xb 0x{int(va, 16) + 0x7f8:x}",
+                f"xp /4xw 0x{gpa:x}", f"x /3i 0x{va}"]
+    out += ["xp /4xg 0x100000000", "xp /2xg 0x13ffff000", "xp /2xg 0x140000000",
+            "gva2gpa 0x1000", "x /2xg 0", "xp /2x 0xfff", "x /2xg $esp", "x /4xb $pc", "gva2gpa $esp"]
+    return out
+
+
+async def _concurrently(path: str, lines: list[str]) -> list[str]:
+    """Several clients at once, each with its own command in flight."""
+    clients = [QMPClient(f"c{i}") for i in range(len(lines))]
+    for c in clients:
+        await c.connect(path)
+    try:
+        return await asyncio.gather(*(c.execute("human-monitor-command", {"command-line": line})
+                                      for c, line in zip(clients, lines, strict=True)))
+    finally:
+        for c in clients:
+            await c.disconnect()
+
+
+def _is_ram(gpa: int) -> bool:
+    """4 GiB on pc: [0, 3 GiB) and [4 GiB, 5 GiB) (QEMU's flat view); MMIO is not RAM."""
+    return gpa < 0xc0000000 or 1 << 32 <= gpa < 5 << 30
+
+
+def _oracle(theirs, ours) -> int:
+    tlb = hmp(theirs, "info tlb")
+    assert tlb.count("\r\n") > 1000
+    assert hmp(ours, "info tlb") == tlb
+    assert hmp(ours, "info mem") == hmp(theirs, "info mem")
+    checked = 0
+    for line in _commands(tlb):
+        cpu = 0 if "$" in line else None  # QEMU knows no $register without a selected vCPU
+        assert hmp(ours, line, cpu) == hmp(theirs, line, cpu), line
+        checked += 1
+    return checked
+
+
+def test_memory_commands_equal_qemus_on_the_paused_guest(live):
+    qemu, sevmon, theirs, ours = live
+    theirs.cmd("stop")
+    regs = hmp(theirs, "info registers")
+    assert "CR3=0000000" in regs and "EFER=" in regs
+    assert any(int(ln.split(": ")[1].split()[0], 16) >= 1 << 32
+               for ln in hmp(theirs, "info tlb").split("\r\n") if ln), "no mapping of RAM above 4 GiB"
+    assert _oracle(theirs, ours) >= 25
+    # devices stay outside RAM, as for cores (QEMU itself reads the device registers)
+    assert hmp(ours, "xp /2xg 0xfec00000") == "00000000fec00000: Cannot access memory\r\n"
+    stats = ours.cmd("query-sev-debug-stats")
+    assert stats["cache-hits"] > 0  # the second walk on the paused guest came from the cache
+
+
+def test_after_the_guest_ran_and_was_paused_again(live):
+    qemu, sevmon, theirs, ours = live
+    before = hmp(ours, "info tlb")
+    theirs.cmd("cont")
+    import time
+    time.sleep(1.5)  # the guest's processes run (not a timing assertion)
+    theirs.cmd("stop")
+    assert hmp(ours, "info status") == "VM status: paused\r\n"
+    assert _oracle(theirs, ours) >= 25
+    assert hmp(ours, "info registers") == hmp(theirs, "info registers")
+    del before
+
+
+def test_forwarded_commands_are_qemus(live):
+    qemu, sevmon, theirs, ours = live
+    for name in ("query-pci", "query-block", "query-status", "query-version", "query-cpus-fast", "query-kvm"):
+        assert ours.cmd(name) == theirs.cmd(name), name
+    for line in ("info pci", "info mtree", "info registers", "info status", "info qtree", "help info",
+                 "nosuchcommand 1", "info nosuchitem"):
+        assert hmp(ours, line) == hmp(theirs, line), line
+    # errors come back under the client's own id, QEMU's class and text
+    for msg in ({"execute": "nosuch", "id": "mine"},
+                {"execute": "query-pci", "arguments": {"bogus": 1}, "id": "7"},
+                {"execute": "human-monitor-command", "arguments": {"command-line": "info pci", "cpu-index": 9},
+                 "id": "x1"},
+                {"execute": "qom-get", "arguments": {"path": "/machine", "property": "nope"}, "id": "n"},
+                {"exec-oob": "query-status", "id": "o1"},   # OOB rules are QEMU's
+                {"exec-oob": "query-yank", "id": "o2"}):
+        assert ours.cmd_obj(msg) == theirs.cmd_obj(msg), msg
+    # the greeting carries QEMU's version
+    assert ours.cmd("query-version") == theirs.cmd("query-version")
+    # sevmon's own commands are listed with QEMU's
+    names = {c["name"] for c in ours.cmd("query-commands")}
+    assert {"query-pci", "query-sev-debug-stats", "memsave"} <= names
+    schema = ours.cmd("query-qmp-schema")
+    cmds = {e["name"] for e in schema if e["meta-type"] == "command"}
+    assert {"query-pci", "query-sev-debug-stats"} <= cmds
+    assert len({e["name"] for e in schema}) == len(schema)
+    # info kvm: QEMU's text, plus sevmon's memory-encryption line
+    assert hmp(ours, "info kvm") == hmp(theirs, "info kvm") + "memory encryption: disabled\r\n"
+
+
+def test_pmemsave_memsave_and_dump_equal_qemus_including_above_4g(live, tmp_path):
+    qemu, sevmon, theirs, ours = live
+    mine, qemus = tmp_path / "mine.bin", tmp_path / "qemus.bin"
+    for addr in (0x1000, 0xbfff0000, 0x100000000):
+        assert ours.cmd_raw("pmemsave", {"val": addr, "size": 0x20000, "filename": str(mine)}) == {"return": {}}
+        assert theirs.cmd_raw("pmemsave", {"val": addr, "size": 0x20000, "filename": str(qemus)}) == {"return": {}}
+        assert mine.read_bytes() == qemus.read_bytes()
+    va = int(hmp(theirs, "info tlb").split(":")[0], 16)
+    for q, path in ((ours, mine), (theirs, qemus)):
+        assert q.cmd_raw("memsave", {"val": va, "size": 0x3000, "filename": str(path)}) == {"return": {}}
+    assert mine.read_bytes() == qemus.read_bytes()
+    # dump-guest-memory (ELF) is sevmon's: a piece above 4 GiB, loaded back, equals QEMU's bytes
+    core = tmp_path / "piece.elf"
+    assert ours.cmd_raw("dump-guest-memory", {"paging": False, "protocol": f"file:{core}",
+                                              "begin": 0x100000000, "length": 0x40000}) == {"return": {}}
+    theirs.cmd_raw("pmemsave", {"val": 0x100000000, "size": 0x40000, "filename": str(qemus)})
+    assert load_core(str(core)).ram.read(0x100000000, 0x40000) == qemus.read_bytes()
+
+
+def test_hmp_socket_serves_sevmons_lines_and_qemus(live):
+    qemu, sevmon, theirs, ours = live
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sevmon.hmp_path)
+
+    def until_prompt(data: bytes = b"") -> bytes:
+        while not data.endswith(b"(qemu) "):
+            data += s.recv(65536)
+        return data
+
+    assert until_prompt().startswith(b"sevmon ")
+    for line in ("info pci", "info mem", "info status", "gva2gpa 0x400000"):
+        s.sendall(line.encode() + b"\n")
+        assert until_prompt() == hmp(theirs, line).encode() + b"(qemu) ", line
+    s.close()
+
+
+def test_events_reach_every_client_and_quit_ends_both(live):
+    qemu, sevmon, theirs, ours = live
+    ours.clear_events()  # the earlier tests' STOP/RESUME
+    clients = [sevmon.qmp() for _ in range(3)] + [ours]
+    theirs.cmd("cont")  # RESUME from QEMU's other monitor reaches every sevmon client
+    events = [c.pull_event(wait=10) for c in clients]
+    assert {e["event"] for e in events} == {"RESUME"}
+    assert len({str(e["timestamp"]) for e in events}) == 1  # QEMU's own timestamp, relayed
+    ours.cmd("stop")    # forwarded: QEMU stops, its STOP reaches every client
+    for c in clients:
+        assert c.pull_event(wait=10)["event"] == "STOP"
+    lines = ["info mem", "info tlb", "info mem", "info pci"]
+    results: list = []  # on a thread of its own: the legacy clients own this thread's event loop
+    t = threading.Thread(target=lambda: results.extend(asyncio.run(_concurrently(sevmon.qmp_path, lines))))
+    t.start()
+    t.join(120)
+    assert results == [hmp(theirs, line) for line in lines]
+    assert clients[0].cmd_raw("quit") == {"return": {}}
+    for c in clients:
+        assert c.pull_event(wait=10)["event"] == "SHUTDOWN"
+    for c in clients[:3]:
+        with contextlib.suppress(Exception):
+            c.close()
+    assert sevmon.wait(30) == 0
+    assert qemu.proc.wait(30) == 0
+    import os
+    assert not os.path.exists(sevmon.qmp_path) and not os.path.exists(sevmon.hmp_path)
