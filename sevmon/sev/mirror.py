@@ -91,9 +91,12 @@ class SimProcessOps:
         self.task = task
 
     def fd_links(self, pid: int) -> dict[int, str]:
+        from .sim_task import may_ptrace
         target = self.task.host.tasks.get(pid)
         if target is None:
             raise FileNotFoundError(E.ENOENT, os.strerror(E.ENOENT), f"/proc/{pid}/fd")
+        if not may_ptrace(self.task, target):  # /proc/PID/fd needs ptrace read rights
+            raise PermissionError(E.EACCES, os.strerror(E.EACCES), f"/proc/{pid}/fd")
         return target.fd_links()
 
     def pidfd_getfd(self, pid: int, fd: int) -> int:
