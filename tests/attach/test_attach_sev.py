@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +82,28 @@ def test_a_read_across_segments_is_one_ioctl_per_segment():
     s0 = m.stats
     assert m.dbg_decrypt(0x100000, 0x1000) == IMAGE[:0x1000]
     assert (m.stats - s0).round_trips == 2
+
+
+@pytest.mark.skipif(os.path.exists("/dev/sev"), reason="this host has SEV: the no-SEV sentence does not apply")
+def test_serve_attach_to_an_sev_qemu_on_a_host_without_sev_is_one_sentence(tmp_path):
+    """The whole attach path (QMP link, SO_PEERCRED, memfd mapping, query-sev, query-sev-capabilities) up to the
+    mirror, which a host without /dev/sev cannot have: one sentence, exit 1, QEMU's monitor released."""
+    sock = tmp_path / "qemu.sock"
+    fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_sev_qemu.py")), str(sock)])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        r = subprocess.run([sys.executable, "-m", "sevmon", "serve", "--attach", str(sock),
+                            "--qmp", str(tmp_path / "sevmon.sock")], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == [
+            "sevmon: QEMU runs an SEV guest but sevmon cannot reach it: SEV is not available on this host: "
+            "/dev/sev does not exist (needs an AMD EPYC host with SEV enabled in the BIOS and the kvm_amd.sev=1 "
+            "module parameter)"]
+        fake.wait(10)  # sevmon closed its link: the fake QEMU's monitor loop ended
+    finally:
+        fake.kill()
+        fake.wait()
