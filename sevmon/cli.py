@@ -1,4 +1,4 @@
-"""The ``sevmon`` command: ``serve`` (the daemon), ``shell`` (interactive HMP), ``bench``."""
+"""The ``sevmon`` command: ``serve`` (the daemon), ``shell`` (interactive HMP), ``bench``, ``check``."""
 
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     sev.add_argument("--no-sev", dest="sev", action="store_false", help="plain, unencrypted memory")
     g.add_argument("--policy", type=ranged(0, POLICY_MAX, hexa=True), default=0x0,
                    help="SEV guest policy (default 0x0: debugging allowed; QEMU's default 0x1 forbids it)")
-    g.add_argument("--cbitpos", type=ranged(0, CBITPOS_MAX), default=47,
-                   help="C-bit position, CPUID 0x8000001F EBX[5:0] (default 47); must lie above the "
-                        f"guest-physical address width of the guest's RAM, at most {CBITPOS_MAX}")
+    g.add_argument("--cbitpos", type=ranged(0, CBITPOS_MAX), default=None,
+                   help="C-bit position, CPUID 0x8000001F EBX[5:0] (default: the host's under --kvm, else 47); "
+                        f"must lie above the guest-physical address width of the guest's RAM, at most {CBITPOS_MAX}")
     g.add_argument("--reduced-phys-bits", type=ranged(1, 63), default=1,
                    help="physical address bits lost to the C-bit, CPUID 0x8000001F EBX[11:6], 1..63 (default 1)")
     g.add_argument("--bios", metavar="FILE", help="firmware image measured at launch (default: a built-in one)")
@@ -68,12 +68,29 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="built-in guest: do not run the page-mapping workload while running")
 
 
+def _cbitpos(args: argparse.Namespace) -> int:
+    """--cbitpos, else under --kvm the host's own (CPUID 0x8000001F EBX[5:0]: 47 on Rome, 51 on Milan and Genoa),
+    else 47 (the platform model's Rome-like default). A host without SEV reports 0: keep 47 and let the
+    transport say why SEV is unavailable."""
+    if args.cbitpos is not None:
+        return args.cbitpos
+    if args.kvm:
+        from sevmon.sev.linux import SevUnavailable, host_cpuid
+        try:
+            cbit = host_cpuid().cbitpos
+        except SevUnavailable:
+            cbit = 0
+        if cbit:
+            return cbit
+    return 47
+
+
 def guest_spec(args: argparse.Namespace) -> GuestSpec:
     """The guest options as a :class:`GuestSpec` (the machine layer never sees argparse)."""
     source = "core" if args.core else "raw" if args.raw else "builtin"
     # SEV is the default for the built-in guest only; --sev/--no-sev decide for images.
     sev_on = args.sev is not False if source == "builtin" else bool(args.sev)
-    sev = SevSpec(policy=args.policy, cbitpos=args.cbitpos, reduced_phys_bits=args.reduced_phys_bits,
+    sev = SevSpec(policy=args.policy, cbitpos=_cbitpos(args), reduced_phys_bits=args.reduced_phys_bits,
                   kvm=args.kvm, dh_cert_file=args.dh_cert_file, session_file=args.session_file,
                   platform_file=args.sev_platform) if sev_on else None
     return GuestSpec(source=source, image=args.core or args.raw, cpu_state=args.cpu_state, sev=sev,
@@ -128,8 +145,14 @@ def build_parser() -> OneLineParser:
                        help="wall times are medians of this many runs, 1..1000 (default 5)")
     add_guest_options(bench)
 
+    check = sub.add_parser("check", help="can this host debug a live SEV guest? (exit 0 only when it can)")
+    check.add_argument("--qemu-pid", type=int, metavar="PID", help="also check this running QEMU")
+    check.add_argument("--qemu-qmp", metavar="SOCKET", help="QEMU's QMP socket, to read its guest policy")
+    check.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+
     add_verbose(shell)
     add_verbose(bench)
+    add_verbose(check)
     parser.subcommands = sub.choices
     return parser
 
@@ -137,6 +160,8 @@ def build_parser() -> OneLineParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.subcommand in ("serve", "bench") and args.cbitpos is None:
+        args.cbitpos = _cbitpos(args)
     if args.subcommand in ("serve", "bench"):
         check_guest_options(parser.subcommands[args.subcommand], args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -150,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.subcommand == "serve":
         from sevmon.daemon import serve
         return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb)
+    if args.subcommand == "check":
+        from sevmon.check import main as check_main
+        return check_main(args.qemu_pid, args.qemu_qmp, args.json)
     if args.subcommand == "shell":
         from sevmon.shell.app import run_shell
         return run_shell(args)

@@ -52,14 +52,15 @@ class LiveCpus:
 class AttachedMachine(RunStateMachine):
     """What sevmon monitors when attached: QEMU's guest, memory through DebugMemory."""
 
-    sev = None
     # QEMU's SHUTDOWN is relayed and QEMU closes the link; registers are QEMU's, read fresh, never written
     capabilities = Capabilities(ends_with_shutdown=False, write_registers=False)
 
     def __init__(self, link: QemuLink, ram, memory, cpu_count: int, status: str, *, kvm: dict | None = None,
-                 memory_encryption: bool = False):
+                 sev=None, memory_encryption: bool = False):
+        """``sev``: the live SEV guest as sevmon reaches it (a mirror VM, sevmon.sev.mirror), or None."""
         super().__init__(RunState(status) if status in RunState._value2member_map_ else RunState.PAUSED)
         self.link = link
+        self.sev = sev
         self.ram = ram
         self.memory = memory
         self.cpus = LiveCpus(link, cpu_count)

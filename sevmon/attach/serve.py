@@ -46,14 +46,30 @@ async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = T
         status = await link.execute("query-status")
         kvm = await link.execute("query-kvm")
         try:
-            sev = bool((await link.execute("query-sev")).get("enabled"))
+            sev_info = await link.execute("query-sev")
         except AttachError:
-            sev = False
+            sev_info = {}
+        sev = bool(sev_info.get("enabled"))
+        mirror = None
+        if sev:  # the RAM is ciphertext: decrypt through a mirror VM of QEMU's
+            from sevmon.attach.sev import open_mirror, segments_of
+            caps = await link.execute("query-sev-capabilities")
+            try:
+                mirror = open_mirror(link.pid, ram, segments_of(ram), sev_info, caps)
+            except BaseException:
+                ram.close()
+                raise
     except BaseException:
         await link.disconnect()
         raise
-    memory = DebugMemory(ram, PlainOps(ram, allowed=debug_allowed), cache_pages=cache_pages)
-    return AttachedMachine(link, ram, memory, len(cpus), status["status"], kvm=kvm, memory_encryption=sev)
+    if mirror is not None:
+        from sevmon.debug.ops import SevOps
+        ops = SevOps(ram, mirror, allowed=debug_allowed)
+    else:
+        ops = PlainOps(ram, allowed=debug_allowed)
+    memory = DebugMemory(ram, ops, cache_pages=cache_pages)
+    return AttachedMachine(link, ram, memory, len(cpus), status["status"], kvm=kvm, sev=mirror,
+                           memory_encryption=sev)
 
 
 async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None) -> int:
@@ -80,6 +96,8 @@ async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb
     finally:
         lost = link.closed.is_set() and not machine.shutdown_seen and not link.detach.is_set()
         await link.disconnect()
+        if machine.sev is not None:
+            machine.sev.close()
         machine.ram.close()
     if lost:
         raise AttachError(f"lost QEMU's monitor socket {path}: QEMU closed it without a SHUTDOWN "

@@ -211,8 +211,12 @@ def _guest_argv(args) -> list[str]:
         argv += ["--raw", args.raw]
     if args.cpu_state:
         argv += ["--cpu-state", args.cpu_state]
-    argv += ["--sev" if args.sev else "--no-sev", "--policy", hex(args.policy), "--cbitpos", str(args.cbitpos),
-             "--paging", args.paging, "--no-workload"]
+    argv += ["--sev" if args.sev else "--no-sev", "--policy", hex(args.policy), "--paging", args.paging,
+             "--no-workload"]
+    if args.cbitpos is not None:
+        argv += ["--cbitpos", str(args.cbitpos)]
+    if args.kvm:  # the latency daemon runs on the same kernel transport as the bench itself
+        argv.append("--kvm")
     return argv
 
 

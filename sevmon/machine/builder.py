@@ -54,6 +54,9 @@ def _debug_memory(spec: GuestSpec):
 
 
 def _build(spec: GuestSpec) -> LocalMachine:
+    if spec.source == "builtin" and spec.sev is not None and spec.sev.kvm:
+        raise GuestError("--kvm needs a guest image (--core or --raw): the built-in guest runs only on the SEV "
+                         "platform model, it has no vCPU on real KVM")
     if spec.incoming:
         if spec.sev is None or spec.source != "builtin":
             raise GuestError("--incoming receives an SEV guest (SEND/RECEIVE): it takes neither --no-sev, "

@@ -10,6 +10,7 @@
   - ``hostmem``     host physical memory as the PSP sees it
   - ``sim_host``    the host: DRAM, memory controller, PSP, ASID bitmaps
   - ``sim_process`` a VMM process's memory: mappings, copy_{from,to}_user, pinning, memlock
+  - ``sim_task``    processes: pid, credentials, fd table, pidfd_open/pidfd_getfd (VM ownership, mirrors)
   - ``sim_kvm``     a VM fd: KVM_MEMORY_ENCRYPT_OP and its ops; ``sim_dbg`` (sev_dbg_crypt, classic) and
     ``sim_devsev`` (/dev/sev) and ``sim_migration`` (SEND_*/RECEIVE_*) are its parts
 - ``linux``     the same ioctls on real hardware (/dev/kvm, /dev/sev); imports nothing simulated

@@ -100,6 +100,9 @@ KVM_MEMORY_ENCRYPT_REG_REGION = _IOR(KVMIO, 0xBB, 16)
 KVM_MEMORY_ENCRYPT_UNREG_REGION = _IOR(KVMIO, 0xBC, 16)
 KVM_CREATE_VM = _IO(KVMIO, 0x01)
 SEV_ISSUE_CMD = _IOWR(ord("S"), 0x0, 16)
+KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
+KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, 104)  # struct kvm_enable_cap
+KVM_CAP_VM_COPY_ENC_CONTEXT_FROM = 197   # Linux >= 5.15: a mirror VM sharing an SEV guest's ASID and handle
 
 
 # ---------------------------------------------------------------------------------------
@@ -437,3 +440,8 @@ for _name, _obj in list(globals().items()):
     if isinstance(_obj, Struct):
         globals()[_name] = _Compiled(_obj)
 del _name, _obj
+
+
+# struct kvm_enable_cap (KVM_ENABLE_CAP on a VM fd)
+KvmEnableCap = Struct(_u32("cap"), _u32("flags"), _u64("arg0"), _u64("arg1"), _u64("arg2"), _u64("arg3"),
+                      _bytes("pad", 64))

@@ -11,22 +11,51 @@ import os
 
 from sevmon.memory.ram import RAM
 
-from .abi import KVM_CREATE_VM, PAGE_SHIFT
+from .abi import (
+    KVM_CREATE_VM,
+    KVM_MEMORY_ENCRYPT_OP,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    SEV_ISSUE_CMD,
+    KvmSevCmd,
+    KvmSevDbg,
+    SevCmdId,
+)
 from .cpuid import LEAF, SevCpuid
+from .dbgsplit import classic_dbg_cost
 from .stats import KernelStats
+
+# KVM_SEV_* commands that are exactly one PSP command when they succeed
+_ONE_COMMAND = frozenset({SevCmdId.GUEST_STATUS, SevCmdId.LAUNCH_MEASURE, SevCmdId.LAUNCH_FINISH,
+                          SevCmdId.LAUNCH_SECRET, SevCmdId.GET_ATTESTATION_REPORT})
+
+
+def _address(m: mmap.mmap) -> int:
+    """The address of an mmap (the temporary ctypes view is dropped at once, so the map can be closed)."""
+    view = ctypes.c_char.from_buffer(m)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view
 
 
 class SevUnavailable(RuntimeError):
     """This host cannot run SEV guests; ``str()`` is one sentence saying why."""
 
 
+_ioctl_fn = None
+
 
 def _libc_ioctl(fd: int, request: int, arg: int) -> int:
-    """ioctl(2) with a pointer-sized argument (``fcntl.ioctl`` only takes a C int or a buffer)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = libc.ioctl
-    fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
+    """ioctl(2) with a pointer-sized argument (``fcntl.ioctl`` only takes a C int or a buffer).
+    libc's ``ioctl`` is looked up and typed once, on first use."""
+    global _ioctl_fn
+    fn = _ioctl_fn
+    if fn is None:
+        fn = ctypes.CDLL(None, use_errno=True).ioctl
+        fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _ioctl_fn = fn
     r = fn(fd, request, arg or None)
     if r < 0:
         err = ctypes.get_errno()
@@ -34,12 +63,30 @@ def _libc_ioctl(fd: int, request: int, arg: int) -> int:
     return r
 
 
+def host_cpuid(path: str = "/dev/cpu/0/cpuid") -> SevCpuid:
+    """CPUID Fn8000_001F of this host, through the cpuid driver (Python cannot execute ``cpuid`` itself).
+    SevUnavailable (one sentence) when the driver is not there."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            regs = os.pread(fd, 16, LEAF)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise SevUnavailable(f"cannot read CPUID Fn8000_001F: {path}: {e.strerror} (load the cpuid module: "
+                             "modprobe cpuid)") from None
+    if len(regs) < 16:
+        raise SevUnavailable(f"cannot read CPUID Fn8000_001F: {path}: short read")
+    return SevCpuid(*(int.from_bytes(regs[i:i + 4], "little") for i in range(0, 16, 4)))
+
+
 class LinuxSevTransport:
     """The same surface as :class:`SimulatedKvm`, on a real host: packed structs in this
     process's memory, ``fcntl.ioctl`` on a real VM fd and ``/dev/sev``.
 
     Guest RAM is an anonymous mapping seeded from the RAM store; the guest's own CPU accesses
-    and fault injection do not exist here. Only ``round_trips`` is counted (the PSP is opaque).
+    and fault injection do not exist here. Round trips are counted as issued; firmware calls and DBG bytes
+    from the kernel's split rule (the PSP is opaque); multi-command launch steps are not counted.
     """
 
     def __init__(self, vm_fd: int | None = None, *, sev_path: str = "/dev/sev", kvm_path: str = "/dev/kvm"):
@@ -65,21 +112,45 @@ class LinuxSevTransport:
                                  f"{e.strerror}") from None
         self.vm_fd = vm_fd
         self.stats = KernelStats()
-        self._bufs: dict[int, ctypes.Array] = {}
+        self._bufs: dict[int, mmap.mmap] = {}
         self._maps: list[mmap.mmap] = []
 
     def ioctl(self, fd: int, request: int, arg: int = 0) -> int:
+        """One real ioctl (one round trip). A successful DBG_DECRYPT/ENCRYPT is also counted in firmware calls
+        and bytes by the kernel's own split rule (:mod:`sevmon.sev.dbgsplit`), since the PSP is not visible."""
         self.stats.round_trips += 1
-        return _libc_ioctl(fd, request, arg)
+        r = _libc_ioctl(fd, request, arg)
+        if request == KVM_MEMORY_ENCRYPT_OP and fd == self.vm_fd and arg:
+            self._count(arg)
+        elif request == SEV_ISSUE_CMD:
+            self.stats.firmware_calls += 1
+        return r
+
+    def _count(self, arg: int) -> None:
+        cmd = KvmSevCmd.parse(self.read(arg, KvmSevCmd.sizeof()))
+        if cmd.id in (SevCmdId.DBG_DECRYPT, SevCmdId.DBG_ENCRYPT) and cmd.data:
+            d = KvmSevDbg.parse(self.read(cmd.data, KvmSevDbg.sizeof()))
+            calls, dec, enc = classic_dbg_cost(d.src_uaddr, d.dst_uaddr, d.len,
+                                               encrypt=cmd.id == SevCmdId.DBG_ENCRYPT)
+            self.stats.firmware_calls += calls
+            self.stats.bytes_decrypted += dec
+            self.stats.bytes_encrypted += enc
+        elif cmd.id in _ONE_COMMAND:
+            self.stats.firmware_calls += 1
 
     def alloc(self, n: int) -> int:
-        buf = ctypes.create_string_buffer(max(n, 1))
-        addr = ctypes.addressof(buf)
-        self._bufs[addr] = buf
+        """A zeroed, page-aligned buffer (an anonymous mmap), never ``ctypes.create_string_buffer``: that one is
+        16-byte aligned only, and a DBG destination that is not at its source's page offset lets the classic
+        kernel's PSP write past the pinned page into the next physical page (sev-api.md §2.1 bug (c))."""
+        m = mmap.mmap(-1, max(n, 1) + (-max(n, 1) % PAGE_SIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = _address(m)
+        self._bufs[addr] = m
         return addr
 
     def free(self, hva: int) -> None:
-        self._bufs.pop(hva, None)
+        m = self._bufs.pop(hva, None)
+        if m is not None:
+            m.close()
 
     def read(self, hva: int, n: int) -> bytes:
         return ctypes.string_at(hva, n)
@@ -93,19 +164,10 @@ class LinuxSevTransport:
         self._maps.append(m)
         for pfn in ram.frames():
             m[pfn << PAGE_SHIFT:(pfn + 1) << PAGE_SHIFT] = ram.frame(pfn)
-        return ctypes.addressof(ctypes.c_char.from_buffer(m))
+        return _address(m)
 
     def cpuid(self) -> SevCpuid:
-        try:
-            fd = os.open("/dev/cpu/0/cpuid", os.O_RDONLY)
-            try:
-                regs = os.pread(fd, 16, LEAF)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise SevUnavailable(f"cannot read CPUID Fn8000_001F: /dev/cpu/0/cpuid: {e.strerror} "
-                                 "(load the cpuid module)") from None
-        return SevCpuid(*(int.from_bytes(regs[i:i + 4], "little") for i in range(0, 16, 4)))
+        return host_cpuid()
 
     def guest_store(self, gpa: int, data: bytes, *, c_bit: bool = True) -> None:
         raise SevUnavailable("the guest's own CPU accesses exist only in the simulation")
@@ -114,6 +176,9 @@ class LinuxSevTransport:
         raise SevUnavailable("the guest's own CPU accesses exist only in the simulation")
 
     def close(self) -> None:
+        for m in self._bufs.values():
+            m.close()
+        self._bufs.clear()
         if self._own_vm:
             os.close(self.vm_fd)
         os.close(self.sev_fd)

@@ -51,6 +51,8 @@ class DebugCrypt:
     # -- DBG_DECRYPT / DBG_ENCRYPT: sev_dbg_crypt, classic ----------------------------------------
     def _op_dbg(self, cmd: Container, dec: bool) -> int:
         self._require_sev()
+        if self._fd is not None and not self._stored_sev_fd_ok():
+            raise KernelError(E.EBADF)  # sev_issue_cmd(kvm, ...): the stored /dev/sev fd number, in this process
         debug = self._data(cmd, KvmSevDbg)
         if not debug.len or debug.src_uaddr + debug.len > _U64:
             raise KernelError(E.EINVAL)

@@ -12,7 +12,7 @@ import threading
 
 from sevmon.memory.ram import RAM
 
-from .abi import FwCmd, SevDataInit
+from .abi import PAGE_SHIFT, FwCmd, SevDataInit
 from .cpuid import SevCpuid
 from .engine import MemoryController
 from .firmware import SevFirmware
@@ -52,11 +52,14 @@ class SimulatedHost:
         self.psp.call(FwCmd.INIT, bytearray(SevDataInit.build({})))
         self.psp.call(FwCmd.DF_FLUSH)
         self._kernel_phys = Extents(KERNEL_HPA_BASE, USER_HPA_BASE)
-        self._user_phys = Extents(USER_HPA_BASE, GUEST_HPA_SPACING)
         self._asid_used: set[int] = set()      # KVM sev_asid_bitmap
         self._asid_reclaim: set[int] = set()   # KVM sev_reclaim_asid_bitmap
         self._vm_slots = 0
         self._next_fd = 3
+        self._next_user_pfn = (GUEST_HPA_SPACING >> PAGE_SHIFT) - 1  # user pages are handed out top down
+        self._free_user_pfns: list[int] = []
+        self.tasks: dict = {}                 # pid -> sim_task.Task
+        self._next_pid = 1000
         self._psp_lock = threading.Lock()     # sev_cmd_mutex: one PSP command at a time, system-wide
         self._bitmap_lock = threading.Lock()  # sev_bitmap_lock
         self._phys_lock = threading.Lock()    # the page allocator
@@ -80,17 +83,34 @@ class SimulatedHost:
             self._kernel_phys.remove(base)
             self.dram.unmap(base)
 
-    def user_pages(self, buf: bytearray) -> int:
-        """Give a process's buffer a physically contiguous home; returns its host physical address."""
-        with self._phys_lock:
-            base = self._user_phys.alloc(len(buf), buf)
-            self.dram.map(base, buf)
-        return base
+    def user_page(self, page: memoryview) -> int:
+        """Give one page of a process's buffer its own host physical page; returns its address.
 
-    def user_free(self, base: int) -> None:
+        As the page allocator does, consecutive virtual pages do *not* get consecutive physical pages:
+        pages are handed out top down (and freed ones reused first), so the physical page after any user
+        page belongs to whoever was given it earlier, often another process. That is what makes Linux's
+        classic ``sev_dbg_crypt`` bug (c) (sev-api.md §2.1) corrupt someone else's memory in the model.
+        """
         with self._phys_lock:
-            self._user_phys.remove(base)
-            self.dram.unmap(base)
+            if self._free_user_pfns:
+                pfn = self._free_user_pfns.pop()
+            else:
+                pfn = self._next_user_pfn
+                if pfn << PAGE_SHIFT < USER_HPA_BASE:
+                    raise MemoryError("simulated user memory exhausted")
+                self._next_user_pfn -= 1
+            self.dram.map(pfn << PAGE_SHIFT, page)
+        return pfn << PAGE_SHIFT
+
+    def user_page_free(self, hpa: int) -> None:
+        with self._phys_lock:
+            self.dram.unmap(hpa)
+            self._free_user_pfns.append(hpa >> PAGE_SHIFT)
+
+    def new_pid(self) -> int:
+        with self._phys_lock:
+            self._next_pid += 1
+            return self._next_pid
 
     def new_fd(self) -> int:
         with self._phys_lock:

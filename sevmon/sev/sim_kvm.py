@@ -12,8 +12,12 @@ hardware:
   unaligned encrypts — including bug (b): the RMW re-encrypts ``round_up(len, 16)`` bytes
   from the rounded-down destination, silently dropping bytes past that;
 * bug (c) (an aligned chunk whose destination crosses a page writes past the single pinned
-  destination page) is present but harmless here, because user buffers and guest RAM are
-  physically contiguous in this model, so the "next physical page" is the next virtual one;
+  destination page) really corrupts the physically next page: each page of a user buffer has its
+  own host physical page, not contiguous with the next one (guest RAM is one contiguous slot);
+* processes (:mod:`sevmon.sev.sim_task`): a VM belongs to the process that created it (ioctls from
+  another one: ``-EIO``); ``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM`` makes a mirror VM that may issue only
+  LAUNCH_UPDATE_VMSA, GUEST_STATUS, DBG_DECRYPT and DBG_ENCRYPT (others, and REG/UNREG_REGION:
+  ``-EINVAL``); firmware commands resolve the stored ``/dev/sev`` fd number in the caller's table;
 * errno: ``-ENOTTY`` not an SEV guest, ``-EINVAL`` bad arguments, ``-EFAULT`` bad user
   pointers, ``-ENOMEM`` pin failures, ``-EBADF`` no ``/dev/sev``, ``-EIO`` firmware errors.
 
@@ -42,6 +46,8 @@ from construct import Container
 from sevmon.memory.ram import RAM, MemoryAccessError
 
 from .abi import (
+    KVM_CAP_VM_COPY_ENC_CONTEXT_FROM,
+    KVM_ENABLE_CAP,
     KVM_MEMORY_ENCRYPT_OP,
     KVM_MEMORY_ENCRYPT_REG_REGION,
     KVM_MEMORY_ENCRYPT_UNREG_REGION,
@@ -50,6 +56,7 @@ from .abi import (
     SEV_FW_BLOB_MAX_SIZE,
     SEV_ISSUE_CMD,
     FwCmd,
+    KvmEnableCap,
     KvmEncRegion,
     KvmSevAttestationReport,
     KvmSevCmd,
@@ -75,9 +82,14 @@ from .sim_devsev import SevDeviceIoctls
 from .sim_host import KernelError, SimulatedHost
 from .sim_migration import MigrationOps
 from .sim_process import ProcessMemory
+from .sim_task import DevSev, Task
 from .stats import KernelStats
 
 _U64 = (1 << 64) - 1
+
+# is_cmd_allowed_from_mirror: the only KVM_SEV_* commands a mirror VM may issue (others: -EINVAL)
+MIRROR_ALLOWED = frozenset({SevCmdId.LAUNCH_UPDATE_VMSA, SevCmdId.GUEST_STATUS, SevCmdId.DBG_DECRYPT,
+                            SevCmdId.DBG_ENCRYPT})
 
 
 class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
@@ -89,12 +101,17 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
     own CPU accesses (:meth:`guest_store`, :meth:`guest_load`) and fault injection.
     """
 
-    def __init__(self, host: SimulatedHost | None = None, *, memlock_limit: int | None = None):
-        """``memlock_limit``: RLIMIT_MEMLOCK in bytes; None models CAP_IPC_LOCK (no limit)."""
+    link = "anon_inode:kvm-vm"  # what /proc/PID/fd shows for a VM fd
+
+    def __init__(self, host: SimulatedHost | None = None, *, memlock_limit: int | None = None,
+                 task: Task | None = None):
+        """``memlock_limit``: RLIMIT_MEMLOCK in bytes; None models CAP_IPC_LOCK (no limit).
+        ``task``: the process that creates the VM (default: a new one); it owns the VM (``kvm->mm``)."""
         self.host = host if host is not None else SimulatedHost()
-        self.mem = ProcessMemory(self.host, memlock_limit=memlock_limit)
-        self.vm_fd = self.host.new_fd()
-        self.sev_fd = self.host.new_fd()
+        self.task = task if task is not None else Task(self.host, memlock_limit=memlock_limit)
+        self.mem: ProcessMemory = self.task.mm
+        self.vm_fd = self.task.install(self)
+        self.sev_fd = self.task.install(DevSev())
         self.stats = KernelStats()
         self._faults: dict[int, int] = {}
         # struct kvm_sev_info
@@ -105,6 +122,8 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         self._policy = 0
         self._regions: list[tuple[int, int, int]] = []
         self._closed = False
+        self._mirror_of: SimulatedKvm | None = None  # set by KVM_CAP_VM_COPY_ENC_CONTEXT_FROM
+        self._mirrors = 0                           # mirrors holding a reference to this VM
         self._kvm_lock = threading.Lock()   # kvm->lock: one SEV command per VM at a time
 
     # -- process memory (what the VMM does in its own address space) ------------------------
@@ -139,11 +158,30 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         with self._kvm_lock:
             self._close_locked()
 
+    @property
+    def is_mirror(self) -> bool:
+        return self._mirror_of is not None
+
     def _close_locked(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._regions.clear()
+        src = self._mirror_of
+        if src is not None:  # a mirror owns no firmware context: drop its reference to the source
+            self._active, self._asid, self._mirror_of = False, 0, None
+            with src._kvm_lock:
+                src._mirrors -= 1
+                if src._closed and not src._mirrors:
+                    src._destroy_sev()
+        elif self._mirrors:
+            pass  # the mirrors hold a reference (kvm_get_kvm): the guest lives on until the last one closes
+        else:
+            self._destroy_sev()
+        self.mem.release()
+
+    def _destroy_sev(self) -> None:
+        """``sev_vm_destroy`` of a VM that owns its context: DEACTIVATE, DECOMMISSION, free the ASID."""
         if self._active:
             if self._handle:
                 self._fw(FwCmd.DEACTIVATE, bytearray(SevDataHandle.build(dict(handle=self._handle))))
@@ -151,7 +189,6 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
             self.host.asid_release(self._asid)
             self._active = False
             self._asid = 0
-        self.mem.release()
 
     # -- simulation-only hooks ---------------------------------------------------------------
     def fail_firmware_call(self, n: int, status: int) -> None:
@@ -204,20 +241,59 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         return r
 
     def _ioctl_locked(self, fd: int, request: int, arg: int) -> int:
+        """The ioctl as this VM's creating process issues it: ``fd`` is looked up in its fd table."""
         self.stats.round_trips += 1
-        if self._closed or fd not in (self.vm_fd, self.sev_fd):
+        f = None if self._closed else self.task.files.get(fd)
+        if f is None:
             r = -E.EBADF
-        elif fd == self.vm_fd and request == KVM_MEMORY_ENCRYPT_OP:
-            r = self._mem_enc_op(arg)
-        elif fd == self.vm_fd and request == KVM_MEMORY_ENCRYPT_REG_REGION:
-            r = self._region_ioctl(arg, register=True)
-        elif fd == self.vm_fd and request == KVM_MEMORY_ENCRYPT_UNREG_REGION:
-            r = self._region_ioctl(arg, register=False)
-        elif fd == self.sev_fd and request == SEV_ISSUE_CMD:
+        elif isinstance(f, SimulatedKvm):
+            if f.mem is not self.mem:  # kvm_vm_ioctl: kvm->mm != current->mm
+                r = -E.EIO
+            elif f is not self:
+                r = -E.ENOTTY  # a second VM in one process is not modelled
+            elif request == KVM_MEMORY_ENCRYPT_OP:
+                r = self._mem_enc_op(arg)
+            elif request == KVM_MEMORY_ENCRYPT_REG_REGION:
+                r = self._region_ioctl(arg, register=True)
+            elif request == KVM_MEMORY_ENCRYPT_UNREG_REGION:
+                r = self._region_ioctl(arg, register=False)
+            elif request == KVM_ENABLE_CAP:
+                r = self._enable_cap(arg)
+            else:
+                r = -E.ENOTTY
+        elif isinstance(f, DevSev) and request == SEV_ISSUE_CMD:
             r = self._sev_dev_ioctl(arg)
         else:
             r = -E.ENOTTY
         return r
+
+    # -- KVM_ENABLE_CAP(KVM_CAP_VM_COPY_ENC_CONTEXT_FROM) ---------------------------------------
+    def _enable_cap(self, arg: int) -> int:
+        """``sev_vm_copy_enc_context_from``: make this VM a mirror of the SEV VM behind ``args[0]``, an fd
+        resolved in the caller's table (no mm check on the source). It then shares the source's ASID,
+        firmware handle, policy and stored ``/dev/sev`` fd number."""
+        try:
+            cap = KvmEnableCap.parse(self.mem.uread(arg, KvmEnableCap.sizeof()))
+        except KernelError:
+            return -E.EFAULT
+        if cap.cap != KVM_CAP_VM_COPY_ENC_CONTEXT_FROM or cap.flags:
+            return -E.EINVAL
+        src = self.task.files.get(cap.arg0)
+        if not isinstance(src, SimulatedKvm) or src._closed:  # fdget / file_is_kvm
+            return -E.EBADF
+        if src is self:
+            return -E.EINVAL
+        with src._kvm_lock:  # sev_lock_two_vms
+            if self._active or not src._active or src._mirror_of is not None:
+                return -E.EINVAL  # this VM is SEV already, the source is not SEV, or is itself a mirror
+            self._active, self._asid, self._handle = True, src._asid, src._handle
+            self._fd, self._policy, self._mirror_of = src._fd, src._policy, src
+            src._mirrors += 1
+        return 0
+
+    def _stored_sev_fd_ok(self) -> bool:
+        """``__sev_issue_cmd(sev->fd)``: the stored number must be ``/dev/sev`` in the caller's fd table."""
+        return isinstance(self.task.files.get(self._fd), DevSev)
 
     # -- PSP access ---------------------------------------------------------------------------
     def _fw(self, fwcmd: int, buf: bytearray, cmd: Container | None = None) -> int:
@@ -234,7 +310,7 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
 
     def _sev_issue(self, fwcmd: int, buf: bytearray, cmd: Container) -> int:
         """``sev_issue_cmd``: through the ``/dev/sev`` fd stored at LAUNCH_START."""
-        if self._fd != self.sev_fd:
+        if not self._stored_sev_fd_ok():
             raise KernelError(E.EBADF)
         return self._fw(fwcmd, buf, cmd)
 
@@ -246,6 +322,8 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
             return -E.EFAULT
         if not self._active:
             return -E.ENOTTY
+        if self._mirror_of is not None:
+            return -E.EINVAL  # a mirror is not responsible for the guest's memory
         if register:
             if rg.size == 0 or rg.addr + rg.size > _U64:
                 return -E.EINVAL
@@ -277,6 +355,8 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         cid = cmd.id
         if cid == SevCmdId.ES_INIT and not self.host.sev_es_enabled:
             return -E.ENOTTY
+        if self._mirror_of is not None and cid not in MIRROR_ALLOWED:
+            return -E.EINVAL  # is_cmd_allowed_from_mirror; no copy back
         handler = self._dispatch.get(cid)
         if handler is None:
             return -E.EINVAL  # unknown or never-dispatched id: no copy back
@@ -335,7 +415,7 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
                 handle=params.handle, policy=params.policy,
                 dh_cert_address=dh_hpa, dh_cert_len=params.dh_len if dh_hpa else 0,
                 session_address=sess_hpa, session_len=params.session_len if sess_hpa else 0)))
-            if cmd.sev_fd != self.sev_fd:  # __sev_issue_cmd(argp->sev_fd): must be /dev/sev
+            if not isinstance(self.task.files.get(cmd.sev_fd), DevSev):  # __sev_issue_cmd(argp->sev_fd)
                 raise KernelError(E.EBADF)
             r = self._fw(FwCmd.LAUNCH_START, start, cmd)
             if r:

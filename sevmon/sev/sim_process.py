@@ -33,21 +33,25 @@ class ProcessMemory:
         self.pages_locked = 0
         self.ram: RAM | None = None
         self.guest_hpa = 0  # host physical address of guest physical 0
-        self._heap = Extents(HEAP_HVA_BASE, GUEST_HVA_BASE)  # hva -> (bytearray, hpa)
+        self._shared = False  # the RAM mapping is another process's shared backend (not ours to free)
+        self._heap = Extents(HEAP_HVA_BASE, GUEST_HVA_BASE)  # hva -> (bytearray, [hpa of each page])
         self._heap_lock = threading.Lock()  # the VMM's malloc
 
     # -- what the VMM does in its own address space -------------------------------------------
     def alloc(self, n: int) -> int:
-        """malloc: a zeroed user buffer; returns its address (HVA)."""
+        """malloc (page-granular, page-aligned): a zeroed user buffer; returns its address (HVA).
+        Each of its pages gets its own host physical page (not contiguous, see ``SimulatedHost.user_page``)."""
         buf = bytearray((max(n, 1) + PAGE_SIZE - 1) & PAGE_MASK)
-        hpa = self.host.user_pages(buf)
+        mv = memoryview(buf)
+        hpas = [self.host.user_page(mv[i:i + PAGE_SIZE]) for i in range(0, len(buf), PAGE_SIZE)]
         with self._heap_lock:
-            return self._heap.alloc(len(buf), (buf, hpa))
+            return self._heap.alloc(len(buf), (buf, hpas))
 
     def free(self, hva: int) -> None:
         with self._heap_lock:
-            buf, hpa = self._heap.remove(hva)
-        self.host.user_free(hpa)
+            buf, hpas = self._heap.remove(hva)
+        for hpa in hpas:
+            self.host.user_page_free(hpa)
 
     def read(self, hva: int, n: int) -> bytes:
         """Load ``n`` bytes of the process's memory (guest RAM reads back at rest)."""
@@ -70,9 +74,17 @@ class ProcessMemory:
         self.ram = ram
         return GUEST_HVA_BASE
 
+    def map_shared_ram(self, ram: RAM, hpa: int) -> int:
+        """mmap another process's shared RAM backend (a memfd or a /dev/shm file): the same host physical
+        pages, now also at this process's GUEST_HVA_BASE. Returns that HVA."""
+        if self.ram is not None:
+            raise RuntimeError("guest RAM is already mapped in this process")
+        self.ram, self.guest_hpa, self._shared = ram, hpa, True
+        return GUEST_HVA_BASE
+
     def release(self) -> None:
         """The process exits: its guest RAM mapping and heap go away."""
-        if self.ram is not None:
+        if self.ram is not None and not self._shared:
             self.host.dram.unmap(self.guest_hpa)
         for hva in list(self._heap._bases):
             self.free(hva)
@@ -89,7 +101,7 @@ class ProcessMemory:
         hit = self._heap.find(hva)
         if hit is None:
             return None
-        base, size, (buf, hpa) = hit
+        base, size, (buf, _) = hit
         return buf, hva - base, base + size - hva
 
     def uread(self, hva: int, n: int) -> bytes:
@@ -141,7 +153,7 @@ class ProcessMemory:
         buf, off, _ = t
         if buf is None:
             return off
-        return self._heap.find(hva)[2][1] + off
+        return self._heap.find(hva)[2][1][off >> PAGE_SHIFT] + (off & (PAGE_SIZE - 1))
 
     def pin(self, uaddr: int, ulen: int) -> list[int]:
         """``sev_pin_memory``: host physical addresses of the pages of ``[uaddr, uaddr+ulen)``."""
@@ -174,7 +186,7 @@ class ProcessMemory:
 
     def contiguous(self, hva: int, n: int) -> int | None:
         """The host physical address of ``[hva, hva+n)`` if all of it is pinnable and
-        physically contiguous (one guest RAM window or one heap buffer), else None."""
+        physically contiguous (one guest RAM window, or heap pages that happen to be), else None."""
         if self.ram is not None and GUEST_HVA_BASE <= hva and hva + n <= GUEST_HVA_BASE + self.ram.size:
             gpa = hva - GUEST_HVA_BASE
             has = self.ram.has
@@ -183,5 +195,8 @@ class ProcessMemory:
             return None
         hit = self._heap.find(hva)
         if hit is not None and hva + n <= hit[0] + hit[1]:
-            return hit[2][1] + (hva - hit[0])
+            hpas = hit[2][1]
+            first, last = (hva - hit[0]) >> PAGE_SHIFT, (hva + n - 1 - hit[0]) >> PAGE_SHIFT
+            if all(hpas[i] == hpas[first] + (i - first) * PAGE_SIZE for i in range(first + 1, last + 1)):
+                return hpas[first] + ((hva - hit[0]) & (PAGE_SIZE - 1))
         return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno as E
 import os
 
-from sevmon.memory.ram import PAGE_SHIFT, RAM
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, RAM
 
 from .abi import (
     KVM_MEMORY_ENCRYPT_OP,
@@ -256,17 +256,19 @@ class SevVm:
     # -- debug access -----------------------------------------------------------------------------
     def dbg_decrypt(self, gpa: int, length: int) -> bytes:
         """Plaintext of guest memory: exactly one KVM_SEV_DBG_DECRYPT ioctl (any alignment).
-        A zero length returns b"" without a round trip."""
+        A zero length returns b"" without a round trip.
+
+        The destination sits at the same offset within its page as the source (see :meth:`_dbg_buffer`)."""
         if length == 0:
             return b""
         self._check_span(gpa, length)
-        buf = self.kernel.alloc(length)
+        base, buf = self._dbg_buffer(gpa, length)
         try:
             self._op(SevCmdId.DBG_DECRYPT, "DBG_DECRYPT", KvmSevDbg,
-                     dict(src_uaddr=self._ram_hva + gpa, dst_uaddr=buf, len=length), span=(gpa, length))
+                     dict(src_uaddr=self._hva(gpa), dst_uaddr=buf, len=length), span=(gpa, length))
             return self.kernel.read(buf, length)
         finally:
-            self.kernel.free(buf)
+            self.kernel.free(base)
 
     def dbg_encrypt(self, gpa: int, data: bytes) -> None:
         """Write plaintext into guest memory with its key: exactly one KVM_SEV_DBG_ENCRYPT ioctl.
@@ -274,13 +276,29 @@ class SevVm:
         if not data:
             return
         self._check_span(gpa, len(data))
-        buf = self.kernel.alloc(len(data))
+        base, buf = self._dbg_buffer(gpa, len(data))
         try:
             self.kernel.write(buf, data)
             self._op(SevCmdId.DBG_ENCRYPT, "DBG_ENCRYPT", KvmSevDbg,
-                     dict(src_uaddr=buf, dst_uaddr=self._ram_hva + gpa, len=len(data)), span=(gpa, len(data)))
+                     dict(src_uaddr=buf, dst_uaddr=self._hva(gpa), len=len(data)), span=(gpa, len(data)))
         finally:
-            self.kernel.free(buf)
+            self.kernel.free(base)
+
+    def _hva(self, gpa: int) -> int:
+        """Where guest physical ``gpa`` is mapped in this process (one linear mapping of guest RAM)."""
+        return self._ram_hva + gpa
+
+    def _dbg_buffer(self, gpa: int, length: int) -> tuple[int, int]:
+        """A page-aligned user buffer and the address in it at ``gpa``'s offset within its page.
+
+        Linux's classic ``sev_dbg_crypt`` cuts a request only at *source* page boundaries and pins a single
+        destination page per chunk, so an aligned chunk whose destination crosses a page makes the PSP write
+        into whatever physical page follows (sev-api.md §2.1 bug (c): host memory corruption). With the
+        destination at the source's page offset, every chunk's destination ends where its source page ends.
+        """
+        off = self._hva(gpa) & (PAGE_SIZE - 1)
+        base = self.kernel.alloc(off + length)
+        return base, base + off
 
     # -- the guest's own CPU (simulation only) ---------------------------------------------------
     def guest_write(self, gpa: int, data: bytes, private: bool = True) -> None:

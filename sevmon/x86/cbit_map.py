@@ -124,7 +124,21 @@ def _walk_cpu(mem: PhysicalMemory, cpu: CpuState, me_mask: int, want_ranges: boo
             extents.append((x_gpa, x_end, x_priv, cpu_index, canon(mode, x_va)))
         x_gpa, x_end, x_va, x_priv = gpa, gpa + size, va, private
 
-    for item in t.chunks():
+    def large_leaves():
+        """The walk's chunks with runs of large leaves taken one leaf at a time (4 KiB tables stay whole)."""
+        for item in t.chunks():
+            if type(item) is paging.LeafRun:
+                entries = t.unpack(item.raw)
+                step = shifts[item.depth]
+                for i in range(item.start, item.stop):
+                    e = entries[i]
+                    c = e & me
+                    e ^= c
+                    yield item.base + (i << step), e, item.depth, e & item.pprot, c != 0 or not me
+            else:
+                yield item
+
+    for item in large_leaves():
         if type(item) is not paging.LeafTable:
             va, e, depth, prot, private = item
             size = 1 << shifts[depth]
@@ -142,7 +156,8 @@ def _walk_cpu(mem: PhysicalMemory, cpu: CpuState, me_mask: int, want_ranges: boo
                     start, cur = va, code
                 end = va + size
             continue
-        base, entries, raw = item.base, item.entries, item.raw
+        base, raw = item.base, item.raw
+        entries = t.unpack(raw)
         nme = ~me
         for i, e in enumerate(entries):
             if e & PG_PRESENT:

@@ -431,6 +431,7 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
 #: read the very tables ``info mem``/``info tlb`` read, so a warm cache makes them cost no round trip.
 tables = _tables
 LeafTable = _LeafTable
+LeafRun = _LeafRun
 canonical = _canon
 PROT_CODES = _PROT_CODES
 

@@ -106,15 +106,19 @@ def test_enc_unaligned_is_read_modify_write_with_the_classic_lost_byte(image):
 
 
 def classic_encrypt_reference(old: bytes, gpa: int, data: bytes) -> bytes:
-    """What the classic kernel leaves in guest memory after DBG_ENCRYPT from a page-aligned buffer."""
+    """What the classic kernel leaves in guest memory after sevmon's DBG_ENCRYPT: its source buffer sits at
+    the destination's page offset, so the kernel's chunks (cut at source pages) end at the guest's pages."""
     mem = bytearray(old)
-    for off in range(0, len(data), 4096):
-        n, d = min(4096, len(data) - off), gpa + off
+    off = 0
+    while off < len(data):
+        d = gpa + off
+        n = min(4096 - (d & 4095), len(data) - off)
         chunk = data[off:off + n]
         if d % 16 or n % 16:
             keep = (d & ~15) + ((n + 15) & ~15) - d   # bytes the RMW actually re-encrypts
             chunk = chunk[:max(0, keep)]
         mem[d:d + len(chunk)] = chunk
+        off += n
     return bytes(mem)
 
 

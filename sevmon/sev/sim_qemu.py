@@ -1,0 +1,83 @@
+"""A simulated QEMU process owning a live SEV guest, for attaching to it through the same code path as on hardware.
+
+It is what ``qemu-system-x86_64 -accel kvm -object sev-guest,policy=P -object
+memory-backend-memfd,id=ram0,share=on`` leaves in the kernel: a process (its own mm and fd table) holding a VM fd
+(``anon_inode:kvm-vm``), ``/dev/sev`` (the number stored at LAUNCH_START) and a memfd with guest RAM, the guest
+launched and running. sevmon, another process on the same simulated host, reaches it only through
+:class:`~sevmon.sev.mirror.MirrorSev`.
+"""
+
+from __future__ import annotations
+
+from sevmon.memory.ram import RAM
+
+from .sim_host import SimulatedHost
+from .sim_kvm import SimulatedKvm
+from .sim_task import MemFd, Task
+from .vm import SevVm
+
+
+class SimulatedQemu:
+    """QEMU with one SEV guest: ``vm`` (its SevVm), ``pid``, and the memfd backend of its RAM."""
+
+    def __init__(self, host: SimulatedHost, ram: RAM, images: list[tuple[int, bytes]], *, policy: int = 0,
+                 uid: int = 1000, finish: bool = True):
+        self.host = host
+        self.task = Task(host, uid=uid)
+        self.vm = SevVm(ram, policy=policy, cbitpos=host.cpuid.cbitpos, kernel=SimulatedKvm(host, task=self.task))
+        self.vm.launch(images)
+        if finish:
+            self.vm.finish()
+        self.memfd = MemFd("memory-backend-memfd", ram, self.vm.kernel.mem.guest_hpa)
+        self.memfd_fd = self.task.install(self.memfd)
+
+    @classmethod
+    def adopt(cls, vm: SevVm) -> SimulatedQemu:
+        """An SEV guest already running on the model (e.g. the built-in guest's) seen as QEMU's: its VMM's
+        process gets the memfd backend of its RAM."""
+        self = cls.__new__(cls)
+        self.host, self.task, self.vm = vm.kernel.host, vm.kernel.task, vm
+        self.memfd = MemFd("memory-backend-memfd", vm.ram, vm.kernel.mem.guest_hpa)
+        self.memfd_fd = self.task.install(self.memfd)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.task.pid
+
+    def query_sev(self) -> dict:
+        """What QMP ``query-sev`` answers (the fields sevmon needs)."""
+        v = self.vm
+        return {"enabled": True, "policy": v.policy, "state": v.state_name, "handle": v.handle,
+                "api-major": v.api_major, "api-minor": v.api_minor, "build-id": v.build_id}
+
+    def exit(self) -> None:
+        self.vm.close()
+        self.task.exit()
+
+
+def attach_simulated(qemu: SimulatedQemu, *, uid: int = 1000, cap_sys_ptrace: bool = False):
+    """sevmon's side on the same host: its own process and VM, QEMU's memfd mapped, then the mirror (the
+    hardware path with :class:`~sevmon.sev.mirror.SimProcessOps`). Returns the :class:`MirrorSev`."""
+    import os
+
+    from .mirror import MirrorSev, Segment, SimProcessOps
+    from .sim_task import pidfd_getfd, pidfd_open
+    from .vm import SevError
+
+    me = Task(qemu.host, uid=uid, cap_sys_ptrace=cap_sys_ptrace)
+    kernel = SimulatedKvm(qemu.host, task=me)
+    procs = SimProcessOps(me)
+    pidfd = pidfd_open(me, qemu.pid)  # the RAM backend: /proc/PID/fd/N -> /memfd:... (ptrace rights)
+    try:
+        memfd = me.files[pidfd_getfd(me, pidfd, qemu.memfd_fd)]
+    except OSError as e:
+        hint = " (sevmon needs ptrace rights over QEMU: same user, or CAP_SYS_PTRACE)" if e.errno == 1 else ""
+        raise SevError(f"SEV: cannot map QEMU's RAM backend: pidfd_getfd: {os.strerror(e.errno)}{hint}",
+                       errno=e.errno) from None
+    finally:
+        me.close_fd(pidfd)
+    hva = kernel.mem.map_shared_ram(memfd.ram, memfd.hpa)
+    info = qemu.query_sev()
+    return MirrorSev(kernel, procs, qemu.pid, [Segment(0, memfd.size, hva)], memfd.ram, policy=info["policy"],
+                     cbitpos=qemu.host.cpuid.cbitpos)
