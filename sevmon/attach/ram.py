@@ -11,7 +11,6 @@ the guest sees at that moment, with no copy in between.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import mmap
 import os
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from collections.abc import Iterator
 from sevmon.attach.errors import AttachError
 from sevmon.attach.layout import RamRange
 from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, MemoryAccessError
+from sevmon.pidfd import pidfd_getfd
 
-SYS_PIDFD_GETFD = 438
 SHARE_HINT = ("start QEMU with its RAM in a shared backend: -object memory-backend-memfd,id=ram0,size=SIZE,"
               "share=on -machine memory-backend=ram0 (or memory-backend-file,mem-path=/dev/shm/NAME,share=on)")
 
@@ -93,21 +92,6 @@ class MappedRAM:
             m.close()
 
 
-def _pidfd_getfd(pid: int, fd: int) -> int:
-    """QEMU's fd ``fd`` duplicated into this process (pidfd_open + pidfd_getfd)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall.restype = ctypes.c_long
-        new = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-        if new < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        return new
-    finally:
-        os.close(pidfd)
-
-
 def _memfd_candidates(pid: int) -> list[int]:
     out = []
     fd_dir = f"/proc/{pid}/fd"
@@ -127,7 +111,7 @@ def open_memfd(pid: int, size: int, taken: set[int]) -> int:
         if fd in taken:
             continue
         try:
-            ours = _pidfd_getfd(pid, fd)
+            ours = pidfd_getfd(pid, fd)
         except PermissionError:
             raise
         except OSError:

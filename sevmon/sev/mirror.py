@@ -22,10 +22,11 @@ The same code drives the simulated kernel (:class:`SimProcessOps`) and a real ho
 
 from __future__ import annotations
 
-import ctypes
 import errno as E
 import os
 from dataclasses import dataclass
+
+from sevmon.pidfd import pidfd_getfd
 
 from .abi import (
     KVM_CAP_VM_COPY_ENC_CONTEXT_FROM,
@@ -35,8 +36,6 @@ from .abi import (
     KvmEnableCap,
 )
 from .vm import SevError, SevVm
-
-SYS_pidfd_getfd = 438  # x86-64
 
 
 @dataclass(frozen=True)
@@ -62,17 +61,7 @@ class LinuxProcessOps:
         return out
 
     def pidfd_getfd(self, pid: int, fd: int) -> int:
-        pidfd = os.pidfd_open(pid)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.syscall.restype = ctypes.c_long
-            new = libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0)
-            if new < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-            return new
-        finally:
-            os.close(pidfd)
+        return pidfd_getfd(pid, fd)
 
     def own_link(self, fd: int) -> str | None:
         try:
