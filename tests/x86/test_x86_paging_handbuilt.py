@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 
 import pytest
 
@@ -252,15 +251,12 @@ def test_scale_one_million_pages():
             ], *[0] * (512 - cnt)))
     cpu = CpuState(regs={"cr0": PG | PE, "cr3": 0x1000000 | me, "cr4": CR4_PAE, "efer": 0xD00})
     mem = CountingMemory(t.ram, cache=True)
-    start = time.perf_counter()
     count = 0
     last = ""
     for line in paging.info_tlb(mem, cpu, me):
         count += 1
         last = line
-    elapsed = time.perf_counter() - start
     assert count == n and mem.calls == 4 and mem.frames == 1 + 1 + 4 + pts
     assert last == f"ffff8000f423f000: {(0x100000 + n - 1) << 12:016x} X--DA---W"
-    assert elapsed < 10, elapsed
     assert list(paging.info_mem(CountingMemory(t.ram), cpu, me)) == [
         f"ffff800000000000-ffff8000f4240000 {n * 4096:016x} -rw"]
