@@ -398,6 +398,18 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
             raise KernelError(E.ENOTTY)
         return self.host.asid_take(lo, hi, flush=lambda: not self._fw(FwCmd.DF_FLUSH, bytearray()))
 
+    def _check_sev_fd(self, cmd) -> None:
+        """``__sev_issue_cmd(argp->sev_fd)``: the fd must be /dev/sev in the caller's own fd table."""
+        if not isinstance(self.task.files.get(cmd.sev_fd), DevSev):
+            raise KernelError(E.EBADF)
+
+    def _bind_asid(self, handle: int, cmd) -> int:
+        """``sev_bind_asid``: ACTIVATE the new guest context on this VM's ASID, or DECOMMISSION it on failure."""
+        r = self._fw(FwCmd.ACTIVATE, bytearray(SevDataActivate.build(dict(handle=handle, asid=self._asid))), cmd)
+        if r:
+            self._fw(FwCmd.DECOMMISSION, bytearray(SevDataHandle.build(dict(handle=handle))))
+        return r
+
     def _op_launch_start(self, cmd: Container) -> int:
         self._require_sev()
         params = self._data(cmd, KvmSevLaunchStart)
@@ -415,15 +427,13 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
                 handle=params.handle, policy=params.policy,
                 dh_cert_address=dh_hpa, dh_cert_len=params.dh_len if dh_hpa else 0,
                 session_address=sess_hpa, session_len=params.session_len if sess_hpa else 0)))
-            if not isinstance(self.task.files.get(cmd.sev_fd), DevSev):  # __sev_issue_cmd(argp->sev_fd)
-                raise KernelError(E.EBADF)
+            self._check_sev_fd(cmd)
             r = self._fw(FwCmd.LAUNCH_START, start, cmd)
             if r:
                 return r
             handle = SevDataLaunchStart.parse(bytes(start)).handle
-            r = self._fw(FwCmd.ACTIVATE, bytearray(SevDataActivate.build(dict(handle=handle, asid=self._asid))), cmd)
+            r = self._bind_asid(handle, cmd)
             if r:
-                self._fw(FwCmd.DECOMMISSION, bytearray(SevDataHandle.build(dict(handle=handle))))
                 return r
             params.handle = handle
             try:

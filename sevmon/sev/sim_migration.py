@@ -19,7 +19,7 @@ import errno as E
 
 from construct import Container
 
-from .abi import PAGE_SIZE, SEV_FW_BLOB_MAX_SIZE, FwCmd, SevDataActivate, SevDataHandle
+from .abi import PAGE_SIZE, SEV_FW_BLOB_MAX_SIZE, FwCmd, SevDataHandle
 from .firmware_migration import SevDataReceiveStart, SevDataSendStart, SevDataSendUpdateData
 from .kvm_migration import KvmSevReceiveStart, KvmSevSendStart, KvmSevSendUpdateData
 from .sim_host import KernelError
@@ -117,8 +117,7 @@ class MigrationOps:
             blobs.append(pdh)
             session = self.mem.copy_user_blob(params.session_uaddr, params.session_len)
             blobs.append(session)
-            if cmd.sev_fd != self.sev_fd:
-                raise KernelError(E.EBADF)
+            self._check_sev_fd(cmd)
             buf = bytearray(SevDataReceiveStart.build(dict(
                 handle=0, policy=params.policy, dh_cert_address=pdh, dh_cert_len=params.dh_len,
                 session_address=session, session_len=params.session_len)))
@@ -126,9 +125,8 @@ class MigrationOps:
             if r:
                 return r
             handle = SevDataReceiveStart.parse(bytes(buf)).handle
-            r = self._fw(FwCmd.ACTIVATE, bytearray(SevDataActivate.build(dict(handle=handle, asid=self._asid))), cmd)
+            r = self._bind_asid(handle, cmd)
             if r:
-                self._fw(FwCmd.DECOMMISSION, bytearray(SevDataHandle.build(dict(handle=handle))))
                 return r
             params.handle = handle
             self.mem.uwrite(cmd.data, KvmSevReceiveStart.build(params))

@@ -99,13 +99,7 @@ class Qemu:
         return q
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _terminate(self.proc)
         self.log.close()
 
 
@@ -150,14 +144,19 @@ class Attached:
         return self.proc.wait(timeout)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return _terminate(self.proc)
+
+
+def _terminate(proc: subprocess.Popen) -> int:
+    """SIGTERM, then SIGKILL after 20 s; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def hmp(q, line: str, cpu_index: int | None = None) -> str:
