@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "qemu-7.2"
-if not FIXTURES.exists():  # CI lays shared/ beside the clone
-    FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
+# Real QEMU 7.2 captures, carried by the repository (tests/data/README.md): a clone tests itself.
+FIXTURES = ROOT / "tests" / "data"
 FIXTURE_NAMES = ["linux-4level", "linux-pae", "linux-32bit"]
 
 

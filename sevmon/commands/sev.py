@@ -1,7 +1,7 @@
 """SEV on the monitor: query-sev*, sev-inject-launch-secret, info sev, migration blockers.
 
 Texts and check orders are QEMU 7.2's (target/i386/sev.c, sev-sysemu-stub.c). Without SEV
-every command answers as QEMU 7.2 does on a TCG guest (shared/fixtures transcripts).
+every command answers as QEMU 7.2 does on a TCG guest (the transcripts in tests/data).
 """
 
 from __future__ import annotations

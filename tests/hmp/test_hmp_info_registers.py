@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 
 from sevmon.machine.images import apply_cpu_json, load_core
 from sevmon.x86.cpu import CpuState
 from sevmon.x86.registers import info_registers
+from tests.conftest import FIXTURES
 
-FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
 GUESTS = ("linux-4level", "linux-pae", "linux-32bit")
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="QEMU fixtures not present")
-
 # Lines whose content sevmon cannot know from a memory image (FPU/vector data).
 UNKNOWABLE = re.compile(r"^(FPR\d|YMM\d\d|XMM\d\d|ZMM\d\d|Opmask)")
 
@@ -31,7 +27,6 @@ def _want(guest: str) -> str:
     return json.loads((FIXTURES / guest / "hmp.json").read_text())["info registers"]
 
 
-@needs_fixtures
 @pytest.mark.parametrize("guest", GUESTS)
 def test_reproducible_lines_match_byte_for_byte(guest):
     got = info_registers(_load(guest)).replace("\n", "\r\n")
@@ -49,7 +44,6 @@ def test_reproducible_lines_match_byte_for_byte(guest):
     assert compared >= 20
 
 
-@needs_fixtures
 @pytest.mark.parametrize("guest", GUESTS)
 def test_whole_output_matches_when_vector_state_is_supplied(guest):
     """Feed the unknowable values back in: then every byte matches (checks their layout)."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -15,10 +13,9 @@ from sevmon.hmp.expr import parse_expr
 from sevmon.hmp.memory_dump import FmtDefaults, memory_dump, parse_fmt, parse_fmt_at
 from sevmon.machine.images import load_core
 from sevmon.memory.ram import RAM, MemoryAccessError
+from tests.conftest import FIXTURES
 
-FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
 GUESTS = ("linux-4level", "linux-pae", "linux-32bit")
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="QEMU fixtures not present")
 MMIO_PAGES = (0xFEE00000, 0xFEC00000)  # live device registers: not reproducible from an image
 
 
@@ -56,7 +53,6 @@ def _fixture_samples(guest: str):
     return hmp, im, gva2gpa, vread
 
 
-@needs_fixtures
 @pytest.mark.parametrize("guest", GUESTS)
 def test_every_x_and_xp_sample(guest):
     hmp, im, gva2gpa, vread = _fixture_samples(guest)
@@ -78,7 +74,6 @@ def test_every_x_and_xp_sample(guest):
     assert checked == 24 and mmio == 2
 
 
-@needs_fixtures
 def test_transcript_samples():
     im = load_core(str(FIXTURES / "linux-4level" / "core.elf"))
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import struct
-from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -14,11 +12,9 @@ from sevmon.machine.dump import CHUNK, PN_XNUM, build_notes, dump_layout, write_
 from sevmon.machine.images import apply_cpu_json, load_core
 from sevmon.memory.ram import PAGE_SIZE
 from sevmon.x86.cpu import CpuState
+from tests.conftest import FIXTURES
 
-FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
 GUESTS = ("linux-4level", "linux-pae", "linux-32bit")
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="QEMU fixtures not present")
-
 
 def _note_segment(data: bytes) -> bytes:
     phoff = struct.unpack_from("<Q", data, 32)[0]
@@ -27,7 +23,6 @@ def _note_segment(data: bytes) -> bytes:
     return data[off:off + filesz]
 
 
-@needs_fixtures
 @pytest.mark.parametrize("guest", GUESTS)
 def test_notes_are_byte_identical_to_qemus(guest):
     data = (FIXTURES / guest / "core.elf").read_bytes()
@@ -36,7 +31,6 @@ def test_notes_are_byte_identical_to_qemus(guest):
     assert build_notes(im.cpus, long_mode=guest == "linux-4level") == _note_segment(data)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("guest", GUESTS)
 def test_whole_fixture_core_is_reproduced(guest):
     """Same registers + same RAM runs -> the very bytes of the fixture core.

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import struct
-from pathlib import Path
 
 import pytest
 
@@ -14,11 +13,9 @@ from sevmon.machine.dump import write_core
 from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_image, load_raw
 from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
 from sevmon.x86.cpu import CpuState
+from tests.conftest import FIXTURES
 
-FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
 GUESTS = ("linux-4level", "linux-pae", "linux-32bit")
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="QEMU fixtures not present")
-
 
 def _phdrs(data: bytes):
     phoff = struct.unpack_from("<Q", data, 32)[0]
@@ -26,7 +23,6 @@ def _phdrs(data: bytes):
     return [struct.unpack_from("<IIQQQQQQ", data, phoff + 56 * i) for i in range(phnum)]
 
 
-@needs_fixtures
 @pytest.mark.parametrize("guest", GUESTS)
 def test_fixture_core_loads_every_pt_load_page(guest):
     path = FIXTURES / guest / "core.elf"
@@ -47,7 +43,6 @@ def test_fixture_core_loads_every_pt_load_page(guest):
         im.ram.read(0xFEE00000, 8)  # the local APIC is not RAM
 
 
-@needs_fixtures
 @pytest.mark.parametrize("guest", GUESTS)
 def test_fixture_registers_match_cpu_json(guest):
     im = load_core(str(FIXTURES / guest / "core.elf"))
@@ -64,7 +59,6 @@ def test_fixture_registers_match_cpu_json(guest):
     assert cpu.efer == int(ref["efer"], 16)
 
 
-@needs_fixtures
 def test_fixture_segments_from_qemu_note():
     cpu = load_core(str(FIXTURES / "linux-4level" / "core.elf")).cpus[0]
     assert (cpu.get("cs"), cpu.get("cs_limit"), cpu.get("cs_flags")) == (0x10, 0xFFFFFFFF, 0x00AF9B00)

@@ -1,7 +1,7 @@
 """QMP on the wire: greeting, negotiation, envelope and argument errors, ids, events, framing.
 
 Every case talks to a real daemon over a real UNIX socket with raw bytes and compares
-parsed JSON against QEMU 7.2's replies (reference: shared/reference/qmp-protocol.md).
+parsed JSON against QEMU 7.2's replies (the transcripts in tests/data/*/qmp-transcript.json).
 """
 
 from __future__ import annotations

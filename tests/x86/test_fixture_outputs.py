@@ -1,7 +1,7 @@
 """QEMU 7.2's own outputs on real Linux guests, reproduced by a real daemon — plain and
 as SEV guests (C-bit 47 in CR3 and every reachable entry, all RAM encrypted).
 
-Exceptions are exactly the QEMU bugs in shared/fixtures/qemu-7.2/README.md: PAE lines (2 MiB
+Exceptions are exactly the QEMU bugs in tests/data/README.md: PAE lines (2 MiB
 and 4 KiB) print the physical address (QEMU leaks NX into that column), and MMIO samples
 (APIC/IOAPIC) are not RAM in a memory image.
 """

@@ -7,7 +7,6 @@ segments (``p_paddr`` = guest-physical address) into RAM frames.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,9 +16,7 @@ from elftools.elf.elffile import ELFFile
 from sevmon.memory.ram import RAM, MemoryAccessError
 from sevmon.x86.cpu import CR4_PSE, CpuState
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "qemu-7.2"
-if not FIXTURES.exists():  # same lookup as tests/conftest.py: shared/ beside the clone, else the env/default
-    FIXTURES = Path(os.environ.get("SEVMON_FIXTURES", "/work/shared/fixtures/qemu-7.2"))
+FIXTURES = Path(__file__).resolve().parents[1] / "data"   # the QEMU 7.2 captures (tests/data/README.md)
 
 
 def load_core(path: Path | str) -> RAM:
