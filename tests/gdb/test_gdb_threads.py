@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from sevmon.commands import build
 from sevmon.commands.memory import me_mask
+from sevmon.commands.registry import build
 from sevmon.gdb.server import GdbServer
 from sevmon.machine.builder import build_machine
 from sevmon.machine.runner import MachineRunner
