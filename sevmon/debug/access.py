@@ -107,10 +107,6 @@ class DebugMemory:
         self.cache.clear()
         self.shared_cache.clear()
 
-    def check_allowed(self) -> None:
-        """Raise DebugRefused now if no debug access will be allowed (for one-line errors)."""
-        self.ops.check(0)
-
     def stats(self) -> dict:
         s = dict(self.ops.stats())
         s.update({"cache-hits": self.cache.hits + self.shared_cache.hits,

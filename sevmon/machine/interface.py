@@ -1,7 +1,7 @@
 """The machine interface: what every front end and every command may ask of a VM.
 
 Two kinds of machine implement it: the local model (:class:`sevmon.machine.local.LocalMachine`: the built-in guest,
-an ELF core, a raw image) and, later, an attached live QEMU. The commands layer talks only to :class:`Machine`;
+an ELF core, a raw image, a migration target) and an attached live QEMU (:class:`sevmon.attach.machine.AttachedMachine`). The commands layer talks only to :class:`Machine`;
 it never knows which kind it has.
 
 Run state follows QEMU's ``RunState`` names and is changed only through :meth:`RunStateMachine.transition`, which
@@ -12,7 +12,6 @@ and ``@require``.
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -53,18 +52,6 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 
 class StateError(RuntimeError):
     """A run-state transition (or an operation) that the current state does not allow."""
-
-
-def require(*states: RunState):
-    """Decorate a machine method that only makes sense in ``states`` (like qemu.qmp's ``@require``)."""
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(self, *args, **kwargs):
-            if self.state not in states:
-                raise StateError(f"{fn.__name__}: not possible in state {self.state.value}")
-            return fn(self, *args, **kwargs)
-        return wrapper
-    return deco
 
 
 class RunStateMachine:

@@ -7,7 +7,7 @@ the frames that exist; a frame that does not exist is not RAM ("Cannot access me
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -101,8 +101,3 @@ class RAM:
             self.ensure(pfn)[off:off + n] = mv[:n]
             gpa += n
             mv = mv[n:]
-
-    def load_pages(self, pages: Iterable[tuple[int, bytes]]) -> None:
-        """Bulk-load ``(pfn, 4096 bytes)`` pairs."""
-        for pfn, data in pages:
-            self.set_frame(pfn, data)
