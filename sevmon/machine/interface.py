@@ -14,9 +14,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sevmon.x86.cpu import CpuState
+
+if TYPE_CHECKING:
+    from sevmon.debug import MachineMemory
+    from sevmon.sev.vm import SevVm
 
 EventListener = Callable[[str, dict | None], None]
 
@@ -131,16 +135,17 @@ class MachineConfig:
 class Machine(Protocol):
     """A VM as the monitor sees it. Methods run on the machine thread (:mod:`sevmon.machine.runner`).
 
-    ``memory`` is the debug-access layer (:class:`sevmon.debug.access.DebugMemory`): the only way to guest memory.
-    ``sev`` is the SEV guest (:class:`sevmon.sev.vm.SevVm`) or None. ``ram_runs`` lists the guest-physical RAM
+    ``memory`` is the debug-access layer (:class:`sevmon.debug.MachineMemory`, implemented by
+    :class:`sevmon.debug.access.DebugMemory`): the only way to guest memory. ``sev`` is the SEV guest
+    (:class:`sevmon.sev.vm.SevVm`, or its :class:`~sevmon.sev.mirror.MirrorSev` when attached) or None. ``ram_runs`` lists the guest-physical RAM
     as ``(first frame, count)`` runs (what a dump covers).
     """
 
     config: MachineConfig
     capabilities: Capabilities
     cpus: list[CpuState]
-    memory: object
-    sev: object | None
+    memory: MachineMemory
+    sev: SevVm | None
     reset_required: bool
 
     @property
