@@ -20,6 +20,7 @@ connection instead of quitting the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 
@@ -276,8 +277,19 @@ class GdbSession:
                 raise MemoryAccessError(va)
             pieces.append((t[0], t[1], data[pos:pos + n]))
             pos += n
-        for gpa, private, chunk in pieces:
-            mem.write(gpa, chunk, private=private)
+        # each piece is all-or-nothing (SevVm.dbg_encrypt); if a later one fails, the earlier ones get back what
+        # they held, so a failed M/X leaves the guest as it was
+        done = []
+        try:
+            for gpa, private, chunk in pieces:
+                old = mem.read(gpa, len(chunk), private=private) if len(pieces) > 1 else b""
+                mem.write(gpa, chunk, private=private)
+                done.append((gpa, private, old))
+        except MemoryAccessError:
+            for gpa, private, old in reversed(done):
+                with contextlib.suppress(MemoryAccessError):
+                    mem.write(gpa, old, private=private)
+            raise
 
     # -- run control -------------------------------------------------------------------------
     async def _resume(self) -> str | None:
