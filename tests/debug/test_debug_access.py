@@ -125,3 +125,23 @@ def test_debug_write_goes_through_dbg_encrypt_and_keeps_the_cache_coherent():
     assert bytes(m.ram.frame(gpa >> 12)) != at_rest and b"patched" not in bytes(m.ram.frame(gpa >> 12))
     mem.invalidate()                                 # and the firmware agrees after a fresh decrypt
     assert mem.read(gpa + 3, 23) == b"patched by the debugger"
+
+
+def test_a_failed_debug_write_leaves_guest_and_cache_as_they_were():
+    import pytest
+
+    from sevmon.debug.ops import DebugFailed
+    from sevmon.machine.builder import build_machine
+    from sevmon.machine.spec import GuestSpec
+
+    m = build_machine(GuestSpec(workload=False))
+    mem = m.memory
+    gpa = 0x1000000 + 0xFF8                          # 2 pages: DBG_DECRYPT (2 commands), ENC page 0, ENC page 1
+    before = mem.read(gpa, 32)                        # cached
+    m.sev.kernel.fail_firmware_call(4, 0x10)          # the second page's DBG_ENCRYPT fails
+    with pytest.raises(DebugFailed) as ei:
+        mem.write(gpa, b"\xee" * 32)
+    assert "DBG_ENCRYPT failed" in ei.value.reason
+    assert mem.read(gpa, 32) == before                # what the cache holds now...
+    mem.invalidate()
+    assert mem.read(gpa, 32) == before                # ...is what the firmware decrypts
