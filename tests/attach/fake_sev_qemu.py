@@ -1,7 +1,8 @@
 """A stand-in for QEMU running an SEV guest under KVM, as far as sevmon's attach asks: QMP on a UNIX socket, a
 16 MiB memfd RAM backend (share=on), query-sev enabled with policy 0x0, query-sev-capabilities C-bit 51. It has no
 KVM VM; on a host without SEV sevmon stops before looking for one. Usage: python fake_sev_qemu.py SOCKET [snp]
-(``snp``: query-sev answers as QEMU 9.1+ does for an SEV-SNP guest, with ``sev-type`` and ``snp-policy``)."""
+(``snp``: query-sev answers as QEMU 9.1+ does for an SEV-SNP guest, with ``sev-type`` and ``snp-policy``; ``es``:
+as QEMU 7.2 does for an SEV-ES guest, policy 0x5)."""
 
 import json
 import os
@@ -31,6 +32,8 @@ SNP_SEV = {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21, "se
 def main(path: str, kind: str = "sev") -> None:
     if kind == "snp":
         REPLIES["query-sev"] = SNP_SEV
+    elif kind == "es":   # QEMU 7.2's answer for an SEV-ES guest: no sev-type, the policy's ES bit (0x4)
+        REPLIES["query-sev"] = {**REPLIES["query-sev"], "policy": 0x5}
     fd = os.memfd_create("memory-backend-memfd")
     os.ftruncate(fd, SIZE)
     srv = socket.socket(socket.AF_UNIX)
