@@ -20,7 +20,6 @@ connection instead of quitting the daemon.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 
@@ -29,9 +28,9 @@ from sevmon.commands.memory import virtual_reader
 from sevmon.debug.refusal import cbit_mask
 from sevmon.gdb.packets import PACKET_SIZE, Interrupt, Nack, PacketReader, escape, frame, unescape
 from sevmon.gdb.target import target_for
-from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
+from sevmon.memory.ram import MemoryAccessError
 from sevmon.qmp.errors import QMPError
-from sevmon.x86 import paging
+from sevmon.x86.translation import write_virtual
 
 log = logging.getLogger("sevmon.gdb")
 
@@ -267,29 +266,8 @@ class GdbSession:
         if self.phys:
             mem.write(addr, data)
             return
-        # translate every page first: a write that would fault half-way writes nothing
-        pieces, pos, mask = [], 0, cbit_mask(self.machine)
-        while pos < len(data):
-            va = (addr + pos) & U64
-            n = min(len(data) - pos, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
-            t = paging.translate(mem, self.cpu, va, mask)
-            if t is None:
-                raise MemoryAccessError(va)
-            pieces.append((t[0], t[1], data[pos:pos + n]))
-            pos += n
-        # each piece is all-or-nothing (SevVm.dbg_encrypt); if a later one fails, the earlier ones get back what
-        # they held, so a failed M/X leaves the guest as it was
-        done = []
-        try:
-            for gpa, private, chunk in pieces:
-                old = mem.read(gpa, len(chunk), private=private) if len(pieces) > 1 else b""
-                mem.write(gpa, chunk, private=private)
-                done.append((gpa, private, old))
-        except MemoryAccessError:
-            for gpa, private, old in reversed(done):
-                with contextlib.suppress(MemoryAccessError):
-                    mem.write(gpa, old, private=private)
-            raise
+        # every page translated first (a write that would fault half-way writes nothing), one write per run
+        write_virtual(mem, self.cpu, addr & U64, data, cbit_mask(self.machine))
 
     # -- run control -------------------------------------------------------------------------
     async def _resume(self) -> str | None:
