@@ -145,3 +145,24 @@ def test_a_failed_debug_write_leaves_guest_and_cache_as_they_were():
     assert mem.read(gpa, 32) == before                # what the cache holds now...
     mem.invalidate()
     assert mem.read(gpa, 32) == before                # ...is what the firmware decrypts
+
+
+def test_a_virtual_write_whose_second_run_fails_puts_the_first_back():
+    """gdb's M/X over two pages in different frames: two runs; the second fails, the first is restored."""
+    import pytest
+
+    from sevmon.debug.ops import DebugFailed
+    from sevmon.debug.refusal import cbit_mask
+    from sevmon.machine.builder import build_machine
+    from sevmon.machine.spec import GuestSpec
+    from sevmon.x86.translation import physical_runs, read_virtual, write_virtual
+
+    m = build_machine(GuestSpec(workload=False))
+    cpu, mask, va = m.cpus[0], cbit_mask(m), 0x400FF8
+    assert len(physical_runs(m.memory, cpu, va, 16, mask)) == 2
+    before = read_virtual(m.memory, cpu, va, 16, mask)       # the pages are cached now
+    m.sev.kernel.fail_firmware_call(4, 0x10)                 # run 1: DEC + ENC; run 2: DEC + ENC <- fails
+    with pytest.raises(DebugFailed):
+        write_virtual(m.memory, cpu, va, b"\xee" * 16, mask)
+    m.memory.invalidate()
+    assert read_virtual(m.memory, cpu, va, 16, mask) == before
