@@ -15,12 +15,12 @@ import threading
 
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import machine_refusal
+from sevmon.errors import CommandError
 from sevmon.machine.cbit_note import cbit_note
 from sevmon.machine.dump import write_core
 from sevmon.machine.interface import RunState
 from sevmon.memory.ram import PAGE_SHIFT
 from sevmon.outfile import OutputFile, OutputFileError
-from sevmon.qmp.errors import QMPError
 
 UNSUPPORTED_FORMATS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp")
 
@@ -95,29 +95,29 @@ class DumpJob:
 def start_dump(runner, paging: bool, protocol: str, detach: bool | None, begin, length, format) -> DumpJob:
     machine = runner.machine
     if runner.busy(JOB):
-        raise QMPError("There is a dump in process, please wait.")
+        raise CommandError("There is a dump in process, please wait.")
     if begin is not None and length is None:
-        raise QMPError("Parameter 'length' is missing")
+        raise CommandError("Parameter 'length' is missing")
     if begin is None and length is not None:
-        raise QMPError("Parameter 'begin' is missing")
+        raise CommandError("Parameter 'begin' is missing")
     if format in UNSUPPORTED_FORMATS:
-        raise QMPError(f"{format} is not available now")
+        raise CommandError(f"{format} is not available now")
     if paging:
-        raise QMPError("dump-guest-memory with paging=true is not supported by sevmon; use paging=false")
+        raise CommandError("dump-guest-memory with paging=true is not supported by sevmon; use paging=false")
     if protocol.startswith("fd:"):
-        raise QMPError(f"File descriptor named '{protocol[3:]}' has not been found")
+        raise CommandError(f"File descriptor named '{protocol[3:]}' has not been found")
     if not protocol.startswith("file:"):
-        raise QMPError("Invalid parameter 'protocol'")
+        raise CommandError("Invalid parameter 'protocol'")
     if length is not None and length == 0:
-        raise QMPError("Invalid parameter 'length'")
+        raise CommandError("Invalid parameter 'length'")
     path = protocol[5:]
     refusal = machine_refusal(machine)
     if refusal:  # before any file is created
-        raise QMPError(refusal)
+        raise CommandError(refusal)
     try:
         out = OutputFile(path)
     except OutputFileError as e:
-        raise QMPError(str(e)) from None
+        raise CommandError(str(e)) from None
     job = DumpJob(runner, path, out, begin, length)
     runner.add_job(JOB, job)
     if machine.running:  # QEMU stops the VM for the dump and resumes it afterwards
@@ -129,7 +129,7 @@ def start_dump(runner, paging: bool, protocol: str, detach: bool | None, begin, 
     else:
         job.run()
         if job.status == "failed":
-            raise QMPError(job.error or "dump failed")
+            raise CommandError(job.error or "dump failed")
     return job
 
 

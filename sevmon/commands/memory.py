@@ -10,10 +10,10 @@ import itertools
 
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask, machine_refusal
+from sevmon.errors import CommandError
 from sevmon.hmp.memory_dump import _printc, memory_dump
 from sevmon.memory.ram import MemoryAccessError
 from sevmon.outfile import OutputFileError, output_file
-from sevmon.qmp.errors import QMPError
 from sevmon.x86 import paging
 from sevmon.x86.info_registers import info_registers
 from sevmon.x86.translation import read_virtual
@@ -37,9 +37,9 @@ def open_output(filename: str):
         with output_file(filename) as f:
             yield f
     except OutputFileError as e:
-        raise QMPError(str(e)) from None
+        raise CommandError(str(e)) from None
     except OSError:  # the last write-back failed (ENOSPC at close): QEMU's words for a failed write
-        raise QMPError("An IO error has occurred") from None
+        raise CommandError("An IO error has occurred") from None
 
 
 def check_debug_allowed(machine) -> None:
@@ -47,15 +47,15 @@ def check_debug_allowed(machine) -> None:
     pmemsave over non-RAM (zeros, no decrypt) must not succeed where debugging is forbidden."""
     reason = machine_refusal(machine)
     if reason:
-        raise QMPError(reason)
+        raise CommandError(reason)
 
 
 def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) -> None:
     idx = 0 if cpu_index is None else cpu_index
     if not 0 <= idx < len(machine.cpus):
-        raise QMPError("Parameter 'cpu-index' expects a CPU number")
+        raise CommandError("Parameter 'cpu-index' expects a CPU number")
     if size < 0:
-        raise QMPError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
+        raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
     check_debug_allowed(machine)
     read = virtual_reader(machine, machine.cpus[idx])
     addr, left = val & U64, size
@@ -65,9 +65,9 @@ def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) 
             try:
                 data = read(addr, n)
             except DebugError as e:
-                raise QMPError(e.reason) from None
+                raise CommandError(e.reason) from None
             except MemoryAccessError:
-                raise QMPError(f"Invalid addr 0x{val & U64:016x}/size {size} specified") from None
+                raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified") from None
             _write(f, data)
             addr = (addr + n) & U64
             left -= n
@@ -82,7 +82,7 @@ def pmemsave(machine, val: int, size: int, filename: str) -> None:
             try:
                 data = machine.memory.read_zero_filled(addr, n)
             except DebugError as e:
-                raise QMPError(e.reason) from None
+                raise CommandError(e.reason) from None
             _write(f, data)
             addr = (addr + n) & U64
             left -= n
@@ -92,7 +92,7 @@ def _write(f, data: bytes) -> None:
     try:
         f.write(data)
     except OSError:
-        raise QMPError("An IO error has occurred") from None
+        raise CommandError("An IO error has occurred") from None
 
 
 def debug_stats(machine) -> dict:
