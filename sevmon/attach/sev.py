@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 
 from sevmon.attach.errors import AttachError
+from sevmon.debug.refusal import TYPE_REFUSALS, sev_type
 from sevmon.sev.mirror import LinuxProcessOps, MirrorSev, Segment
 from sevmon.sev.vm import SevError
 
@@ -28,6 +29,9 @@ def open_mirror(pid: int | None, ram, segments: list[Segment], sev_info: dict, c
                 procs=None) -> MirrorSev:
     """The mirror of QEMU's SEV guest. ``kernel``/``procs`` default to the real host's (a fresh VM of sevmon's
     own, and /proc + pidfd); the model passes its own. AttachError (one sentence) when it cannot be had."""
+    refused = TYPE_REFUSALS.get(sev_type(sev_info))
+    if refused:   # before anything is opened: the kernel would refuse every debug command on this guest
+        raise AttachError(refused)
     if pid is None:
         raise AttachError("cannot tell QEMU's process from its monitor socket (no SO_PEERCRED): an SEV guest is "
                           "reached through QEMU's VM fd")

@@ -5,14 +5,15 @@ access layer); the walkers strip the C-bit (``me_mask``) from CR3 and every entr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import os
 
 from sevmon.debug.ops import DebugError
-from sevmon.debug.refusal import cbit_mask
+from sevmon.debug.refusal import cbit_mask, machine_refusal
 from sevmon.errors import CommandError
 from sevmon.hmp.memory_dump import _printc, memory_dump
 from sevmon.memory.ram import MemoryAccessError
+from sevmon.outfile import OutputFileError, output_file
 from sevmon.x86 import paging
 from sevmon.x86.info_registers import info_registers
 from sevmon.x86.translation import read_virtual
@@ -28,22 +29,37 @@ def virtual_reader(machine, cpu):
     return lambda va, n: read_virtual(mem, cpu, va, n, mask)
 
 
-def _open_for_write(filename: str):
+@contextlib.contextmanager
+def open_output(filename: str):
+    """The output file of a command that writes guest memory (:mod:`sevmon.outfile`): written beside the target,
+    mode 0600, renamed into place only if the block completes; its refusals as QMP errors."""
     try:
-        return open(filename, "wb")
-    except OSError as e:
-        raise CommandError(f"Could not open '{filename}': {os.strerror(e.errno)}") from None
+        with output_file(filename) as f:
+            yield f
+    except OutputFileError as e:
+        raise CommandError(str(e)) from None
+    except OSError:  # the last write-back failed (ENOSPC at close): QEMU's words for a failed write
+        raise CommandError("An IO error has occurred") from None
+
+
+def check_debug_allowed(machine) -> None:
+    """The debug-refusal rule before any file is touched: a refused command must not create or replace one, and
+    pmemsave over non-RAM (zeros, no decrypt) must not succeed where debugging is forbidden."""
+    reason = machine_refusal(machine)
+    if reason:
+        raise CommandError(reason)
 
 
 def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) -> None:
     idx = 0 if cpu_index is None else cpu_index
     if not 0 <= idx < len(machine.cpus):
         raise CommandError("Parameter 'cpu-index' expects a CPU number")
+    if size < 0:
+        raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
+    check_debug_allowed(machine)
     read = virtual_reader(machine, machine.cpus[idx])
     addr, left = val & U64, size
-    with _open_for_write(filename) as f:
-        if size < 0:
-            raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
+    with open_output(filename) as f:
         while left > 0:
             n = min(left, COPY_CHUNK)
             try:
@@ -58,8 +74,9 @@ def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) 
 
 
 def pmemsave(machine, val: int, size: int, filename: str) -> None:
+    check_debug_allowed(machine)
     addr, left = val & U64, size
-    with _open_for_write(filename) as f:
+    with open_output(filename) as f:
         while left > 0:
             n = min(left, COPY_CHUNK, (1 << 64) - addr)
             try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 
-from sevmon.commands.memory import _open_for_write, _write
+from sevmon.commands.memory import _write, open_output
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.errors import CommandError
@@ -90,13 +90,13 @@ def text_lines(m: SevMemoryMap):
 
 
 def save_svg(machine, filename: str) -> None:
-    """Draw the map (every vCPU's frames) and write it; the file is opened only once the picture is ready."""
+    """Draw the map (every vCPU's frames) and write it; the file is created only once the picture is ready."""
     from sevmon.render.sev_memory_map_svg import render_svg  # noqa: PLC0415 (drawsvg loads only for pictures)
 
     m = memory_map(machine, 0)
     ram = ram_runs(machine)
     svg = render_svg(m, ram, address_space_top(machine, m, ram))
-    with _open_for_write(filename) as f:
+    with open_output(filename) as f:
         _write(f, svg.encode())
 
 

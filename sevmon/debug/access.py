@@ -93,8 +93,17 @@ class DebugMemory:
 
     # -- writes ----------------------------------------------------------------------------
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
-        self.ops.write(gpa, data, private)
+        """Write ``data`` exactly (the ops' requests are exact, see ``SevVm.dbg_encrypt``), then patch the cache
+        with it: only after the write succeeded, so the cache holds only what reached guest memory. A failed
+        write (its pages restored by the ops) drops its pages from the cache, so the next read asks the firmware."""
         cache = self.cache if private else self.shared_cache
+        try:
+            self.ops.write(gpa, data, private)
+        except MemoryAccessError:
+            if data:
+                for pfn in range(gpa >> PAGE_SHIFT, ((gpa + len(data) - 1) >> PAGE_SHIFT) + 1):
+                    cache.drop(pfn)
+            raise
         pos = 0
         while pos < len(data):
             a = gpa + pos

@@ -17,6 +17,23 @@ from sevmon.sev.abi import Policy
 
 SECURITY_POLICY = "debug access is disabled by the security policy (--debug-policy off)"
 
+POLICY_ES = 1 << 2  #: guest policy bit 2: the guest must run SEV-ES
+SEV_TYPES = ("sev", "sev-es", "sev-snp")
+#: guest types whose memory cannot be debugged at all, and why (one sentence each)
+TYPE_REFUSALS = {
+    "sev-snp": ("the guest is an SEV-SNP guest: upstream KVM refuses the SEV debug commands (DBG_DECRYPT, "
+                "DBG_ENCRYPT) for SNP guests (-EPERM), so live debugging needs a patched kernel"),
+}
+
+
+def sev_type(query_sev: dict) -> str:
+    """The guest type from QEMU's ``query-sev`` answer: its ``sev-type`` where QEMU has one (9.1 and later:
+    ``sev``, ``sev-es``, ``sev-snp``), else the policy's ES bit (QEMU 7.2 runs SEV and SEV-ES guests only)."""
+    t = query_sev.get("sev-type")
+    if t in SEV_TYPES:
+        return t
+    return "sev-es" if query_sev.get("policy", 0) & POLICY_ES else "sev"
+
 
 def policy_forbids_debug(policy: int) -> bool:
     """The guest policy's NODBG bit: the firmware refuses every debug command for this guest."""
@@ -31,6 +48,9 @@ def guest_refusal(sev) -> str | None:
     """
     if sev is None:
         return None
+    refused = TYPE_REFUSALS.get(getattr(sev, "sev_type", "sev"))
+    if refused:
+        return refused
     if policy_forbids_debug(sev.policy):
         return (f"the SEV guest policy 0x{sev.policy:x} forbids debug access (NODBG): "
                 "guest memory cannot be decrypted")

@@ -162,7 +162,8 @@ class MirrorSev(SevVm):
         return s.hva + gpa - s.gpa
 
     def _pieces(self, gpa: int, length: int):
-        """The span cut where the mapping is not linear (e.g. around the PCI hole): one DBG ioctl each."""
+        """The span cut where the mapping is not linear (e.g. around the PCI hole): one DBG_DECRYPT ioctl each
+        (DBG_ENCRYPT goes one page at a time anyway, see SevVm.dbg_encrypt)."""
         while length > 0:
             s = self._segment(gpa)
             if s is None:
@@ -173,12 +174,6 @@ class MirrorSev(SevVm):
 
     def dbg_decrypt(self, gpa: int, length: int) -> bytes:
         return b"".join(super(MirrorSev, self).dbg_decrypt(g, n) for g, n in self._pieces(gpa, length))
-
-    def dbg_encrypt(self, gpa: int, data: bytes) -> None:
-        pos = 0
-        for g, n in self._pieces(gpa, len(data)):
-            super().dbg_encrypt(g, data[pos:pos + n])
-            pos += n
 
     def _first_hole(self, gpa: int, length: int) -> int | None:
         end = gpa + length

@@ -107,3 +107,27 @@ def test_serve_attach_to_an_sev_qemu_on_a_host_without_sev_is_one_sentence(tmp_p
     finally:
         fake.kill()
         fake.wait()
+
+
+def test_attach_refuses_an_snp_guest_in_one_sentence(tmp_path):
+    """QEMU 9.1+ names an SNP guest in query-sev (sev-type, snp-policy): upstream KVM refuses the debug commands
+    for it, so serve --attach says so before opening anything, exit 1."""
+    sock = tmp_path / "qemu.sock"
+    fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_sev_qemu.py")), str(sock), "snp"])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        r = subprocess.run([sys.executable, "-m", "sevmon", "serve", "--attach", str(sock),
+                            "--qmp", str(tmp_path / "sevmon.sock")], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == [
+            "sevmon: the guest is an SEV-SNP guest: upstream KVM refuses the SEV debug commands (DBG_DECRYPT, "
+            "DBG_ENCRYPT) for SNP guests (-EPERM), so live debugging needs a patched kernel"]
+        assert not (tmp_path / "sevmon.sock").exists()
+        fake.wait(10)
+    finally:
+        fake.kill()
+        fake.wait()

@@ -30,3 +30,14 @@ def test_debug_allowed_without_sev_or_with_policy_0():
 def test_cbit_mask_is_zero_without_sev():
     assert cbit_mask(SimpleNamespace(sev=None)) == 0
     assert cbit_mask(SimpleNamespace(sev=SimpleNamespace(me_mask=1 << 47))) == 1 << 47
+
+
+def test_guest_type_from_query_sev_and_the_snp_refusal():
+    from sevmon.debug.refusal import TYPE_REFUSALS, sev_type
+
+    assert sev_type({"enabled": True, "policy": 0x1}) == "sev"
+    assert sev_type({"enabled": True, "policy": 0x5}) == "sev-es"          # QEMU 7.2: the policy's ES bit
+    assert sev_type({"enabled": True, "sev-type": "sev-snp", "snp-policy": 0x30000}) == "sev-snp"
+    snp = SimpleNamespace(policy=0, sev_type="sev-snp")
+    assert debug_refusal(snp) == TYPE_REFUSALS["sev-snp"] and "-EPERM" in debug_refusal(snp)
+    assert debug_refusal(snp, security_allowed=False) == SECURITY_POLICY

@@ -194,7 +194,7 @@ def test_tcp_stub_binds_loopback_and_warns_once_on_a_debuggable_sev_guest(make_d
     d = make_daemon("--gdb", "tcp::0", "--no-workload")
     m = re.search(r"gdb stub listening on tcp:([\d.]+):(\d+)", d.output())
     assert m and m.group(1) == "127.0.0.1"
-    assert d.output().count("every local user can now read its plaintext") == 1
+    assert d.output().count(f"every process of uid {os.geteuid()} (and root) can now read its plaintext") == 1
     assert "$1 = 0xffffffff81001000" in run_gdb(f"127.0.0.1:{m.group(2)}", "p/x $pc")
     quiet = make_daemon("--gdb", "unix:gdb.sock", "--no-workload")
     nodbg = make_daemon("--gdb", "tcp::0", "--policy", "1", "--no-workload")
