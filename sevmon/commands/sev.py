@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 
+from sevmon.hmp.table import QEMU_READS_MEMORY
 from sevmon.qmp.errors import QMPError
 from sevmon.sev.abi import Policy
 from sevmon.sev.owner_files import g_base64_decode
@@ -122,6 +123,7 @@ def register(registry, hmp, info) -> None:
         ctx.print(f"debug: {'off' if s['policy'] & Policy.NODBG else 'on'}")
         ctx.print(f"key-sharing: {'off' if s['policy'] & 0x2 else 'on'}")
 
-    @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created")
+    @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created",
+                 attached=QEMU_READS_MEMORY)
     def hmp_savevm(ctx, name=None):
         ctx.print("Error: " + (migration_blocker(ctx.machine) or "no block device can store vmstate for snapshot"))

@@ -11,6 +11,7 @@ import json
 
 from sevmon.commands.memory import _open_for_write, _write, me_mask
 from sevmon.debug.ops import DebugError
+from sevmon.hmp.table import OWN
 from sevmon.qmp.errors import QMPError
 from sevmon.x86.cbit_map import PAGE, SevMemoryMap, build_map
 
@@ -100,18 +101,18 @@ def save_svg(machine, filename: str) -> None:
 
 
 def register(registry, hmp, info) -> None:
-    @registry.register("query-sev-memory-map")
+    @registry.register("query-sev-memory-map", attached=OWN)
     def qmp_query_sev_memory_map(ctx, cpu_index=None, physical=None):
         m = memory_map(ctx.machine, 0 if cpu_index is None else cpu_index)
         return to_qmp(m, ram_runs(ctx.machine) if physical else None)
 
-    @registry.register("sev-mem-map")
+    @registry.register("sev-mem-map", attached=OWN)
     def qmp_sev_mem_map(ctx, filename):
         save_svg(ctx.machine, filename)
         return {}
 
     @info.command("sev-mem", "", "", "show the active virtual memory mappings as private (C-bit set) or shared, "
-                                     "and the frames mapped both ways")
+                                     "and the frames mapped both ways", attached=OWN)
     def info_sev_mem(ctx):
         m = memory_map(ctx.machine, ctx.cpu_index)
         lines = text_lines(m)
@@ -119,6 +120,7 @@ def register(registry, hmp, info) -> None:
             ctx.print("\n".join(batch))
 
     @hmp.command("sev-mem-map", "filename:F", "filename",
-                 "draw the guest-physical memory as private/shared/aliased into the SVG file 'filename'")
+                 "draw the guest-physical memory as private/shared/aliased into the SVG file 'filename'",
+                 attached=OWN)
     def hmp_sev_mem_map(ctx, filename):
         save_svg(ctx.machine, filename)
