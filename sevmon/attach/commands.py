@@ -17,6 +17,7 @@ that take expressions (so sevmon evaluates ``$reg`` in them) or read guest memor
 from __future__ import annotations
 
 from sevmon.attach.forward import AttachedMonitor, QmpForwarder
+from sevmon.debug.refusal import machine_refusal
 from sevmon.hmp.table import OWN, QEMU, QEMU_READS_MEMORY, CommandTable, HmpCommand
 from sevmon.qmp.dispatch import CommandRegistry
 from sevmon.qmp.errors import QMPError
@@ -47,12 +48,6 @@ def check_declared(registry: CommandRegistry, hmp: CommandTable, info: CommandTa
         raise UndeclaredCommand(f"commands that touch guest memory must declare attached=: {', '.join(undeclared)}")
 
 
-def debug_refusal(machine) -> str | None:
-    """Why debugging this guest is refused (guest policy, security policy), or None: the one
-    place the attached command set asks."""
-    return machine.memory.ops.refusal
-
-
 def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
     machine = runner.machine
     from sevmon.commands import control, dump, memory, migration, runstate, sev, sevmem
@@ -80,7 +75,7 @@ def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
     for c in QEMU_HMP:
         hmp.add(c)
     link = machine.link
-    monitor = AttachedMonitor(runner, hmp, info, link, lambda: debug_refusal(machine))
+    monitor = AttachedMonitor(runner, hmp, info, link, lambda: machine_refusal(machine))
 
     @hmp.command("help|?", "name:S?", "[cmd]", "show the help")
     def hmp_help(ctx, name=None):
@@ -108,7 +103,7 @@ def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
         if out.startswith("kvm support: enabled") or out.startswith("kvm support: disabled"):
             ctx.print("memory encryption: " + ("enabled" if machine.config.memory_encryption else "disabled"))
 
-    forwarder = QmpForwarder(link, registry, len(machine.cpus), reads_memory, lambda: debug_refusal(machine))
+    forwarder = QmpForwarder(link, registry, len(machine.cpus), reads_memory, lambda: machine_refusal(machine))
     registry.forwarder = forwarder
 
     @registry.register("human-monitor-command")
