@@ -15,7 +15,7 @@ from sevmon.hmp.table import OWN, QEMU, QEMU_READS_MEMORY
 from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
 from sevmon.qmp.errors import QMPError
 from sevmon.x86 import paging
-from sevmon.x86.registers import info_registers
+from sevmon.x86.info_registers import info_registers
 
 COPY_CHUNK = 1 << 20       # memsave/pmemsave stream this much per read (bounded memory)
 U64 = (1 << 64) - 1

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 
 from sevmon.attach.commands import UndeclaredCommand, _collect, check_declared
-from sevmon.commands import dump, memory, sevmem
+from sevmon.commands import dump, memory, sev_memory_map
 from sevmon.hmp.table import OWN, QEMU, QEMU_READS_MEMORY
 from sevmon.qmp.schema import Schema
 
 
 def test_every_memory_command_declares_who_runs_it_attached():
-    registry, hmp, info = _collect(Schema(), (memory, dump, sevmem))
+    registry, hmp, info = _collect(Schema(), (memory, dump, sev_memory_map))
     check_declared(registry, hmp, info)
     assert {n for n, who in registry.attached.items() if who == OWN} >= {
         "memsave", "pmemsave", "dump-guest-memory", "query-sev-debug-stats", "sev-mem-map", "query-sev-memory-map"}
@@ -23,7 +23,7 @@ def test_every_memory_command_declares_who_runs_it_attached():
 
 
 def test_a_new_memory_command_without_a_declaration_stops_the_attached_build():
-    registry, hmp, info = _collect(Schema(), (memory, dump, sevmem))
+    registry, hmp, info = _collect(Schema(), (memory, dump, sev_memory_map))
 
     @hmp.command("xq", "addr:l", "addr", "a new memory command")
     def xq(ctx, addr):
