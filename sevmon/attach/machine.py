@@ -53,7 +53,9 @@ class AttachedMachine(RunStateMachine):
     """What sevmon monitors when attached: QEMU's guest, memory through DebugMemory."""
 
     # QEMU's SHUTDOWN is relayed and QEMU closes the link; registers are QEMU's, read fresh, never written
-    capabilities = Capabilities(ends_with_shutdown=False, write_registers=False)
+    capabilities = Capabilities(ends_with_shutdown=False, write_registers=False,
+                                no_step_reason="QEMU runs this guest, and QEMU's monitor has no command to "
+                                "single-step it (use QEMU's own -gdb for stepping)")
 
     def __init__(self, link: QemuMonitorLink, ram, memory, cpu_count: int, status: str, *, kvm: dict | None = None,
                  sev=None, memory_encryption: bool = False):

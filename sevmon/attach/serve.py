@@ -18,6 +18,7 @@ from sevmon.attach.layout import ram_ranges
 from sevmon.attach.link import QemuLink
 from sevmon.attach.machine import AttachedMachine
 from sevmon.attach.ram import open_backends
+from sevmon.attach.verify import verify_backends
 from sevmon.debug.access import DebugMemory
 from sevmon.debug.ops import PlainOps
 from sevmon.machine.spec import GuestSpec
@@ -41,7 +42,16 @@ async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = T
                                                                   "property": "mem-path"})
         flat = await link.hmp("info mtree -f")
         ranges = ram_ranges(flat, {d["id"] for d in memdevs})
-        ram = open_backends(memdevs, types, paths, link.pid, ranges)
+        hvas = {}
+        for r in ranges:  # where QEMU maps each memfd: its file, so equal-size backends cannot be swapped
+            if types.get(r.memdev) == "memory-backend-memfd" and r.memdev not in hvas:
+                hvas[r.memdev] = _hva(await link.hmp(f"gpa2hva {r.gpa:#x}"))
+        ram = open_backends(memdevs, types, paths, link.pid, ranges, hvas)
+        try:
+            await verify_backends(link, ram)
+        except BaseException:
+            ram.close()
+            raise
         cpus = await link.execute("query-cpus-fast")
         status = await link.execute("query-status")
         kvm = await link.execute("query-kvm")
@@ -72,6 +82,20 @@ async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = T
                            memory_encryption=sev)
 
 
+def _hva(text: str) -> int | None:
+    """QEMU's ``gpa2hva`` answer: ``Host virtual address for 0x0 (ram0) is 0x7f...``."""
+    _, sep, tail = text.strip().rpartition(" is 0x")
+    return int(tail, 16) if sep and tail and all(c in "0123456789abcdef" for c in tail) else None
+
+
+async def detach(machine: AttachedMachine) -> None:
+    """Release all that attach took: QEMU's monitor, the mirror VM (its fds), the RAM mappings."""
+    await machine.link.disconnect()
+    if machine.sev is not None:
+        machine.sev.close()
+    machine.ram.close()
+
+
 async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None) -> int:
     from sevmon.daemon import run_daemon
 
@@ -95,10 +119,7 @@ async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb
                          until=until(), gdb=gdb)
     finally:
         lost = link.closed.is_set() and not machine.shutdown_seen and not link.detach.is_set()
-        await link.disconnect()
-        if machine.sev is not None:
-            machine.sev.close()
-        machine.ram.close()
+        await detach(machine)
     if lost:
         raise AttachError(f"lost QEMU's monitor socket {path}: QEMU closed it without a SHUTDOWN "
                           "(killed or crashed?)")

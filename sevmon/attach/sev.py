@@ -37,15 +37,16 @@ def open_mirror(pid: int | None, ram, segments: list[Segment], sev_info: dict, c
                           "reached through QEMU's VM fd")
     if "cbitpos" not in caps:
         raise AttachError("QEMU's query-sev-capabilities gave no C-bit position")
+    from sevmon.sev.linux import LinuxSevTransport, SevUnavailable
     try:
         if kernel is None:
-            from sevmon.sev.linux import LinuxSevTransport, SevUnavailable
-            try:
-                kernel = LinuxSevTransport()
-            except SevUnavailable as e:
-                raise AttachError(f"QEMU runs an SEV guest but sevmon cannot reach it: {e}") from None
+            kernel = LinuxSevTransport()
         return MirrorSev(kernel, procs or LinuxProcessOps(), pid, segments, ram, policy=sev_info.get("policy", 0),
                          cbitpos=caps["cbitpos"])
+    except SevUnavailable as e:  # no /dev/sev, or no cpuid driver (CPUID Fn8000_001F is read through it)
+        if kernel is not None:
+            kernel.close()
+        raise AttachError(f"QEMU runs an SEV guest but sevmon cannot reach it: {e}") from None
     except SevError as e:
         if kernel is not None:
             kernel.close()

@@ -16,6 +16,7 @@ import threading
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import machine_refusal
 from sevmon.errors import CommandError
+from sevmon.hmp.table import OWN, QEMU
 from sevmon.machine.cbit_note import cbit_note
 from sevmon.machine.dump import write_core
 from sevmon.machine.interface import RunState
@@ -134,17 +135,17 @@ def start_dump(runner, paging: bool, protocol: str, detach: bool | None, begin, 
 
 
 def register(registry, hmp, info) -> None:
-    @registry.register("dump-guest-memory")
+    @registry.register("dump-guest-memory", attached=OWN)
     def qmp_dump(ctx, paging, protocol, detach=None, begin=None, length=None, format=None):
         start_dump(ctx.runner, paging, protocol, detach, begin, length, format)
         return {}
 
-    @registry.register("query-dump", inline=True)
+    @registry.register("query-dump", inline=True, attached=OWN)
     def qmp_query_dump(ctx):
         job = ctx.runner.job(JOB)
         return job.query() if job is not None else {"status": "none", "completed": 0, "total": 0}
 
-    registry.register("query-dump-guest-memory-capability")(lambda ctx: {"formats": ["elf"]})
+    registry.register("query-dump-guest-memory-capability", attached=QEMU)(lambda ctx: {"formats": ["elf"]})
 
     @hmp.command("dump-guest-memory",
                  "paging:-p,detach:-d,windmp:-w,zlib:-z,lzo:-l,snappy:-s,filename:F,begin:l?,length:i?",
@@ -155,7 +156,7 @@ def register(registry, hmp, info) -> None:
                  "\n\t\t\t-s: dump in kdump-compressed format, with snappy compression.\n\t\t\t-w: dump in Windows "
                  "crashdump format (can be used instead of ELF-dump converting),\n\t\t\t    for Windows x86 and x64 "
                  "guests with vmcoreinfo driver only.\n\t\t\tbegin: the starting physical address.\n\t\t\tlength: "
-                 "the memory size, in bytes.")
+                 "the memory size, in bytes.", attached=OWN)
     def hmp_dump(ctx, filename, paging=False, detach=False, windmp=False, zlib=False, lzo=False, snappy=False,
                  begin=None, length=None):
         if zlib + lzo + snappy + windmp > 1:
@@ -165,7 +166,7 @@ def register(registry, hmp, info) -> None:
             "win-dmp" if windmp else None
         start_dump(ctx.runner, paging, "file:" + filename, detach, begin, length, fmt)
 
-    @info.command("dump", "", "", "Display the latest dump status")
+    @info.command("dump", "", "", "Display the latest dump status", attached=OWN)
     def info_dump(ctx):
         job = ctx.runner.job(JOB)
         q = job.query() if job is not None else {"status": "none", "completed": 0, "total": 0}

@@ -12,6 +12,7 @@ from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask, machine_refusal
 from sevmon.errors import CommandError
 from sevmon.hmp.memory_dump import _printc, memory_dump
+from sevmon.hmp.table import OWN, QEMU, QEMU_READS_MEMORY
 from sevmon.memory.ram import MemoryAccessError
 from sevmon.outfile import OutputFileError, output_file
 from sevmon.x86 import paging
@@ -99,36 +100,41 @@ def debug_stats(machine) -> dict:
     return machine.memory.stats()
 
 
+def _unless_disassembly(args: dict) -> str:
+    """``x``/``xp`` are sevmon's, but ``/i`` is QEMU's: sevmon has no disassembler."""
+    return QEMU_READS_MEMORY if args.get("format") == "i" else OWN
+
+
 def register(registry, hmp, info) -> None:
-    @registry.register("memsave")
+    @registry.register("memsave", attached=OWN)
     def qmp_memsave(ctx, val, size, filename, cpu_index=None):
         memsave(ctx.machine, val, size, filename, cpu_index)
         return {}
 
-    @registry.register("pmemsave")
+    @registry.register("pmemsave", attached=OWN)
     def qmp_pmemsave(ctx, val, size, filename):
         pmemsave(ctx.machine, val, size, filename)
         return {}
 
     # On the machine thread, between commands: counters of a half-done command would not add up.
-    registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
+    registry.register("query-sev-debug-stats", attached=OWN)(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
         lines = fn(ctx.machine.memory, ctx.cpu, cbit_mask(ctx.machine))
         while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
             ctx.print("\n".join(batch))
 
-    @info.command("mem", "", "", "show the active virtual memory mappings")
+    @info.command("mem", "", "", "show the active virtual memory mappings", attached=OWN)
     def info_mem(ctx):
         walk_lines(ctx, paging.info_mem)
 
-    @info.command("tlb", "", "", "show virtual to physical memory mappings")
+    @info.command("tlb", "", "", "show virtual to physical memory mappings", attached=OWN)
     def info_tlb(ctx):
         walk_lines(ctx, paging.info_tlb)
 
     @info.command("registers", "cpustate_all:-a,vcpu:i?", "[-a|vcpu]",
                   "show the cpu registers (-a: show register info for all cpus; vcpu: specific vCPU to query; "
-                  "show the current CPU's registers if no argument is specified)")
+                  "show the current CPU's registers if no argument is specified)", attached=QEMU)
     def info_regs(ctx, cpustate_all=False, vcpu=None):
         cpus = ctx.machine.cpus
         if cpustate_all:
@@ -143,23 +149,23 @@ def register(registry, hmp, info) -> None:
         for cpu in chosen:
             ctx.print(info_registers(cpu), end="")
 
-    @info.command("sev-debug", "", "", "show SEV debug-access statistics (round trips, cache)")
+    @info.command("sev-debug", "", "", "show SEV debug-access statistics (round trips, cache)", attached=OWN)
     def info_sev_debug(ctx):
         for k, v in debug_stats(ctx.machine).items():
             ctx.print(f"{k}: {v}")
 
     @hmp.command("gva2gpa", "addr:l", "addr",
-                 "print the guest physical address corresponding to a guest virtual address")
+                 "print the guest physical address corresponding to a guest virtual address", attached=OWN)
     def hmp_gva2gpa(ctx, addr):
         ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, cbit_mask(ctx.machine)))
 
-    @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'")
+    @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'", attached=_unless_disassembly)
     def hmp_x(ctx, count, format, size, addr):
         read = virtual_reader(ctx.machine, ctx.cpu)
         for line in memory_dump(read, addr, count, format, size, virtual=True, span=COPY_CHUNK):
             ctx.print(line, end="")
 
-    @hmp.command("xp", "fmt:/,addr:l", "/fmt addr", "physical memory dump starting at 'addr'")
+    @hmp.command("xp", "fmt:/,addr:l", "/fmt addr", "physical memory dump starting at 'addr'", attached=_unless_disassembly)
     def hmp_xp(ctx, count, format, size, addr):
         mem = ctx.machine.memory
         for line in memory_dump(lambda a, n: mem.read(a, n), addr, count, format, size, virtual=False,
@@ -167,16 +173,17 @@ def register(registry, hmp, info) -> None:
             ctx.print(line, end="")
 
     @hmp.command("memsave", "val:l,size:i,filename:s", "addr size file",
-                 "save to disk virtual memory dump starting at 'addr' of size 'size'")
+                 "save to disk virtual memory dump starting at 'addr' of size 'size'", attached=OWN)
     def hmp_memsave(ctx, val, size, filename):
         memsave(ctx.machine, val, size, filename, ctx.cpu_index)
 
     @hmp.command("pmemsave", "val:l,size:i,filename:s", "addr size file",
-                 "save to disk physical memory dump starting at 'addr' of size 'size'")
+                 "save to disk physical memory dump starting at 'addr' of size 'size'", attached=OWN)
     def hmp_pmemsave(ctx, val, size, filename):
         pmemsave(ctx.machine, val, size, filename)
 
-    @hmp.command("print|p", "fmt:/,val:l", "/fmt expr", "print expression value (use $reg for CPU register access)")
+    @hmp.command("print|p", "fmt:/,val:l", "/fmt expr", "print expression value (use $reg for CPU register access)",
+                 attached=OWN)  # sevmon evaluates $reg (QEMU knows no $rsp, $cr3)
     def hmp_print(ctx, count, format, size, val):
         v = val & U64
         signed = v - (1 << 64) if v >> 63 else v

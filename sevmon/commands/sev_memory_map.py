@@ -13,6 +13,7 @@ from sevmon.commands.memory import _write, open_output
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.errors import CommandError
+from sevmon.hmp.table import OWN
 from sevmon.x86.sev_memory_map import PAGE, SevMemoryMap, build_map
 
 NOT_SEV = "the guest is not an SEV guest: no page has a C-bit"
@@ -101,18 +102,18 @@ def save_svg(machine, filename: str) -> None:
 
 
 def register(registry, hmp, info) -> None:
-    @registry.register("query-sev-memory-map")
+    @registry.register("query-sev-memory-map", attached=OWN)
     def qmp_query_sev_memory_map(ctx, cpu_index=None, physical=None):
         m = memory_map(ctx.machine, 0 if cpu_index is None else cpu_index)
         return to_qmp(m, ram_runs(ctx.machine) if physical else None)
 
-    @registry.register("sev-mem-map")
+    @registry.register("sev-mem-map", attached=OWN)
     def qmp_sev_mem_map(ctx, filename):
         save_svg(ctx.machine, filename)
         return {}
 
     @info.command("sev-mem", "", "", "show the active virtual memory mappings as private (C-bit set) or shared, "
-                                     "and the frames mapped both ways")
+                                     "and the frames mapped both ways", attached=OWN)
     def info_sev_mem(ctx):
         m = memory_map(ctx.machine, ctx.cpu_index)
         lines = text_lines(m)
@@ -120,6 +121,7 @@ def register(registry, hmp, info) -> None:
             ctx.print("\n".join(batch))
 
     @hmp.command("sev-mem-map", "filename:F", "filename",
-                 "draw the guest-physical memory as private/shared/aliased into the SVG file 'filename'")
+                 "draw the guest-physical memory as private/shared/aliased into the SVG file 'filename'",
+                 attached=OWN)
     def hmp_sev_mem_map(ctx, filename):
         save_svg(ctx.machine, filename)

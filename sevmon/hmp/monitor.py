@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from sevmon import __version__
 from sevmon.debug.ops import DebugError
 from sevmon.errors import CommandError
 from sevmon.hmp.errors import HmpError
@@ -84,39 +85,56 @@ class HumanMonitor:
             ctx.print(f"Error: internal error: {e}")
         return ctx.text()
 
-    def _dispatch(self, ctx: HmpContext, line: str) -> None:
-        p, commands, cmd = 0, self.table.commands, None
+    def banner(self) -> str:
+        """The line an HMP socket greets a client with (QEMU's: ``QEMU 7.2.22 monitor - ...``)."""
+        return f"sevmon {__version__} monitor - type 'help' for more information"
+
+    def resolve(self, line: str) -> tuple[HmpCommand | None, int, int]:
+        """The command ``line`` names (its word, or ``info`` and its item), the position after
+        its words, and the end of the last word read (for ``unknown command: '...'``). The
+        command is None for an empty line or an unknown word. QEMU's rule: a word ends at a
+        space or ``/``."""
+        p, commands, cmd, end = 0, self.table.commands, None, 0
         while True:
             while p < len(line) and line[p].isspace():
                 p += 1
             if p >= len(line):
-                if cmd is None:
-                    return
-                break
+                return cmd, p, end
             start = p
             while p < len(line) and line[p] != "/" and not line[p].isspace():
                 p += 1
-            word = line[start:p]
-            found = next((c for c in commands if c.matches(word)), None)
+            end = p
+            found = next((c for c in commands if c.matches(line[start:p])), None)
             if found is None:
-                ctx.print(f"unknown command: '{line[:p]}'")
-                return
+                return None, p, end
             cmd = found
             while p < len(line) and line[p].isspace():
                 p += 1
             if cmd.sub_table is None or p >= len(line):
-                break
+                return cmd, p, end
             commands = cmd.sub_table
+
+    def parse(self, ctx: HmpContext, cmd: HmpCommand, line: str, p: int) -> dict | None:
+        """``cmd``'s arguments from ``line[p:]``, or None once QEMU's error lines are printed."""
         try:
-            args = parse_arguments(cmd.names[0], cmd.args_type, line, p, self.fmt, self._reg_getter(ctx))
+            return parse_arguments(cmd.names[0], cmd.args_type, line, p, self.fmt, self._reg_getter(ctx))
         except HmpError as e:
             ctx.print(str(e))
             q = p
             while q > 0 and line[q - 1].isspace():
                 q -= 1
             ctx.print(f'Try "help {line[:q].lstrip()}" for more information')
+            return None
+
+    def _dispatch(self, ctx: HmpContext, line: str) -> None:
+        cmd, p, end = self.resolve(line)
+        if cmd is None:
+            if line[:p].strip():
+                ctx.print(f"unknown command: '{line[:end]}'")
             return
-        cmd.handler(ctx, **args)
+        args = self.parse(ctx, cmd, line, p)
+        if args is not None:
+            cmd.handler(ctx, **args)
 
     @staticmethod
     def _reg_getter(ctx: HmpContext):

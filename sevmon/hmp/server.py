@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 
-from sevmon import __version__
 from sevmon.cmdlog import hmp_label, timed
 from sevmon.unixsock import listen_unix
 
@@ -37,8 +36,7 @@ class HMPServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
         try:
-            writer.write(f"sevmon {__version__} monitor - type 'help' for more information\r\n{PROMPT}"
-                         .encode())
+            writer.write(f"{self.monitor.banner()}\r\n{PROMPT}".encode())
             await writer.drain()
             while True:
                 try:

@@ -163,6 +163,8 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
             return
         self._closed = True
         self._regions.clear()
+        for fd in (self.vm_fd, self.sev_fd):  # as LinuxSevTransport.close: the VM fd and /dev/sev are closed
+            self.task.files.pop(fd, None)
         src = self._mirror_of
         if src is not None:  # a mirror owns no firmware context: drop its reference to the source
             self._active, self._asid, self._mirror_of = False, 0, None

@@ -61,6 +61,21 @@ def test_open_mirror_failures_are_one_sentence():
     assert "no SO_PEERCRED" in str(ei.value)
 
 
+def test_a_host_without_the_cpuid_driver_is_one_sentence():
+    """The C-bit and reduced-phys-bits come from CPUID Fn8000_001F, which Python reads through the cpuid driver:
+    without /dev/cpu/N/cpuid, attaching ends in one sentence (no traceback), and the mirror VM is closed."""
+    from sevmon.sev.linux import host_cpuid
+    qemu = SimulatedQemu(SimulatedHost(), RAM(16 << 20), [(0x100000, IMAGE)])
+    kernel, procs, segs = _sevmon_side(qemu)
+    kernel.cpuid = lambda: host_cpuid("/nonexistent/cpu/0/cpuid")
+    with pytest.raises(AttachError) as ei:
+        open_mirror(qemu.pid, qemu.vm.ram, segs, qemu.query_sev(), {"cbitpos": 47}, kernel=kernel, procs=procs)
+    assert str(ei.value) == ("QEMU runs an SEV guest but sevmon cannot reach it: cannot read CPUID Fn8000_001F: "
+                             "/nonexistent/cpu/0/cpuid: No such file or directory (load the cpuid module: "
+                             "modprobe cpuid)")
+    assert "anon_inode:kvm-vm" not in kernel.task.fd_links().values()  # the mirror VM went with it
+
+
 def test_segments_follow_the_backend_offsets_around_the_pci_hole():
     m = mmap.mmap(-1, 4 << 20)
     ram = MappedRAM([RamRange(0, 3 << 20, "ram0", 0), RamRange(1 << 32, 1 << 20, "ram0", 3 << 20)], {"ram0": m},

@@ -107,8 +107,8 @@ def test_forwarded_commands_are_qemus(live):
     qemu, sevmon, theirs, ours = live
     for name in ("query-pci", "query-block", "query-status", "query-version", "query-cpus-fast", "query-kvm"):
         assert ours.cmd(name) == theirs.cmd(name), name
-    for line in ("info pci", "info mtree", "info registers", "info status", "info qtree", "help info",
-                 "nosuchcommand 1", "info nosuchitem"):
+    for line in ("info pci", "info mtree", "info registers", "info status", "info qtree", "help x",
+                 "help info pci", "nosuchcommand 1", "info nosuchitem", "help nosuchcommand", ""):
         assert hmp(ours, line) == hmp(theirs, line), line
     # errors come back under the client's own id, QEMU's class and text
     for msg in ({"execute": "nosuch", "id": "mine"},
@@ -139,7 +139,9 @@ def test_pmemsave_memsave_and_dump_equal_qemus_including_above_4g(live, tmp_path
         assert ours.cmd_raw("pmemsave", {"val": addr, "size": 0x20000, "filename": str(mine)}) == {"return": {}}
         assert theirs.cmd_raw("pmemsave", {"val": addr, "size": 0x20000, "filename": str(qemus)}) == {"return": {}}
         assert mine.read_bytes() == qemus.read_bytes()
-    va = int(hmp(theirs, "info tlb").split(":")[0], 16)
+    # three mapped pages in a row (the lowest mapping may be a stack page right below the non-canonical hole)
+    pages = {int(ln.split(":")[0], 16) for ln in hmp(theirs, "info tlb").split("\r\n") if ln}
+    va = next(v for v in sorted(pages) if v + 0x1000 in pages and v + 0x2000 in pages)
     for q, path in ((ours, mine), (theirs, qemus)):
         assert q.cmd_raw("memsave", {"val": va, "size": 0x3000, "filename": str(path)}) == {"return": {}}
     assert mine.read_bytes() == qemus.read_bytes()
@@ -161,11 +163,99 @@ def test_hmp_socket_serves_sevmons_lines_and_qemus(live):
             data += s.recv(65536)
         return data
 
-    assert until_prompt().startswith(b"sevmon ")
+    # QEMU's banner, as sevmon shell greets with it (sevmon stands in for QEMU's monitor)
+    greeting = until_prompt().decode()
+    shell = _in_thread(_shell_view(sevmon.qmp_path))
+    assert greeting == shell["banner"] + "\r\n(qemu) "
+    assert greeting.startswith("QEMU 7.2.")
     for line in ("info pci", "info mem", "info status", "gva2gpa 0x400000"):
         s.sendall(line.encode() + b"\n")
         assert until_prompt() == hmp(theirs, line).encode() + b"(qemu) ", line
     s.close()
+
+
+async def _shell_view(path: str) -> dict:
+    """What ``sevmon shell`` learns at connect time: its banner and its Tab completions."""
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from sevmon.shell.app import Monitor
+    from sevmon.shell.banner import banner
+    from sevmon.shell.completion import MonitorCompleter
+    mon = Monitor(path)
+    await mon.connect()
+    try:
+        completer = MonitorCompleter(mon.commands, mon.info)
+
+        def tab(text: str) -> set[str]:
+            return {c.text for c in completer.get_completions(Document(text), CompleteEvent(completion_requested=True))}
+        return {"banner": banner(mon.client.greeting), "tab": {t: tab(t) for t in ("sev-m", "info sev-", "x", "info pc",
+                                                                                  "help sev")}}
+    finally:
+        await mon.close()
+
+
+def _in_thread(coro):
+    """Run ``coro`` on a thread of its own: the legacy clients own this thread's event loop."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(asyncio.run(coro)))
+    t.start()
+    t.join(60)
+    return out[0]
+
+
+def _without(text: str, lines: list[str]) -> str:
+    kept = text.split("\r\n")
+    for line in lines:
+        kept.remove(line)
+    return "\r\n".join(kept)
+
+
+SEV_MEM_MAP_HELP = "sev-mem-map filename -- draw the guest-physical memory as private/shared/aliased into the SVG file 'filename'"
+INFO_SEV_HELP = ["info sev-debug  -- show SEV debug-access statistics (round trips, cache)",
+                 "info sev-mem  -- show the active virtual memory mappings as private (C-bit set) or shared, and the "
+                 "frames mapped both ways"]
+
+
+def test_help_and_completion_list_qemus_commands_and_sevmons(live):
+    qemu, sevmon, theirs, ours = live
+    # QEMU's own lines, in QEMU's (sorted) order, with sevmon's own commands among them
+    mine = hmp(ours, "help")
+    assert SEV_MEM_MAP_HELP in mine.split("\r\n")
+    assert _without(mine, [SEV_MEM_MAP_HELP]) == hmp(theirs, "help")
+    lines = [ln for ln in mine.split("\r\n") if ln[:1].isalnum()]  # not the continuation lines
+    assert lines == sorted(lines, key=lambda ln: ln.split(" ")[0])
+    info = hmp(ours, "help info")
+    assert _without(info, INFO_SEV_HELP) == hmp(theirs, "help info")
+    assert hmp(theirs, "info") == hmp(theirs, "help info")  # bare info lists the items, in QEMU ...
+    assert hmp(ours, "info") == info                          # ... and here, sevmon's among them
+    assert hmp(ours, "help sev-mem-map") == SEV_MEM_MAP_HELP + "\r\n"
+    assert hmp(ours, "help info sev-mem") == INFO_SEV_HELP[1] + "\r\n"
+    assert hmp(ours, "? info sev-debug") == INFO_SEV_HELP[0] + "\r\n"
+    tab = _in_thread(_shell_view(sevmon.qmp_path))["tab"]
+    assert tab["sev-m"] == {"sev-mem-map "}
+    assert tab["info sev-"] == {"sev-debug ", "sev-mem "}
+    assert tab["sev-m"] == tab["help sev"] == {"sev-mem-map "}
+    assert tab["info sev-"] == {"sev-debug ", "sev-mem "}
+    assert {"x ", "xp "} <= tab["x"] and tab["info pc"] == {"pci "}
+
+
+def test_register_expressions_are_sevmons_in_every_command(live):
+    qemu, sevmon, theirs, ours = live
+    theirs.cmd("stop")
+    regs = hmp(theirs, "info registers", 0)
+    value = {k: int(v, 16) for k, v in (f.split("=") for f in regs.split() if f.count("=") == 1)
+             if k in ("RSP", "RIP", "CR3") and v}
+    assert hmp(theirs, "print $rsp", 0).startswith("unknown register")  # QEMU knows only its 32-bit names
+    assert hmp(ours, "print /x $rsp") == f"{value['RSP']:#x}\r\n"
+    assert hmp(ours, "p /d $cr3 + 8") == f"{value['CR3'] + 8}\r\n"
+    # QEMU's commands that take expressions get the values sevmon computed
+    cr3 = value["CR3"] & ~0xfff
+    assert hmp(ours, "sum $cr3 & ~0xfff 4096") == hmp(theirs, f"sum {cr3:#x} 4096")
+    assert hmp(ours, "gpa2hva $cr3 & ~0xfff") == hmp(theirs, f"gpa2hva {cr3:#x}")
+    assert hmp(ours, "x /3i $rip") == hmp(theirs, f"x /3i {value['RIP']:#x}", 0)
+    assert hmp(ours, "xp /2i $cr3 & ~0xfff") == hmp(theirs, f"xp /2i {cr3:#x}")
+    assert hmp(ours, "x /2xg $rsp") == hmp(theirs, f"x /2xg {value['RSP']:#x}", 0)
 
 
 def test_events_reach_every_client_and_quit_ends_both(live):
