@@ -11,8 +11,8 @@ for the vCPU the command uses.
 
 from __future__ import annotations
 
+from sevmon.attach.info_registers_parser import parse_info_registers
 from sevmon.attach.link import QemuLink
-from sevmon.attach.registers import parse_info_registers
 from sevmon.machine.interface import Capabilities, MachineConfig, RunState, RunStateMachine
 from sevmon.x86.cpu import CpuState
 

@@ -13,8 +13,8 @@ import logging
 
 from sevmon.debug.ops import DebugError
 from sevmon.hmp.errors import HmpError
+from sevmon.hmp.expr_registers import register_lookup
 from sevmon.hmp.parser import FmtDefaults, parse_arguments
-from sevmon.hmp.registers import register_lookup
 from sevmon.hmp.table import CommandTable, HmpCommand
 from sevmon.qmp.errors import QMPError
 
