@@ -92,8 +92,10 @@ def check_guest_options(parser: argparse.ArgumentParser, args) -> None:
                      f"guest-physical addresses the RAM needs, within the page tables' address bits)")
 
 
-def add_verbose(p: argparse.ArgumentParser, *, top: bool = False) -> None:
-    """``-v`` on the top level and on each subcommand (``sevmon serve -v`` reads naturally)."""
-    p.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
-                   help="log each command the daemon runs, with its duration (and other debug lines) to stderr")
+def add_verbose(p: argparse.ArgumentParser, *, top: bool = False,
+                help: str = "log each command the daemon runs, with its duration (and other debug lines) to stderr",
+                ) -> None:
+    """``-v`` on the top level and on each subcommand (``sevmon serve -v`` reads naturally); ``help`` says what
+    it shows for that subcommand."""
+    p.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS, help=help)
 

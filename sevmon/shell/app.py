@@ -16,7 +16,7 @@ watching a running dump), Ctrl-D leaves.
 
 ``-c LINE`` (repeatable) runs lines without a prompt, as does a standard input that is
 not a terminal (``sevmon shell SOCK < script``); the exit status is 0, or 1 if a line
-got a QMP error. Whatever the mode, a missing socket or a lost connection ends the
+failed: a QMP error, or an HMP reply that says so (:func:`hmp_failed`). Whatever the mode, a missing socket or a lost connection ends the
 shell with one sentence on stderr and status 1.
 """
 
@@ -46,6 +46,15 @@ __all__ = ["PROMPT", "ConnectionLost", "Monitor", "Shell", "history_path", "run_
 PROMPT = "(qemu) "
 CONNECT_TIMEOUT = 15.0  # seconds for the socket to answer with a QMP greeting
 QUIT_WAIT = 2.0  # seconds to let the daemon close the socket after ``quit``
+
+
+def hmp_failed(out: str) -> bool:
+    """Whether an HMP reply says the command failed. ``human-monitor-command`` succeeds whatever the command did
+    (QEMU's HMP has no status), so the reply's words are all there is: QEMU's ``Error: ...`` (hmp_handle_error),
+    ``unknown command: ...``, and an argument error's ``Try "help CMD" for more information``."""
+    lines = out.replace("\r\n", "\n").split("\n")
+    return (out.startswith(("Error: ", "unknown command: "))
+            or any(x.startswith('Try "help ') and x.endswith('" for more information') for x in lines))
 
 
 class ShellExit(Exception):
@@ -200,8 +209,9 @@ class Shell:
                     self.show(await self.mon.hmp(line))
                 await self.mon.wait_closed(QUIT_WAIT)
                 raise _Quit()
-            self.show(await self.mon.hmp(line))
-            return True
+            out = await self.mon.hmp(line)
+            self.show(out)
+            return not hmp_failed(out)
         except ExecuteError as e:
             self.error(f"Error: {e} ({e.error_class})")
             return False

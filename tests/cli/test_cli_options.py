@@ -75,6 +75,16 @@ def test_other_bad_options_are_one_line_exit_2(args, words):
     assert_usage_error(sevmon(*args), *words)
 
 
+def test_shell_verbose_help_says_what_the_shell_logs():
+    """``shell -v`` logs the shell's own QMP client, not the daemon's commands (that is ``serve -v``)."""
+    help_text = " ".join(sevmon("shell", "--help").stdout.split())
+    assert "-v, --verbose log the QMP traffic and the client library's debug lines to stderr" in help_text
+    assert "exit 1 if a line fails: a QMP error, or HMP's 'Error: ...', 'unknown command' or a bad argument" \
+        in help_text
+    serve_help = " ".join(sevmon("serve", "--help").stdout.split())
+    assert "-v, --verbose log each command the daemon runs, with its duration" in serve_help
+
+
 def _parsers():
     top = build_parser()
     yield "sevmon", top
@@ -153,3 +163,4 @@ def test_verbose_logs_each_command_with_its_duration(make_daemon):
     assert re.search(r"^sevmon: QMP human-monitor-command: info mem: \d+\.\d ms$", log, re.M), log
     assert re.search(r"^sevmon: QMP query-status: \d+\.\d ms$", log, re.M), log
     assert re.search(r"^sevmon: HMP info tlb: \d+\.\d ms$", log, re.M), log
+    assert "Using selector" not in log  # asyncio's own debug line says nothing to a user
