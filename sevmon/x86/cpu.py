@@ -29,6 +29,18 @@ _ALIASES = {
 }
 
 
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr")
+#: Every register name sevmon reads from a ``CpuState`` (``info registers``, dumps, the gdb stub, ``$reg``), in
+#: canonical form: a ``cpu.json`` key outside these (and their aliases) would be silently unused.
+KNOWN_REGISTERS = frozenset(
+    [*GPRS64, "rip", "rflags", "cr0", "cr2", "cr3", "cr4", "cr8", "efer", "xcr0", "cpl", "kernel_gs_base",
+     "fcw", "fsw", "fpstt", "ftw", "mxcsr", "fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop"]
+    + [f"{s}{suffix}" for s in _SEGMENTS for suffix in ("", "_base", "_limit", "_flags")]
+    + [f"{t}_{f}" for t in ("gdt", "idt") for f in ("base", "limit")]
+    + [f"dr{i}" for i in range(8)] + [f"fpr{i}" for i in range(8)] + [f"xmm{i}" for i in range(32)]
+    + [f"opmask{i}" for i in range(8)])
+
+
 def canonical_reg(name: str) -> str:
     n = name.lower()
     return _ALIASES.get(n, n)

@@ -45,6 +45,7 @@ def assert_usage_error(out: subprocess.CompletedProcess, *words: str) -> str:
     (["--memory", "1"], ["--memory", "32..16384"]),
     (["--memory", "8192", "--paging", "32"], ["--memory", "--paging 32", "32..4096"]),
     (["--debug-cache-mb", "-1"], ["--debug-cache-mb", "0..1048576"]),
+    (["--cpu-state", "cpu.json"], ["--cpu-state", "only with --core or --raw"]),  # else silently unused
 ])
 def test_bad_guest_option_is_one_line_exit_2(sub, args, words, tmp_path):
     line = assert_usage_error(sevmon(sub, "--qmp" if sub == "serve" else "--repeat",
@@ -131,6 +132,24 @@ def test_raw_cpu_state_must_name_the_paging_registers(make_daemon, tmp_path, reg
     assert out.stderr.strip().splitlines() == [f"sevmon: {cpu}: lacks {missing}: a raw image needs cr0, with CR0.PG "
                                                "set also cr3 and cr4, and with CR4.PAE set also efer (it tells PAE "
                                                "from 4- and 5-level paging)"]
+
+
+@pytest.mark.parametrize("source", ["--raw", "--core"])
+def test_unknown_cpu_state_key_is_one_line_not_ignored(tmp_path, source):
+    """A typo in cpu.json (``cr_3``) is named: read as nothing, it would leave CR3 at 0 and walk garbage."""
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"cr0": "0x80050033", "cr_3": "0x1000", "cr4": "0x20", "efer": "0xd01"}))
+    if source == "--raw":
+        image = tmp_path / "ram.bin"
+        image.write_bytes(bytes(0x4000))
+    else:
+        image = FIXTURES / "linux-4level" / "core.elf"
+    out = sevmon("serve", "--qmp", str(tmp_path / "q.sock"), source, str(image), "--cpu-state", str(cpu))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"sevmon: {cpu}: unknown register 'cr_3': expected QEMU's info registers names "
+        "(rax..r15, rip, rflags, cr0, cr2, cr3, cr4, efer, cs, cs_base...)"]
+    assert not (tmp_path / "q.sock").exists()
 
 
 @pytest.mark.parametrize("sev", [["--sev"], ["--no-sev"]], ids=["sev", "plain"])
