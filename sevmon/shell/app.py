@@ -152,6 +152,7 @@ class Shell:
         self.mon = monitor
         self.interactive = interactive
         self._status: str | None = None  # the progress line currently drawn, if any
+        self._held: list[str] | None = None  # DUMP_COMPLETED lines kept while a dump's bar is drawn
         self._current: asyncio.Task | None = None
         quit_entry = next((e for e in monitor.commands if e.name == "quit"), None)
         self.quit_names = set(quit_entry.names) if quit_entry else {"quit", "q"}
@@ -254,13 +255,18 @@ class Shell:
         if out.strip():  # an HMP error: the dump did not start
             self.show(out)
             return True
+        self._held = []
         try:
             st = await watch_dump(lambda: self.mon.qmp("query-dump"), self._draw_status)
         except asyncio.CancelledError:  # Ctrl-C: stop watching; the caller ends the line
             self._status = None
             self._write("\ndump-guest-memory: still running in the daemon (query-dump shows its progress)")
+            for text in self._held or []:
+                self._write("\n" + text)
+            self._held = None
             raise
         self._end_status()
+        self._release_held()
         if st.get("status") == "failed":
             self.show("dump-guest-memory: the dump failed\n")
         return True
@@ -327,7 +333,15 @@ class Shell:
 
     async def _print_events(self) -> None:
         async for event in self.mon.client.events:
+            if self._held is not None and event.get("event") == "DUMP_COMPLETED":
+                self._held.append(format_event(event))  # after the bar's 100%, not above a bar still at 96%
+                continue
             self.notice(format_event(event))
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for text in held:
+            self.notice(text)
 
     async def _watch_link(self, session) -> None:
         """When the connection drops while the prompt waits, end the prompt."""
