@@ -13,7 +13,7 @@ from sevmon.commands.memory import _open_for_write, _write
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.qmp.errors import QMPError
-from sevmon.x86.sev_memory_map import PAGE, FrameCounts, SevMemoryMap, build_map
+from sevmon.x86.sev_memory_map import PAGE, FrameCounts, SevMemoryMap, build_map, frames_text
 
 NOT_SEV = "the guest is not an SEV guest: no page has a C-bit"
 MAX_ALIAS_LINES = 4096      # info sev-mem lists at most this many alias runs, then says how many more
@@ -75,14 +75,6 @@ def to_qmp(m: SevMemoryMap, ram: list[tuple[int, int]] | None) -> dict:
         raise QMPError(f"The map has {len(m.ranges)} ranges: more than one QMP reply may carry "
                        f"({MAX_REPLY >> 20} MiB); use 'info sev-mem' or 'sev-mem-map'")
     return out
-
-
-def frames_text(m: SevMemoryMap, counts: FrameCounts, hole: str) -> str:
-    """``frames mapped: N (P private, S shared, A aliased[; H not RAM][; X past the end of RAM])``: the classes
-    add up to N and are the picture's (its legend gives the same numbers)."""
-    extra = [f"{n} {what}" for n, what in ((counts.hole, hole), (counts.past, "past the end of RAM")) if n]
-    return (f"frames mapped: {m.mapped_frames} ({counts.private} private, {counts.shared} shared, "
-            f"{counts.aliased} aliased{''.join('; ' + e for e in extra)})")
 
 
 def text_lines(m: SevMemoryMap, counts: FrameCounts, hole: str = "not RAM"):

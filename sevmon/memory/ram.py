@@ -9,7 +9,8 @@ guest's zeros (``blank``). Images (cores, raw files) are sparse: what they lack 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -23,6 +24,27 @@ class MemoryAccessError(Exception):
         super().__init__(reason)
         self.gpa = gpa
         self.reason = reason
+
+
+@runtime_checkable
+class GuestRAM(Protocol):
+    """Guest-physical frames at rest, as the debug layer and the SEV path reach them: sevmon's own sparse store
+    (:class:`RAM`) or a running QEMU's shared backend mapped into sevmon (:class:`sevmon.attach.ram.MappedRAM`).
+    A frame that ``has`` denies is not RAM."""
+
+    size: int
+
+    def has(self, pfn: int) -> bool: ...
+
+    def frame(self, pfn: int) -> bytes | bytearray | None: ...
+
+    def frames(self) -> Iterator[int]: ...
+
+    def runs(self) -> Iterator[tuple[int, int]]: ...
+
+    def read(self, gpa: int, size: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes) -> None: ...
 
 
 class RAM:
@@ -138,8 +160,3 @@ class RAM:
             self.ensure(pfn)[off:off + n] = mv[:n]
             gpa += n
             mv = mv[n:]
-
-    def load_pages(self, pages: Iterable[tuple[int, bytes]]) -> None:
-        """Bulk-load ``(pfn, 4096 bytes)`` pairs."""
-        for pfn, data in pages:
-            self.set_frame(pfn, data)

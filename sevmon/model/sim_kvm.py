@@ -158,10 +158,6 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         with self._kvm_lock:
             self._close_locked()
 
-    @property
-    def is_mirror(self) -> bool:
-        return self._mirror_of is not None
-
     def _close_locked(self) -> None:
         if self._closed:
             return

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import drawsvg as draw
 
-from sevmon.x86.sev_memory_map import SevMemoryMap
+from sevmon.x86.sev_memory_map import SevMemoryMap, frames_text
 
 __all__ = ["CATEGORIES", "classify", "render_svg", "size_label"]
 
@@ -114,8 +114,6 @@ def row_span(top: int) -> int:
 
 def render_svg(m: SevMemoryMap, ram: Sequence[tuple[int, int]], top: int, hole: str = "not RAM") -> str:
     """The SVG document (text) of the guest-physical space ``[0, top)``."""
-    from sevmon.commands.sev_memory_map import frames_text  # noqa: PLC0415 (one wording for text and picture)
-
     top = max(top, 4096)
     span = row_span(top)
     rows = -(-top // span)

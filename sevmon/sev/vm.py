@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno as E
 import os
 
-from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, RAM
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, GuestRAM
 
 from .abi import (
     KVM_MEMORY_ENCRYPT_OP,
@@ -40,6 +40,7 @@ from .abi import (
 )
 from .cpuid import SevCpuid
 from .stats import KernelStats
+from .transport import KernelTransport
 
 _U32 = 0xFFFF_FFFF
 
@@ -58,7 +59,8 @@ class SevError(Exception):
 class SevVm:
     """One SEV guest as the VMM sees it."""
 
-    def __init__(self, ram: RAM, *, kernel, policy: int = 0, cbitpos: int = 47, reduced_phys_bits: int = 1,
+    def __init__(self, ram: GuestRAM, *, kernel: KernelTransport, policy: int = 0, cbitpos: int = 47,
+                 reduced_phys_bits: int = 1,
                  dh_cert: bytes | None = None, session: bytes | None = None):
         """Open the SEV context like QEMU's ``sev_kvm_init``: check the C-bit against the host,
         read the platform version (``SEV_PLATFORM_STATUS`` on ``/dev/sev``), ``KVM_SEV_INIT``,

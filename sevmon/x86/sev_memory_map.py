@@ -23,7 +23,7 @@ from sevmon.x86 import paging
 from sevmon.x86.cpu import CR4_PSE, CpuState
 from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE, PG_RW, PG_USER
 
-__all__ = ["VirtualRange", "Alias", "FrameCounts", "SevMemoryMap", "build_map", "PAGE"]
+__all__ = ["VirtualRange", "Alias", "FrameCounts", "SevMemoryMap", "build_map", "frames_text", "PAGE"]
 
 PAGE = 4096
 _PRIVATE = 8    # added to a U|W|P prot code when the leaf had the C-bit
@@ -105,6 +105,14 @@ class FrameCounts:
     aliased: int
     hole: int
     past: int
+
+
+def frames_text(m: SevMemoryMap, counts: FrameCounts, hole: str) -> str:
+    """``frames mapped: N (P private, S shared, A aliased[; H not RAM][; X past the end of RAM])``: the classes
+    add up to N and are the picture's (its legend gives the same numbers)."""
+    extra = [f"{n} {what}" for n, what in ((counts.hole, hole), (counts.past, "past the end of RAM")) if n]
+    return (f"frames mapped: {m.mapped_frames} ({counts.private} private, {counts.shared} shared, "
+            f"{counts.aliased} aliased{''.join('; ' + e for e in extra)})")
 
 
 def _clip(ranges: Sequence[tuple[int, int]], top: int) -> list[tuple[int, int]]:
