@@ -127,7 +127,8 @@ def build_parser() -> OneLineParser:
     shell.add_argument("socket", nargs="?", default="./sevmon-qmp.sock", metavar="QMP_SOCKET",
                        help="the daemon's QMP socket (default ./sevmon-qmp.sock)")
     shell.add_argument("-c", "--command", action="append", default=[], metavar="LINE",
-                       help="run LINE non-interactively (repeatable); exit non-zero on a QMP error")
+                       help="run LINE non-interactively (repeatable); exit 1 if a line fails: a QMP error, "
+                            "or HMP's 'Error: ...', 'unknown command' or a bad argument")
 
     bench = sub.add_parser("bench", help="measure round trips and times, side by side")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -150,7 +151,7 @@ def build_parser() -> OneLineParser:
     check.add_argument("--qemu-qmp", metavar="SOCKET", help="QEMU's QMP socket, to read its guest policy")
     check.add_argument("--json", action="store_true", help="print the checks as one JSON object")
 
-    add_verbose(shell)
+    add_verbose(shell, help="log the QMP traffic and the client library's debug lines to stderr")
     add_verbose(bench)
     add_verbose(check)
     parser.subcommands = sub.choices
@@ -166,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         check_guest_options(parser.subcommands[args.subcommand], args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sevmon: %(message)s", stream=sys.stderr)
+    logging.getLogger("asyncio").setLevel(logging.INFO)  # -v: not asyncio's "Using selector: EpollSelector"
+    if args.subcommand == "serve" and args.gdb is not None:
+        from sevmon.gdb.server import DeviceError, parse_device
+        try:
+            if args.gdb != "none":
+                parse_device(args.gdb)
+        except DeviceError as e:  # a bad option value, as for every other option: one line, exit 2
+            parser.subcommands["serve"].error(f"argument --gdb: {e}")
     if args.subcommand == "serve" and args.attach and args.incoming:
         parser.subcommands["serve"].error("argument --incoming: not allowed with argument --attach "
                                           "(the attached QEMU takes its own -incoming)")

@@ -116,10 +116,13 @@ async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb
 
     try:
         await run_daemon(machine, qmp, hmp, build_commands=build_attached, configure=configure,
-                         until=until(), gdb=gdb)
+                         until=until(), gdb=gdb, on_signal="detaching from QEMU, which keeps running")
     finally:
         lost = link.closed.is_set() and not machine.shutdown_seen and not link.detach.is_set()
+        detached = link.detach.is_set() and not link.closed.is_set()
         await detach(machine)
+        if detached:
+            log.info("detached from QEMU (%s): QEMU keeps running the guest", path)
     if lost:
         raise AttachError(f"lost QEMU's monitor socket {path}: QEMU closed it without a SHUTDOWN "
                           "(killed or crashed?)")

@@ -14,7 +14,7 @@ from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.errors import CommandError
 from sevmon.hmp.table import OWN
-from sevmon.x86.sev_memory_map import PAGE, SevMemoryMap, build_map
+from sevmon.x86.sev_memory_map import PAGE, FrameCounts, SevMemoryMap, build_map, frames_text
 
 NOT_SEV = "the guest is not an SEV guest: no page has a C-bit"
 MAX_ALIAS_LINES = 4096      # info sev-mem lists at most this many alias runs, then says how many more
@@ -34,8 +34,15 @@ def memory_map(machine, cpu_index: int) -> SevMemoryMap:
 
 
 def ram_runs(machine) -> list[tuple[int, int]]:
-    """The guest's RAM as ``(gpa, size)`` runs: frames that exist (a hole in a sparse core is not RAM)."""
+    """The guest's RAM as ``(gpa, size)`` runs: all of a built-in guest's RAM, a core's or raw image's frames, an
+    attached QEMU's RAM blocks."""
     return [(first * PAGE, count * PAGE) for first, count in machine.ram_runs()]
+
+
+def hole_name(machine) -> str:
+    """What a frame below the end of RAM that is not RAM is: in a core or a raw image, a frame the image lacks
+    (a sparse dump leaves out what it did not save, RAM or not); elsewhere a device or the PCI hole."""
+    return "not in the image" if getattr(machine.config, "source", None) in ("core", "raw") else "not RAM"
 
 
 def address_space_top(machine, m: SevMemoryMap, ram: list[tuple[int, int]]) -> int:
@@ -71,15 +78,14 @@ def to_qmp(m: SevMemoryMap, ram: list[tuple[int, int]] | None) -> dict:
     return out
 
 
-def text_lines(m: SevMemoryMap):
+def text_lines(m: SevMemoryMap, counts: FrameCounts, hole: str = "not RAM"):
     """``info sev-mem``: info mem's ranges with the attribute, a summary line, the aliases and their count."""
     if not m.paging:
         yield "PG disabled"
         return
     for r in m.ranges:
         yield r.line()
-    yield (f"private: {m.bytes_of(True)} bytes, shared: {m.bytes_of(False)} bytes, "
-           f"frames mapped: {m.mapped_frames} ({m.frames(m.private)} private, {m.frames(m.shared)} shared)")
+    yield f"private: {m.bytes_of(True)} bytes, shared: {m.bytes_of(False)} bytes, {frames_text(m, counts, hole)}"
     for a in m.aliases[:MAX_ALIAS_LINES]:
         views = ", ".join([f"private cpu {c} {va:016x}" for c, va in a.private]
                           + [f"shared cpu {c} {va:016x}" for c, va in a.shared])
@@ -96,7 +102,7 @@ def save_svg(machine, filename: str) -> None:
 
     m = memory_map(machine, 0)
     ram = ram_runs(machine)
-    svg = render_svg(m, ram, address_space_top(machine, m, ram))
+    svg = render_svg(m, ram, address_space_top(machine, m, ram), hole=hole_name(machine))
     with open_output(filename) as f:
         _write(f, svg.encode())
 
@@ -116,7 +122,8 @@ def register(registry, hmp, info) -> None:
                                      "and the frames mapped both ways", attached=OWN)
     def info_sev_mem(ctx):
         m = memory_map(ctx.machine, ctx.cpu_index)
-        lines = text_lines(m)
+        ram = ram_runs(ctx.machine)
+        lines = text_lines(m, m.frame_counts(ram, address_space_top(ctx.machine, m, ram)), hole_name(ctx.machine))
         while batch := list(itertools.islice(lines, 8192)):
             ctx.print("\n".join(batch))
 

@@ -83,9 +83,15 @@ class DebugMemory:
 
     def read_zero_filled(self, gpa: int, size: int, *, private: bool = True) -> bytes:
         """Like ``read`` but non-RAM reads as zeros (QEMU's unassigned memory), uncached:
-        for streaming copies (pmemsave, dumps) that must not evict the walkers' tables."""
+        for streaming copies (pmemsave, dumps) that must not evict the walkers' tables.
+
+        A RAM frame the guest never wrote (``ram.stored`` false: a built-in guest's untouched RAM) holds the
+        guest's zeros, and DBG_DECRYPT would return exactly those: the copy writes them without the round trip,
+        so a dump of a 16 GiB guest costs what the guest wrote, not 16 GiB of firmware calls."""
         first, last = gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT
-        pages = self.read_frames(range(first, last + 1), private=private, fill=False)
+        stored = getattr(self.ram, "stored", None)
+        pfns = range(first, last + 1) if stored is None else [p for p in range(first, last + 1) if stored(p)]
+        pages = self.read_frames(pfns, private=private, fill=False)
         zero = bytes(PAGE_SIZE)
         out = b"".join(pages.get(p, zero) for p in range(first, last + 1))
         off = gpa & (PAGE_SIZE - 1)

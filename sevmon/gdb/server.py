@@ -42,12 +42,14 @@ def parse_device(text: str) -> Device:
     spec = text.split(",", 1)[0]
     if spec.startswith("tcp:"):
         host, sep, port = spec[4:].rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
-            raise DeviceError(f"{text}: expected tcp:[HOST]:PORT")
+        if sep and port.isdigit() and int(port) > 65535:
+            raise DeviceError(f"{text}: port {int(port)} is out of range (accepted: 0..65535)")
+        if not sep or not port.isdigit():
+            raise DeviceError(f"{text}: expected tcp:[HOST]:PORT, PORT 0..65535")
         return Device("tcp", host.strip("[]") or "127.0.0.1", int(port))
     if spec.startswith("unix:") and len(spec) > 5:
         return Device("unix", path=spec[5:])
-    raise DeviceError(f"{text}: expected tcp:[HOST]:PORT, unix:PATH or none")
+    raise DeviceError(f"{text}: expected tcp:[HOST]:PORT (PORT 0..65535), unix:PATH or none")
 
 
 class GdbServer:

@@ -214,6 +214,13 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
                 raise MemoryAccessError(max(gpa, pfn << PAGE_SHIFT))
         return self.host.mc.read(self.mem.guest_hpa + gpa, n, asid)
 
+    def guest_zero_page(self, gpa: int) -> bytes:
+        """The bytes at rest of a page of zeros the guest stored with the C-bit at ``gpa`` (plain zeros while it
+        has no key): what a never-written frame of a guest that cleared its RAM holds. Stores nothing."""
+        if not self._asid or not self.host.mc.has_key(self._asid):
+            return bytes(PAGE_SIZE)
+        return self.host.mc.encrypt_at(self.mem.guest_hpa + gpa, bytes(PAGE_SIZE), self._asid)
+
     def _cpu_asid(self, c_bit: bool) -> int:
         if not c_bit:
             return 0

@@ -181,7 +181,7 @@ class SevVm:
         if gpa < 0 or gpa + len(secret) > self.ram.size:
             raise SevError(f"SEV: Failed to calculate HVA for GPA {gpa:#x}", errno=E.EFAULT, gpa=gpa)
         faulted = [pfn for pfn in range(gpa >> PAGE_SHIFT, ((gpa + max(len(secret), 1) - 1) >> PAGE_SHIFT) + 1)
-                   if not self.ram.has(pfn)]
+                   if not self.ram.stored(pfn)]
         for pfn in faulted:
             self.ram.ensure(pfn)
         hdr_hva = self.kernel.alloc(len(header))
@@ -341,6 +341,11 @@ class SevVm:
             self.kernel.guest_store(gpa, data, c_bit=private)
         except LookupError as e:
             raise SevError(f"SEV: guest write at {gpa:#x} impossible: {e}") from None
+
+    def guest_zero_page(self, gpa: int) -> bytes:
+        """The bytes at rest of a page of zeros the guest wrote privately at ``gpa`` (the RAM store's ``blank``
+        for a guest whose every frame is RAM). Simulated kernel only: it models the memory controller."""
+        return self.kernel.guest_zero_page(gpa)
 
     def guest_read(self, gpa: int, n: int, private: bool = True) -> bytes:
         """A load by the guest itself (see :meth:`guest_write`)."""
