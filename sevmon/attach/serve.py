@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from sevmon.attach.commands import build_attached
 from sevmon.attach.errors import AttachError
@@ -27,9 +28,29 @@ from sevmon.unixsock import SocketInUse
 log = logging.getLogger("sevmon")
 
 
-async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = True) -> AttachedMachine:
-    """Connect to QEMU's monitor at ``path`` and build the attached machine."""
-    link = QemuLink(path)
+def _check_qemu_process(link: QemuLink, cpus: list[dict]) -> None:
+    """The process sevmon takes QEMU's RAM from must be QEMU's: the one its vCPU threads belong to
+    (``query-cpus-fast`` names them). A proxy in front of QEMU is the socket's peer, not QEMU."""
+    if link.pid is None or not cpus or "thread-id" not in cpus[0]:
+        return
+    if not os.path.exists(f"/proc/{link.pid}/task/{cpus[0]['thread-id']}"):
+        try:
+            with open(f"/proc/{link.pid}/comm") as f:
+                comm = f" ({f.read().strip()})"
+        except OSError:
+            comm = ""
+        if link.proxied:
+            raise AttachError(f"process {link.pid}{comm} (--qemu-pid) is not the QEMU behind {link.path}: "
+                              "its vCPU threads are not there")
+        raise AttachError(f"the process behind {link.path}, {link.pid}{comm}, is not QEMU (a proxy?): "
+                          "give QEMU's process with --qemu-pid PID")
+
+
+async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = True,
+                 qemu_pid: int | None = None) -> AttachedMachine:
+    """Connect to QEMU's monitor at ``path`` (a proxy's when ``qemu_pid`` names QEMU's process) and build the
+    attached machine."""
+    link = QemuLink(path, qemu_pid)
     await link.connect()
     try:
         memdevs = await link.execute("query-memdev")
@@ -41,8 +62,10 @@ async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = T
                                                                   "property": "mem-path"})
         flat = await link.hmp("info mtree -f")
         ranges = ram_ranges(flat, {d["id"] for d in memdevs})
-        ram = open_backends(memdevs, types, paths, link.pid, ranges)
         cpus = await link.execute("query-cpus-fast")
+        if "memory-backend-memfd" in types.values():
+            _check_qemu_process(link, cpus)
+        ram = open_backends(memdevs, types, paths, link.pid, ranges)
         status = await link.execute("query-status")
         kvm = await link.execute("query-kvm")
         try:
@@ -72,12 +95,14 @@ async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = T
                            memory_encryption=sev)
 
 
-async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None) -> int:
+async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None,
+                 qemu_pid: int | None = None) -> int:
     from sevmon.daemon import run_daemon
 
     cache_pages = max(0, spec.debug_cache_mb) << (20 - PAGE_SHIFT)
-    machine = await attach(path, cache_pages=cache_pages, debug_allowed=spec.debug_policy)
+    machine = await attach(path, cache_pages=cache_pages, debug_allowed=spec.debug_policy, qemu_pid=qemu_pid)
     link = machine.link
+    link.on_shutdown_seen = lambda: machine.shutdown_seen
     version = link.version
 
     def configure(server) -> None:
@@ -100,16 +125,36 @@ async def _serve(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb
             machine.sev.close()
         machine.ram.close()
     if lost:
+        if link.proxied:
+            raise AttachError(f"lost QEMU (process {link.pid}): it ended without a SHUTDOWN (killed or crashed?)")
         raise AttachError(f"lost QEMU's monitor socket {path}: QEMU closed it without a SHUTDOWN "
                           "(killed or crashed?)")
     return 0
 
 
-def serve_attached(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None = None) -> int:
-    """``sevmon serve --attach PATH``: ``spec`` gives the debug options (cache size, security policy); ``gdb``
-    a -gdb device for sevmon's stub (memory through the debug path, run control through QEMU)."""
+def serve_attached(path: str, spec: GuestSpec, qmp: list[str], hmp: list[str], gdb: str | None = None,
+                   qemu_pid: int | None = None) -> int:
+    """``sevmon serve --attach PATH [--qemu-pid PID]``: ``spec`` gives the debug options (cache size, security
+    policy); ``gdb`` a -gdb device for sevmon's stub (memory through the debug path, run control through QEMU);
+    ``qemu_pid`` QEMU's process when PATH is a proxy's socket."""
     try:
-        return asyncio.run(_serve(path, spec, qmp, hmp, gdb))
+        return asyncio.run(_serve(path, spec, qmp, hmp, gdb, qemu_pid))
     except (AttachError, SocketInUse) as e:
         log.error("%s", e)
         return 1
+
+
+def serve_libvirt(domain: str, uri: str | None, spec: GuestSpec, qmp: list[str], hmp: list[str],
+                  gdb: str | None = None) -> int:
+    """``sevmon serve --libvirt DOMAIN [--connect URI]``: through a libvirt QMP proxy of sevmon's own, which
+    ends with sevmon; the domain stays libvirt's."""
+    from sevmon.attach.libvirt import open_libvirt
+    try:
+        proxy, pid = open_libvirt(domain, uri)
+    except AttachError as e:
+        log.error("%s", e)
+        return 1
+    try:
+        return serve_attached(proxy.socket, spec, qmp, hmp, gdb, qemu_pid=pid)
+    finally:
+        proxy.close()
