@@ -19,6 +19,7 @@ import socket
 import sys
 from dataclasses import asdict, dataclass
 
+from sevmon.debug.refusal import policy_forbids_debug
 from sevmon.sev.abi import (
     KVM_CAP_VM_COPY_ENC_CONTEXT_FROM,
     KVM_CHECK_EXTENSION,
@@ -263,7 +264,7 @@ def _policy_item(qmp: str | None) -> Item:
         return Item(name, FAIL, "query-sev: SEV is not enabled for this guest",
                     "QEMU must run an sev-guest (-machine confidential-guest-support=sev0)")
     policy = info["return"].get("policy", 0)
-    if policy & 1:
+    if policy_forbids_debug(policy):
         return Item(name, FAIL, f"policy {policy:#x}: NODBG set, the firmware refuses DBG_DECRYPT",
                     "relaunch with sev-guest,policy=0x0 (debug allowed); QEMU's default 0x1 forbids it")
     return Item(name, OK, f"policy {policy:#x}: debugging allowed")

@@ -21,6 +21,7 @@ import tempfile
 import time
 
 from sevmon.debug.access import DebugMemory
+from sevmon.debug.refusal import cbit_mask
 from sevmon.gdb.packets import frame
 from sevmon.machine.runner import MachineRunner
 from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE
@@ -51,7 +52,7 @@ class PerPacketMemory:
 
 def script_pages(machine, n: int = PAGES) -> list[int]:
     """Virtual addresses of up to ``n`` mapped 4 KiB pages whose frames are RAM (sparse cores hold few)."""
-    cpu, mask = machine.cpus[0], machine.sev.me_mask if machine.sev else 0
+    cpu, mask = machine.cpus[0], cbit_mask(machine)
     mem = DebugMemory(machine.ram, machine.memory.ops)
     out = []
     for m in paging.walk(mem, cpu, mask):

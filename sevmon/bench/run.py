@@ -17,6 +17,7 @@ import tempfile
 import time
 
 from sevmon.bench.readers import make_reader
+from sevmon.debug.refusal import cbit_mask
 from sevmon.memory.ram import PAGE_SHIFT
 from sevmon.x86 import cbit_map, paging
 
@@ -43,7 +44,7 @@ def _pmemsave(reader, ram) -> None:
 
 
 def _workloads(machine):
-    cpu, mask = machine.cpus[0], machine.sev.me_mask if machine.sev else 0
+    cpu, mask = machine.cpus[0], cbit_mask(machine)
     return {
         "info tlb": lambda mem: _consume(paging.info_tlb(mem, cpu, mask)),
         "info mem": lambda mem: _consume(paging.info_mem(mem, cpu, mask)),
@@ -88,7 +89,7 @@ def _side_by_side(machine, repeat: int) -> dict:
             built[phase]["naive-wall-ms"] = naive["cold"]["wall-ms"]
         report[name] = built
     pages, runs = paging.count_table_reads(make_reader("sevmon", machine.ram, machine.memory.ops),
-                                           machine.cpus[0], machine.sev.me_mask if machine.sev else 0)
+                                           machine.cpus[0], cbit_mask(machine))
     report["level-batched lower bound"] = {"table-pages": pages, "round-trips": runs,
                                            "achieved-round-trips": report["info tlb"]["cold"]["round-trips"]}
     return report

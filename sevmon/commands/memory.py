@@ -9,6 +9,7 @@ import itertools
 import os
 
 from sevmon.debug.ops import DebugError
+from sevmon.debug.refusal import cbit_mask
 from sevmon.hmp.memory_dump import _printc, memory_dump
 from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
 from sevmon.qmp.errors import QMPError
@@ -19,14 +20,10 @@ COPY_CHUNK = 1 << 20       # memsave/pmemsave stream this much per read (bounded
 U64 = (1 << 64) - 1
 
 
-def me_mask(machine) -> int:
-    return machine.sev.me_mask if machine.sev is not None else 0
-
-
 def virtual_reader(machine, cpu):
     """``read(va, n)`` through the vCPU's page tables: each page translated, then read
     private or shared as its leaf entry says (x, memsave)."""
-    mem, mask = machine.memory, me_mask(machine)
+    mem, mask = machine.memory, cbit_mask(machine)
 
     def read(va: int, n: int) -> bytes:
         out = bytearray()
@@ -113,7 +110,7 @@ def register(registry, hmp, info) -> None:
     registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
-        lines = fn(ctx.machine.memory, ctx.cpu, me_mask(ctx.machine))
+        lines = fn(ctx.machine.memory, ctx.cpu, cbit_mask(ctx.machine))
         while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
             ctx.print("\n".join(batch))
 
@@ -150,7 +147,7 @@ def register(registry, hmp, info) -> None:
     @hmp.command("gva2gpa", "addr:l", "addr",
                  "print the guest physical address corresponding to a guest virtual address")
     def hmp_gva2gpa(ctx, addr):
-        ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, me_mask(ctx.machine)))
+        ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, cbit_mask(ctx.machine)))
 
     @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'")
     def hmp_x(ctx, count, format, size, addr):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 
+from sevmon.debug.refusal import policy_forbids_debug
 from sevmon.qmp.errors import QMPError
-from sevmon.sev.abi import Policy
 from sevmon.sev.owner_files import g_base64_decode
 
 SEV_MIGRATION_BLOCKER = "SEV: Migration is not implemented"
@@ -119,7 +119,7 @@ def register(registry, hmp, info) -> None:
         ctx.print(f"state: {s['state']}")
         ctx.print(f"build: {s['build-id']}")
         ctx.print(f"api version: {s['api-major']}.{s['api-minor']}")
-        ctx.print(f"debug: {'off' if s['policy'] & Policy.NODBG else 'on'}")
+        ctx.print(f"debug: {'off' if policy_forbids_debug(s['policy']) else 'on'}")
         ctx.print(f"key-sharing: {'off' if s['policy'] & 0x2 else 'on'}")
 
     @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created")

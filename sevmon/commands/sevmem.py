@@ -9,8 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 
-from sevmon.commands.memory import _open_for_write, _write, me_mask
+from sevmon.commands.memory import _open_for_write, _write
 from sevmon.debug.ops import DebugError
+from sevmon.debug.refusal import cbit_mask
 from sevmon.qmp.errors import QMPError
 from sevmon.x86.cbit_map import PAGE, SevMemoryMap, build_map
 
@@ -26,7 +27,7 @@ def memory_map(machine, cpu_index: int) -> SevMemoryMap:
     if not 0 <= cpu_index < len(machine.cpus):
         raise QMPError("Parameter 'cpu-index' expects a CPU number")
     try:
-        return build_map(machine.memory, machine.cpus, cpu_index, me_mask(machine))
+        return build_map(machine.memory, machine.cpus, cpu_index, cbit_mask(machine))
     except DebugError as e:
         raise QMPError(e.reason) from None
 

@@ -9,8 +9,8 @@ not allowed, so no ioctl is issued and no plaintext can leave.
 
 from __future__ import annotations
 
+from sevmon.debug.refusal import debug_refusal
 from sevmon.memory.ram import PAGE_SHIFT, RAM, MemoryAccessError
-from sevmon.sev.abi import Policy
 from sevmon.sev.vm import SevError
 
 
@@ -31,10 +31,16 @@ class PlainOps:
     """Unencrypted guest: memory is what is stored."""
 
     encrypted = False
+    sev = None  #: the SEV guest the refusal rule asks (SevOps)
 
     def __init__(self, ram: RAM, *, allowed: bool = True):
         self.ram = ram
-        self.refusal = None if allowed else "debug access is disabled by the security policy (--debug-policy off)"
+        self.allowed = allowed
+
+    @property
+    def refusal(self) -> str | None:
+        """The debug-refusal rule's sentence for this guest (:mod:`sevmon.debug.refusal`), or None."""
+        return debug_refusal(self.sev, security_allowed=self.allowed)
 
     def check(self, gpa: int) -> None:
         if self.refusal:
@@ -66,9 +72,6 @@ class SevOps(PlainOps):
     def __init__(self, ram: RAM, sev, *, allowed: bool = True):
         super().__init__(ram, allowed=allowed)
         self.sev = sev
-        if self.refusal is None and sev.policy & Policy.NODBG:
-            self.refusal = (f"the SEV guest policy 0x{sev.policy:x} forbids debug access (NODBG): "
-                            "guest memory cannot be decrypted")
 
     def read_run(self, gpa: int, size: int, private: bool) -> bytes:
         self.check(gpa)

@@ -16,8 +16,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from sevmon.debug.refusal import machine_refusal
 from sevmon.gdb.session import GdbSession
-from sevmon.sev.abi import Policy
 from sevmon.unixsock import SocketInUse, listen_unix
 
 log = logging.getLogger("sevmon.gdb")
@@ -89,9 +89,7 @@ class GdbServer:
         await self.stop()
         self._server, self._path, self.device, self.address = server, path, text, address
         log.info("gdb stub listening on %s", self.address)
-        sev = self.machine.sev
-        if (dev.kind == "tcp" and sev is not None and not sev.policy & Policy.NODBG
-                and self.machine.config.debug_policy):
+        if dev.kind == "tcp" and self.machine.sev is not None and machine_refusal(self.machine) is None:
             log.warning("gdb stub on %s: the SEV guest's policy allows debugging, so every local user "
                         "can now read its plaintext through this port; unix:PATH avoids that", self.address)
 

@@ -24,7 +24,8 @@ import logging
 import re
 
 from sevmon.commands import runstate
-from sevmon.commands.memory import me_mask, virtual_reader
+from sevmon.commands.memory import virtual_reader
+from sevmon.debug.refusal import cbit_mask
 from sevmon.gdb.packets import PACKET_SIZE, Interrupt, Nack, PacketReader, escape, frame, unescape
 from sevmon.gdb.target import target_for
 from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
@@ -266,7 +267,7 @@ class GdbSession:
             mem.write(addr, data)
             return
         # translate every page first: a write that would fault half-way writes nothing
-        pieces, pos, mask = [], 0, me_mask(self.machine)
+        pieces, pos, mask = [], 0, cbit_mask(self.machine)
         while pos < len(data):
             va = (addr + pos) & U64
             n = min(len(data) - pos, PAGE_SIZE - (va & (PAGE_SIZE - 1)))

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sevmon.sev.abi import Policy
-
 
 @dataclass(frozen=True)
 class SevSpec:
@@ -23,10 +21,6 @@ class SevSpec:
     dh_cert_file: str | None = None   #: the guest owner's DH certificate (base64), QEMU's dh-cert-file
     session_file: str | None = None   #: the guest owner's launch session (base64), QEMU's session-file
     platform_file: str | None = None  #: the simulated platform's persistent keys (--sev-platform)
-
-    @property
-    def debug_allowed(self) -> bool:
-        return not self.policy & Policy.NODBG
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import asyncio
 import threading
 
 from sevmon.commands import build
-from sevmon.commands.memory import me_mask
+from sevmon.debug.refusal import cbit_mask
 from sevmon.gdb.server import GdbServer
 from sevmon.machine.builder import build_machine
 from sevmon.machine.runner import MachineRunner
@@ -31,7 +31,7 @@ def test_info_threads_lists_vcpus_and_thread_n_switches_translation(tmp_path):
     machine = _builtin_machine()
     runner = MachineRunner(machine)
     _, monitor = build(runner)
-    gpa = paging.translate(machine.memory, machine.cpus[0], 0x400000, me_mask(machine))[0]
+    gpa = paging.translate(machine.memory, machine.cpus[0], 0x400000, cbit_mask(machine))[0]
     path = str(tmp_path / "gdb.sock")
     loop = asyncio.new_event_loop()
     started = threading.Event()

@@ -1,0 +1,54 @@
+"""The one debug-refusal rule: whether, and why, no guest plaintext may leave.
+
+Every front end (``x``/``info mem`` through the debug ops, the gdb stub's warning, ``info sev``'s ``debug:`` line,
+``sevmon check``, the attach path's forwarding) asks here instead of testing policy bits itself, so that a new guest
+type (SEV-ES, SNP: the kernel refuses their debug commands) is taught to sevmon in this one module.
+
+Three things can refuse, checked in this order (the order decides which sentence a user sees):
+
+1. the security-policy object (``--debug-policy off``): the host forbids debugging of any guest;
+2. the guest's type: only plain SEV guests can be debugged through DBG_DECRYPT today (a hook, nothing refused yet);
+3. the guest's policy: bit 0 (NODBG) makes the firmware refuse DBG_DECRYPT/DBG_ENCRYPT.
+"""
+
+from __future__ import annotations
+
+from sevmon.sev.abi import Policy
+
+SECURITY_POLICY = "debug access is disabled by the security policy (--debug-policy off)"
+
+
+def policy_forbids_debug(policy: int) -> bool:
+    """The guest policy's NODBG bit: the firmware refuses every debug command for this guest."""
+    return bool(policy & Policy.NODBG)
+
+
+def guest_refusal(sev) -> str | None:
+    """Why the guest itself refuses debugging (its type or its policy), or None; ``sev`` None: not an SEV guest.
+
+    ``sev`` is anything with a ``policy`` (the VMM's :class:`sevmon.sev.vm.SevVm`, an attach mirror). A guest type
+    that cannot be debugged (SEV-ES, SNP) is refused here, before its policy is looked at.
+    """
+    if sev is None:
+        return None
+    if policy_forbids_debug(sev.policy):
+        return (f"the SEV guest policy 0x{sev.policy:x} forbids debug access (NODBG): "
+                "guest memory cannot be decrypted")
+    return None
+
+
+def debug_refusal(sev, *, security_allowed: bool = True) -> str | None:
+    """The one sentence (shown after ``Error: ``) that refuses debug access, or None when it is allowed."""
+    if not security_allowed:
+        return SECURITY_POLICY
+    return guest_refusal(sev)
+
+
+def machine_refusal(machine) -> str | None:
+    """What a front end asks of a machine: the refusal its debug layer applies to every read and write."""
+    return machine.memory.ops.refusal
+
+
+def cbit_mask(machine) -> int:
+    """The C-bit mask the page walkers strip from CR3 and every entry: 0 for a guest without SEV."""
+    return machine.sev.me_mask if machine.sev is not None else 0
