@@ -18,7 +18,7 @@ from sevmon.attach.errors import AttachError
 from sevmon.attach.layout import ram_ranges
 from sevmon.attach.link import QemuLink
 from sevmon.attach.machine import AttachedMachine
-from sevmon.attach.ram import open_backends
+from sevmon.attach.ram import device_reader, open_backends
 from sevmon.debug.access import DebugMemory
 from sevmon.debug.ops import PlainOps
 from sevmon.machine.spec import GuestSpec
@@ -91,6 +91,7 @@ async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = T
     else:
         ops = PlainOps(ram, allowed=debug_allowed)
     memory = DebugMemory(ram, ops, cache_pages=cache_pages)
+    memory.device = device_reader(link)
     return AttachedMachine(link, ram, memory, len(cpus), status["status"], kvm=kvm, sev=mirror,
                            memory_encryption=sev)
 

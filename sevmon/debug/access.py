@@ -10,7 +10,7 @@ the guest has run, so a cached page is never stale across commands.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sevmon.debug.cache import PageCache
 from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, MemoryAccessError
@@ -42,6 +42,9 @@ class DebugMemory:
         self.cache = PageCache(cache_pages)
         self.shared_cache = PageCache(cache_pages)
         self.batch = batch
+        # device memory (what is not RAM), read by the VMM when it can (an attached QEMU): device
+        # registers are not encrypted and read with side effects, so never cached
+        self.device: Callable[[int, int], bytes] | None = None
 
     # -- reads -----------------------------------------------------------------------------
     def read_frames(self, pfns: Iterable[int], *, private: bool = True, fill: bool = True) -> dict[int, bytes]:
@@ -73,13 +76,24 @@ class DebugMemory:
         first, last = gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT
         pages = self.read_frames(range(first, last + 1), private=private, fill=fill)
         out = bytearray()
+        device_at = None  # start of the device bytes still to read (consecutive non-RAM pages: one read)
         for pfn in range(first, last + 1):
             page = pages.get(pfn)
             if page is None:
-                raise MemoryAccessError(max(gpa, pfn << PAGE_SHIFT))
-            out += page
-        off = gpa & (PAGE_SIZE - 1)
-        return bytes(out[off:off + size])
+                if self.device is None:
+                    raise MemoryAccessError(max(gpa, pfn << PAGE_SHIFT))
+                if device_at is None:
+                    device_at = max(gpa, pfn << PAGE_SHIFT)
+                continue
+            if device_at is not None:
+                out += self.device(device_at, (pfn << PAGE_SHIFT) - device_at)
+                device_at = None
+            lo = max(gpa, pfn << PAGE_SHIFT) - (pfn << PAGE_SHIFT)
+            hi = min(gpa + size, (pfn + 1) << PAGE_SHIFT) - (pfn << PAGE_SHIFT)
+            out += page[lo:hi]
+        if device_at is not None:
+            out += self.device(device_at, gpa + size - device_at)
+        return bytes(out)
 
     def read_zero_filled(self, gpa: int, size: int, *, private: bool = True) -> bytes:
         """Like ``read`` but non-RAM reads as zeros (QEMU's unassigned memory), uncached:

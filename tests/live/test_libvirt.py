@@ -149,6 +149,26 @@ def test_memory_commands_equal_qemus_through_libvirt(domain, attached):
     assert q.cmd_obj({"execute": "query-status"})["return"]["status"] == "running"
 
 
+def test_device_memory_is_read_by_qemu(domain, attached):
+    """Not RAM: the local APIC (at its fixmap VA too), the IOAPIC, the HPET; QEMU reads them, as its own x/xp
+    do, and the answer is QEMU's byte for byte; past the end of everything, QEMU's Cannot access memory."""
+    sevmon, q = attached
+    virsh("suspend", domain)
+    _events(q, "STOP")
+    try:
+        assert "fee00000" in ours(q, "gva2gpa 0xffffffffff5fd000")  # Linux maps the APIC there
+        for line in ("x /4xw 0xffffffffff5fd000", "x /8xw 0xffffffffff5fd020", "xp /4xw 0xfee00000",
+                     "xp /8xw 0xfee00030", "xp /2xw 0xfec00000", "xp /2xg 0xfed00000", "xp /16xb 0xfed000f0",
+                     "xp /2xg 0xffffff000000"):
+            theirs = their_hmp(domain, line)
+            assert ours(q, line) == theirs, line
+        assert "Cannot access memory" not in ours(q, "xp /4xw 0xfee00000")
+        assert "Cannot access memory" in ours(q, "xp /2xg 0xffffff000000")
+    finally:
+        virsh("resume", domain)
+        _events(q, "RESUME")
+
+
 def _proxies(domain: str) -> list[str]:
     out = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     return [ln for ln in out.splitlines() if "virt-qemu-qmp-proxy" in ln and domain in ln]
