@@ -11,11 +11,15 @@ One mechanism for each front end:
 
 from __future__ import annotations
 
+import itertools
+import logging
 import re
 
 from sevmon.attach.errors import AttachError
 from sevmon.hmp.monitor import HumanMonitor
 from sevmon.qmp.errors import QMPError
+
+log = logging.getLogger("sevmon")
 
 _OWNED_HMP_ARGS = {"command-line", "cpu-index"}
 
@@ -91,6 +95,27 @@ class AttachedMonitor(HumanMonitor):
         if owned_hmp_line(self, line):
             return super().run(line, cpu_index, limit)
         return self.qemu(line, cpu_index)
+
+    def run_interactive(self, line: str, limit: int = 8 << 20):
+        """On sevmon's HMP socket (interactive): ``migrate`` without ``-d`` waits for the migration to end, as
+        on QEMU's own interactive monitor (QEMU's human-monitor-command, which sevmon's link uses, would
+        continue detached): QEMU starts it detached and the prompt waits for QEMU's query-migrate."""
+        if owned_hmp_line(self, line):
+            return super().run_interactive(line, limit)
+        words = line.split()
+        flags = list(itertools.takewhile(lambda w: w.startswith("-"), words[1:]))
+        if words[:1] != ["migrate"] or "-d" in flags or len(words) == 1 + len(flags):
+            return self.qemu(line), None
+        out = self.qemu("migrate -d " + line.split(None, 1)[1])
+        return out, (None if out else self._migration_done)
+
+    def _migration_done(self) -> bool:
+        q = self.link.call_sync(self.link.execute("query-migrate"))
+        if q.get("status") in ("setup", "active"):
+            return False
+        if "error-desc" in q:
+            log.error("%s", q["error-desc"])
+        return True
 
     def qemu(self, line: str, cpu_index: int = 0) -> str:
         """QEMU's own text for ``line`` (``\n`` line ends)."""

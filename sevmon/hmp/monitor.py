@@ -10,6 +10,7 @@ bridge and the HMP socket turn it into ``\\r\\n`` as QEMU's monitor_puts does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from sevmon.debug.ops import DebugError
 from sevmon.hmp.errors import HmpError
@@ -34,6 +35,11 @@ class HmpContext:
         self.runner = monitor.runner
         self.cpu_index = cpu_index
         self.limit = limit
+        # an interactive monitor (sevmon's HMP socket, QEMU's -monitor) can be suspended: a command that sets
+        # ``suspend_until`` (a test run on the machine thread, true when done) holds the prompt until then, as
+        # QEMU's monitor_suspend does; human-monitor-command's monitor cannot (QEMU: -ENOTTY)
+        self.interactive = False
+        self.suspend_until: Callable[[], bool] | None = None
         self._size = 0
         self._out: list[str] = []
 
@@ -71,7 +77,17 @@ class HumanMonitor:
         Output beyond ``limit`` characters is cut with a final line saying so: a QMP reply
         is one line, and qemu.qmp clients drop the connection on lines over 10 MiB.
         """
-        ctx = HmpContext(self, cpu_index, limit)
+        return self._run(HmpContext(self, cpu_index, limit), line)
+
+    def run_interactive(self, line: str, limit: int = 8 << 20) -> tuple[str, Callable[[], bool] | None]:
+        """``run`` on an interactive monitor (an HMP socket): the output, and the test that holds the prompt
+        until a command that suspends the monitor is done (``migrate`` without ``-d``), or None."""
+        ctx = HmpContext(self, 0, limit)
+        ctx.interactive = True
+        return self._run(ctx, line), ctx.suspend_until
+
+    def _run(self, ctx: HmpContext, line: str) -> str:
+        limit = ctx.limit
         try:
             self._dispatch(ctx, line)
         except OutputLimit:
