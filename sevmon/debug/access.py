@@ -29,6 +29,15 @@ def contiguous_runs(pfns: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
+class _NoCache:
+    @staticmethod
+    def get(pfn: int) -> None:
+        return None
+
+
+_NO_CACHE = _NoCache()
+
+
 class DebugMemory:
     """Implements ``sevmon.debug.PhysicalMemory`` over RAM debug ops with a page cache.
 
@@ -45,11 +54,15 @@ class DebugMemory:
         # device memory (what is not RAM), read by the VMM when it can (an attached QEMU): device
         # registers are not encrypted and read with side effects, so never cached
         self.device: Callable[[int, int], bytes] | None = None
+        # may the page cache be used now? (attached: only once the command synced with QEMU)
+        self.coherent: Callable[[], bool] = lambda: True
 
     # -- reads -----------------------------------------------------------------------------
     def read_frames(self, pfns: Iterable[int], *, private: bool = True, fill: bool = True) -> dict[int, bytes]:
         """Plaintext of the frames that are RAM; ``fill=False`` streams without caching."""
         cache = self.cache if private else self.shared_cache
+        if not self.coherent():
+            cache, fill = _NO_CACHE, False
         out: dict[int, bytes] = {}
         missing = []
         for pfn in dict.fromkeys(pfns):

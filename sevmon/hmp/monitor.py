@@ -140,7 +140,8 @@ class HumanMonitor:
 
     @staticmethod
     def _reg_getter(ctx: HmpContext):
-        return register_lookup(ctx.cpu)
+        """Registers only when a ``$reg`` is used: an attached machine fetches them from QEMU."""
+        return lambda name: register_lookup(ctx.cpu)(name)
 
     # -- help ----------------------------------------------------------------------------
     def help(self, ctx: HmpContext, name: str | None) -> None:

@@ -18,7 +18,9 @@ from tests.live.conftest import Attached, Qemu, hmp
 
 @pytest.fixture(scope="module")
 def live(module_tmp):
-    qemu = Qemu(module_tmp, mem="4G")
+    # QEMU traces every QMP command and HMP line it runs: what sevmon asks of QEMU, seen from QEMU's side
+    qemu = Qemu(module_tmp, mem="4G", extra=["-trace", "qmp_enter_*", "-trace", "handle_hmp_command",
+                                             "-D", str(module_tmp / "trace.log")])
     sevmon = Attached(module_tmp, qemu.a)
     assert sevmon.proc.poll() is None, sevmon.output()
     theirs, ours = qemu.qmp("b"), sevmon.qmp()
@@ -103,6 +105,36 @@ def test_after_the_guest_ran_and_was_paused_again(live):
     assert _oracle(theirs, ours) >= 25
     assert hmp(ours, "info registers") == hmp(theirs, "info registers")
     del before
+
+
+def _asked_of_qemu(qemu, fn) -> str:
+    """What QEMU ran (its trace) while ``fn`` ran: sevmon is QEMU's only other client meanwhile."""
+    log = qemu.tmp / "trace.log"
+    start = log.stat().st_size
+    fn()
+    with open(log) as f:
+        f.seek(start)
+        return f.read()
+
+
+def test_trips_to_qemu_only_where_needed(live, tmp_path):
+    """No registers needed (xp, pmemsave, info sev-debug): no trip to QEMU at all. A guest that stayed
+    paused: one query-status, not info registers. After another client's cont + stop: info registers again,
+    and the answer is the guest's new one."""
+    qemu, sevmon, theirs, ours = live
+    theirs.cmd("stop")
+    hmp(ours, "info mem")
+    asked = _asked_of_qemu(qemu, lambda: [hmp(ours, "xp /2xg 0x1000"), hmp(ours, "info sev-debug"),
+                                          hmp(ours, f"pmemsave 0x100000 0x10000 {tmp_path / 'p.bin'}")])
+    assert asked == ""
+    asked = _asked_of_qemu(qemu, lambda: hmp(ours, "info mem"))
+    assert "qmp_enter_query_status" in asked and "info registers" not in asked, asked
+    assert asked.count("qmp_enter_") == 1, asked
+    theirs.cmd("cont")
+    theirs.cmd("stop")
+    asked = _asked_of_qemu(qemu, lambda: hmp(ours, "info tlb"))
+    assert "info registers" in asked, asked
+    assert hmp(ours, "info tlb") == hmp(theirs, "info tlb")
 
 
 def test_forwarded_commands_are_qemus(live):
