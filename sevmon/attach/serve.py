@@ -92,6 +92,7 @@ async def attach(path: str, *, cache_pages: int = 16384, debug_allowed: bool = T
         ops = PlainOps(ram, allowed=debug_allowed)
     memory = DebugMemory(ram, ops, cache_pages=cache_pages)
     memory.device = device_reader(link)
+    memory.memo = {}
     return AttachedMachine(link, ram, memory, len(cpus), status["status"], kvm=kvm, sev=mirror,
                            memory_encryption=sev)
 

@@ -56,6 +56,10 @@ class DebugMemory:
         self.device: Callable[[int, int], bytes] | None = None
         # may the page cache be used now? (attached: only once the command synced with QEMU)
         self.coherent: Callable[[], bool] = lambda: True
+        # whole walk outputs (info mem / info tlb text) by what they depend on, valid exactly as long as the
+        # page cache is (cleared with it, and by any write); None: not kept (an attached machine keeps them:
+        # a paused guest's second walk then costs no walk at all, as a QEMU that prints from its own RAM)
+        self.memo: dict | None = None
 
     # -- reads -----------------------------------------------------------------------------
     def read_frames(self, pfns: Iterable[int], *, private: bool = True, fill: bool = True) -> dict[int, bytes]:
@@ -121,6 +125,8 @@ class DebugMemory:
     # -- writes ----------------------------------------------------------------------------
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
         self.ops.write(gpa, data, private)
+        if self.memo:
+            self.memo.clear()
         cache = self.cache if private else self.shared_cache
         pos = 0
         while pos < len(data):
@@ -133,6 +139,8 @@ class DebugMemory:
     def invalidate(self) -> None:
         self.cache.clear()
         self.shared_cache.clear()
+        if self.memo:
+            self.memo.clear()
 
     def check_allowed(self) -> None:
         """Raise DebugRefused now if no debug access will be allowed (for one-line errors)."""
