@@ -1,13 +1,10 @@
 """sevmon: a QEMU 7.2-compatible monitor daemon for AMD SEV guests.
 
-Layers (one package each, top to bottom; see README "Architecture"):
-
-- ``qmp``     byte stream -> JSON -> session -> schema-checked dispatch
-- ``hmp``     the human monitor: command table, argument parser, QEMU's text formats
-- ``machine`` the VM the monitor talks to: run state, events, vCPU registers, RAM
-- ``x86``     page-table walkers (32-bit, PAE, 4-level, 5-level), C-bit stripped
-- ``debug``   guest memory access with the *debug* attribute, through a page cache
-- ``sev``     the SEV platform: ABI, memory encryption engine, firmware, kernel transport
+Floors, one package each: ARCHITECTURE.md draws them and ``tests/test_layers.py`` holds their ranks. From the
+top: ``cli``; ``attach`` (a running QEMU); ``daemon``; ``gdb``; ``commands``; ``machine`` (the VM the monitor
+talks to); ``x86`` (paging, translation) and ``hmp`` (the human monitor library); ``debug`` (guest memory with
+the *debug* attribute, through a page cache) and ``model`` (the SEV platform model); ``sev`` (the real SEV path:
+the VMM over a kernel transport); ``memory`` (guest RAM at rest) and ``qmp`` (the QMP library).
 """
 
 __version__ = "0.1.0"

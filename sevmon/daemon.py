@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from sevmon.commands import build
+from sevmon.commands.registry import build
 from sevmon.machine.builder import GuestError, build_machine
 from sevmon.machine.runner import MachineRunner
 from sevmon.machine.spec import GuestSpec

@@ -26,11 +26,11 @@ _TYPE_KEYS = ("arg-type", "ret-type", "element-type", "type")
 
 def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
     machine = runner.machine
-    from sevmon.commands import dump, memory, sevmem
+    from sevmon.commands import dump, memory, sev_memory_map
 
     full = CommandRegistry(Schema())
     all_hmp, all_info = CommandTable(), CommandTable()
-    for module in (memory, dump, sevmem):
+    for module in (memory, dump, sev_memory_map):
         module.register(full, all_hmp, all_info)
     registry = CommandRegistry(full.schema)
     for name in OWNED_QMP:

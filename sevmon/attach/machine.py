@@ -17,8 +17,8 @@ travel apart, so there every command that needs registers starts cold.
 
 from __future__ import annotations
 
-from sevmon.attach.link import QemuLink
-from sevmon.attach.registers import parse_info_registers
+from sevmon.attach.info_registers_parser import parse_info_registers
+from sevmon.attach.qemu_link import QemuMonitorLink
 from sevmon.machine.interface import Capabilities, MachineConfig, RunState, RunStateMachine
 from sevmon.x86.cpu import CpuState
 
@@ -28,7 +28,7 @@ _INVALIDATING = ("RESUME", "RESET", "SHUTDOWN")
 class LiveCpus:
     """The vCPUs of QEMU, registers read with ``info registers`` on first use after a sync that dropped them."""
 
-    def __init__(self, link: QemuLink, count: int, sync=lambda: None):
+    def __init__(self, link: QemuMonitorLink, count: int, sync=lambda: None):
         self._link = link
         self._count = count
         self._fresh: dict[int, CpuState] = {}
@@ -70,7 +70,7 @@ class AttachedMachine(RunStateMachine):
     # QEMU's SHUTDOWN is relayed and QEMU closes the link; registers are QEMU's, read fresh, never written
     capabilities = Capabilities(ends_with_shutdown=False, write_registers=False)
 
-    def __init__(self, link: QemuLink, ram, memory, cpu_count: int, status: str, *, kvm: dict | None = None,
+    def __init__(self, link: QemuMonitorLink, ram, memory, cpu_count: int, status: str, *, kvm: dict | None = None,
                  sev=None, memory_encryption: bool = False):
         """``sev``: the live SEV guest as sevmon reaches it (a mirror VM, sevmon.sev.mirror), or None."""
         super().__init__(RunState(status) if status in RunState._value2member_map_ else RunState.PAUSED)

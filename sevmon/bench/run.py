@@ -19,7 +19,7 @@ import time
 from sevmon.bench.readers import make_reader
 from sevmon.debug.refusal import cbit_mask
 from sevmon.memory.ram import PAGE_SHIFT
-from sevmon.x86 import cbit_map, paging
+from sevmon.x86 import paging, sev_memory_map
 
 PMEMSAVE_SIZE = 64 << 20
 CHUNK = 1 << 20
@@ -48,7 +48,7 @@ def _workloads(machine):
     return {
         "info tlb": lambda mem: _consume(paging.info_tlb(mem, cpu, mask)),
         "info mem": lambda mem: _consume(paging.info_mem(mem, cpu, mask)),
-        "info sev-mem": lambda mem: cbit_map.build_map(mem, machine.cpus, 0, mask),
+        "info sev-mem": lambda mem: sev_memory_map.build_map(mem, machine.cpus, 0, mask),
         "pmemsave 64MiB": lambda mem: _pmemsave(mem, machine.ram),
     }
 
@@ -101,10 +101,11 @@ def scale_child(n: int) -> dict:
     from sevmon.bench.scale import build_scale_guest, make_scale_ram
     from sevmon.debug.access import DebugMemory
     from sevmon.debug.ops import SevOps
-    from sevmon.sev.vm import SevVm
+    from sevmon.machine.launch import open_sev
+    from sevmon.machine.spec import SevSpec
 
     ram = make_scale_ram()
-    sev = SevVm(ram, policy=0)
+    sev = open_sev(ram, SevSpec(policy=0))
     sev.launch([(0, bytes(4096))])
     sev.finish()
     t0 = time.perf_counter()

@@ -11,34 +11,21 @@ import os
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.hmp.memory_dump import _printc, memory_dump
-from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
+from sevmon.memory.ram import MemoryAccessError
 from sevmon.qmp.errors import QMPError
 from sevmon.x86 import paging
-from sevmon.x86.registers import info_registers
+from sevmon.x86.info_registers import info_registers
+from sevmon.x86.translation import read_virtual
 
 COPY_CHUNK = 1 << 20       # memsave/pmemsave stream this much per read (bounded memory)
 U64 = (1 << 64) - 1
 
 
 def virtual_reader(machine, cpu):
-    """``read(va, n)`` through the vCPU's page tables: each page translated, then read
-    private or shared as its leaf entry says (x, memsave)."""
+    """``read(va, n)`` through the vCPU's page tables (x, memsave, the gdb stub): the range translated to
+    physical runs first, each run read private or shared as its leaves say (:mod:`sevmon.x86.translation`)."""
     mem, mask = machine.memory, cbit_mask(machine)
-
-    def read(va: int, n: int) -> bytes:
-        out = bytearray()
-        while n > 0:
-            chunk = min(n, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
-            t = paging.translate(mem, cpu, va, mask)
-            if t is None:
-                raise MemoryAccessError(va)
-            gpa, private = t
-            out += mem.read(gpa, chunk, private=private)
-            va = (va + chunk) & U64
-            n -= chunk
-        return bytes(out)
-
-    return read
+    return lambda va, n: read_virtual(mem, cpu, va, n, mask)
 
 
 def _open_for_write(filename: str):
@@ -163,13 +150,14 @@ def register(registry, hmp, info) -> None:
     @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'")
     def hmp_x(ctx, count, format, size, addr):
         read = virtual_reader(ctx.machine, ctx.cpu)
-        for line in memory_dump(read, addr, count, format, size, virtual=True):
+        for line in memory_dump(read, addr, count, format, size, virtual=True, span=COPY_CHUNK):
             ctx.print(line, end="")
 
     @hmp.command("xp", "fmt:/,addr:l", "/fmt addr", "physical memory dump starting at 'addr'")
     def hmp_xp(ctx, count, format, size, addr):
         mem = ctx.machine.memory
-        for line in memory_dump(lambda a, n: mem.read(a, n), addr, count, format, size, virtual=False):
+        for line in memory_dump(lambda a, n: mem.read(a, n), addr, count, format, size, virtual=False,
+                                span=COPY_CHUNK):
             ctx.print(line, end="")
 
     @hmp.command("memsave", "val:l,size:i,filename:s", "addr size file",

@@ -8,7 +8,7 @@ they never know whether the RAM under it is encrypted or cached.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sevmon.memory.ram import MemoryAccessError  # noqa: F401  (re-exported)
 
@@ -32,3 +32,20 @@ class PhysicalMemory(Protocol):
     def read(self, gpa: int, size: int, *, private: bool = True) -> bytes: ...
 
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None: ...
+
+
+@runtime_checkable
+class MachineMemory(PhysicalMemory, Protocol):
+    """The debug memory a machine exposes (``Machine.memory``; :class:`sevmon.debug.access.DebugMemory`): the
+    physical interface above, plus what the monitor asks of the layer itself. ``ops`` are the RAM debug ops under
+    it (plain or SEV): their ``refusal`` is the debug-refusal rule's answer for this guest, their ``stats()`` the
+    kernel's counters. ``invalidate`` drops cached plaintext (the guest ran); ``read_zero_filled`` reads a range
+    with non-RAM as zeros (dumps)."""
+
+    ops: Any
+
+    def read_zero_filled(self, gpa: int, size: int, *, private: bool = True) -> bytes: ...
+
+    def invalidate(self) -> None: ...
+
+    def stats(self) -> dict: ...

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from sevmon.debug.cache import PageCache
-from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, MemoryAccessError
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, GuestRAM, MemoryAccessError
 
 MAX_RUN_PAGES = 16384  # 64 MiB per request bounds the kernel's pinned memory per ioctl
 
@@ -45,7 +45,7 @@ class DebugMemory:
     benchmark compares against); ``cache_pages=0`` disables caching.
     """
 
-    def __init__(self, ram, ops, *, cache_pages: int = 16384, batch: bool = True):
+    def __init__(self, ram: GuestRAM, ops, *, cache_pages: int = 16384, batch: bool = True):
         self.ram = ram
         self.ops = ops
         self.cache = PageCache(cache_pages)
@@ -141,10 +141,6 @@ class DebugMemory:
         self.shared_cache.clear()
         if self.memo:
             self.memo.clear()
-
-    def check_allowed(self) -> None:
-        """Raise DebugRefused now if no debug access will be allowed (for one-line errors)."""
-        self.ops.check(0)
 
     def stats(self) -> dict:
         s = dict(self.ops.stats())

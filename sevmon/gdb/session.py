@@ -28,9 +28,9 @@ from sevmon.commands.memory import virtual_reader
 from sevmon.debug.refusal import cbit_mask
 from sevmon.gdb.packets import PACKET_SIZE, Interrupt, Nack, PacketReader, escape, frame, unescape
 from sevmon.gdb.target import target_for
-from sevmon.memory.ram import PAGE_SIZE, MemoryAccessError
+from sevmon.memory.ram import MemoryAccessError
 from sevmon.qmp.errors import QMPError
-from sevmon.x86 import paging
+from sevmon.x86.translation import write_virtual
 
 log = logging.getLogger("sevmon.gdb")
 
@@ -266,18 +266,8 @@ class GdbSession:
         if self.phys:
             mem.write(addr, data)
             return
-        # translate every page first: a write that would fault half-way writes nothing
-        pieces, pos, mask = [], 0, cbit_mask(self.machine)
-        while pos < len(data):
-            va = (addr + pos) & U64
-            n = min(len(data) - pos, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
-            t = paging.translate(mem, self.cpu, va, mask)
-            if t is None:
-                raise MemoryAccessError(va)
-            pieces.append((t[0], t[1], data[pos:pos + n]))
-            pos += n
-        for gpa, private, chunk in pieces:
-            mem.write(gpa, chunk, private=private)
+        # every page translated first (a write that would fault half-way writes nothing), one write per run
+        write_virtual(mem, self.cpu, addr & U64, data, cbit_mask(self.machine))
 
     # -- run control -------------------------------------------------------------------------
     async def _resume(self) -> str | None:

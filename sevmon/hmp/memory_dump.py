@@ -152,14 +152,16 @@ def memory_dump(
     *,
     virtual: bool,
     addr_width_bits: int = 64,
+    span: int = _PAGE,
 ) -> Iterator[str]:
     """Yield QEMU's ``x`` (``virtual=True``) or ``xp`` output lines, each ending in ``"\\n"``.
 
     ``read(addr, n)`` returns ``n`` bytes at ``addr`` (guest-virtual for ``x``,
     guest-physical for ``xp``) or raises :class:`MemoryAccessError`. Reads are grouped:
-    every whole line up to the next 4 KiB boundary is fetched in one call; if such a
-    group fails, its lines are re-read one by one so the output stops at exactly the line
-    QEMU stops at. ``addr_width_bits`` is the target's ``target_ulong`` width (64 for
+    every whole line up to the next ``span`` boundary (a power of two, 4 KiB unless the caller reads
+    larger ranges at once: ``x`` over physically contiguous pages is then one read) is fetched in one
+    call; a group of more than a page that fails is retried page by page, and a page-sized group that
+    fails has its lines re-read one by one, so the output stops at exactly the line QEMU stops at. ``addr_width_bits`` is the target's ``target_ulong`` width (64 for
     qemu-system-x86_64); for ``x`` the address is truncated to it, as QEMU does.
     """
     if fmt == "i":
@@ -180,25 +182,42 @@ def memory_dump(
         vals = (int.from_bytes(data[i:i + wsize], "little") for i in range(0, len(data), wsize))
         return f"{a & vmask:0{digits}x}:" + "".join(" " + conv(v) for v in vals) + "\n"
 
-    while length > 0:
-        # One group: the lines that fit before the next page boundary (at least one).
-        lines: list[tuple[int, int]] = []
-        a, left, group = addr, length, 0
-        limit = _PAGE - (addr & (_PAGE - 1))
-        while left > 0:
-            n = min(left, line_size)
-            if lines and group + n > limit:
-                break
-            lines.append((a, n))
-            group += n
-            a = (a + n) & _U64
-            left -= n
+    def grouped(addr: int, length: int, span: int) -> Iterator[list[tuple[int, int]]]:
+        """The ``(address, n)`` lines, a list per group: those that fit before the next ``span`` boundary
+        (at least one)."""
+        while length > 0:
+            lines: list[tuple[int, int]] = []
+            a, left, group = addr, length, 0
+            limit = span - (addr & (span - 1))
+            while left > 0:
+                n = min(left, line_size)
+                if lines and group + n > limit:
+                    break
+                lines.append((a, n))
+                group += n
+                a = (a + n) & _U64
+                left -= n
+            yield lines
+            addr, length = a, left
+
+    def emit(lines: list[tuple[int, int]], span: int):
+        """Yield the group's lines; return True when one cannot be read (the dump stops there)."""
+        addr, group = lines[0][0], sum(n for _, n in lines)
         data: bytes | None = None
         if len(lines) > 1 and (addr & vmask) + group <= vmask:
             try:
                 data = read(addr & vmask, group)
             except MemoryAccessError:
                 data = None
+            except Exception:  # e.g. debug refused part-way: page by page prints what comes before, as QEMU does
+                if span <= _PAGE:
+                    raise
+                data = None
+        if data is None and span > _PAGE and len(lines) > 1:
+            for sub in grouped(addr, group, _PAGE):
+                if (yield from emit(sub, _PAGE)):
+                    return True
+            return False
         off = 0
         for la, n in lines:
             if data is not None:
@@ -208,8 +227,11 @@ def memory_dump(
                     chunk = read(la & vmask, n)
                 except MemoryAccessError:
                     yield f"{la & vmask:0{digits}x}: Cannot access memory\n"
-                    return
+                    return True
             off += n
             yield render(la, chunk)
-        addr = a
-        length = left
+        return False
+
+    for lines in grouped(addr, length, span):
+        if (yield from emit(lines, span)):
+            return

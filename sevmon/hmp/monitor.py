@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from sevmon.debug.ops import DebugError
 from sevmon.hmp.errors import HmpError
+from sevmon.hmp.expr_registers import register_lookup
 from sevmon.hmp.parser import FmtDefaults, parse_arguments
-from sevmon.hmp.registers import register_lookup
 from sevmon.hmp.table import CommandTable, HmpCommand
 from sevmon.qmp.errors import QMPError
 
@@ -66,7 +66,6 @@ class HumanMonitor:
         self.table = table
         self.info_table = info_table
         self.fmt = FmtDefaults()
-        self.fallback = None  # attached to a QEMU: fallback(ctx, line) runs the lines sevmon does not own
         info = table.find("info")
         if info is not None:
             info.sub_table = info_table.commands
@@ -115,9 +114,6 @@ class HumanMonitor:
                 p += 1
             word = line[start:p]
             found = next((c for c in commands if c.matches(word)), None)
-            if found is None and self.fallback is not None:
-                self.fallback(ctx, line)
-                return
             if found is None:
                 ctx.print(f"unknown command: '{line[:p]}'")
                 return

@@ -2,7 +2,7 @@
 
 Each command has QEMU's ``args_type`` (what the argument parser reads), ``params`` and
 ``help`` (what ``help`` prints as ``name params -- help``) and a handler
-``handler(ctx, args) -> None`` that prints through ``ctx.out``. Aliases are spelled
+``handler(ctx, **args) -> None`` (the parsed arguments by name) that prints through ``ctx.print``. Aliases are spelled
 ``name|alias`` as in QEMU.
 """
 

@@ -15,8 +15,8 @@ from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_ra
 from sevmon.machine.interface import MachineConfig
 from sevmon.machine.launch import PlatformFileError, launch_sev
 from sevmon.machine.local import LocalMachine
-from sevmon.machine.paging_registers import paging_registers_error
 from sevmon.machine.pflash import FlashError
+from sevmon.machine.required_registers import paging_registers_error
 from sevmon.machine.sevify import set_cbit
 from sevmon.machine.spec import GuestSpec
 from sevmon.memory.ram import PAGE_SHIFT

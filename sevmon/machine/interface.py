@@ -1,7 +1,7 @@
 """The machine interface: what every front end and every command may ask of a VM.
 
 Two kinds of machine implement it: the local model (:class:`sevmon.machine.local.LocalMachine`: the built-in guest,
-an ELF core, a raw image) and, later, an attached live QEMU. The commands layer talks only to :class:`Machine`;
+an ELF core, a raw image, a migration target) and an attached live QEMU (:class:`sevmon.attach.machine.AttachedMachine`). The commands layer talks only to :class:`Machine`;
 it never knows which kind it has.
 
 Run state follows QEMU's ``RunState`` names and is changed only through :meth:`RunStateMachine.transition`, which
@@ -12,12 +12,15 @@ and ``@require``.
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sevmon.x86.cpu import CpuState
+
+if TYPE_CHECKING:
+    from sevmon.debug import MachineMemory
+    from sevmon.sev.vm import SevVm
 
 EventListener = Callable[[str, dict | None], None]
 
@@ -53,18 +56,6 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
 
 class StateError(RuntimeError):
     """A run-state transition (or an operation) that the current state does not allow."""
-
-
-def require(*states: RunState):
-    """Decorate a machine method that only makes sense in ``states`` (like qemu.qmp's ``@require``)."""
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(self, *args, **kwargs):
-            if self.state not in states:
-                raise StateError(f"{fn.__name__}: not possible in state {self.state.value}")
-            return fn(self, *args, **kwargs)
-        return wrapper
-    return deco
 
 
 class RunStateMachine:
@@ -144,16 +135,17 @@ class MachineConfig:
 class Machine(Protocol):
     """A VM as the monitor sees it. Methods run on the machine thread (:mod:`sevmon.machine.runner`).
 
-    ``memory`` is the debug-access layer (:class:`sevmon.debug.access.DebugMemory`): the only way to guest memory.
-    ``sev`` is the SEV guest (:class:`sevmon.sev.vm.SevVm`) or None. ``ram_runs`` lists the guest-physical RAM
+    ``memory`` is the debug-access layer (:class:`sevmon.debug.MachineMemory`, implemented by
+    :class:`sevmon.debug.access.DebugMemory`): the only way to guest memory. ``sev`` is the SEV guest
+    (:class:`sevmon.sev.vm.SevVm`, or its :class:`~sevmon.sev.mirror.MirrorSev` when attached) or None. ``ram_runs`` lists the guest-physical RAM
     as ``(first frame, count)`` runs (what a dump covers).
     """
 
     config: MachineConfig
     capabilities: Capabilities
     cpus: list[CpuState]
-    memory: object
-    sev: object | None
+    memory: MachineMemory
+    sev: SevVm | None
     reset_required: bool
 
     @property

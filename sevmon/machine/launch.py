@@ -18,17 +18,17 @@ class PlatformFileError(Exception):
 
 
 def sev_kernel(spec: SevSpec):
-    """The kernel transport: None for a fresh simulated platform (SevVm makes one), the simulated platform whose
-    keys ``--sev-platform`` keeps, or real /dev/kvm + /dev/sev."""
+    """The one place that chooses the kernel transport under :class:`~sevmon.sev.vm.SevVm`: real /dev/kvm +
+    /dev/sev, or the platform model (``sevmon.model``): a fresh simulated platform whose CPUID reports the spec's
+    C-bit, or the one whose keys ``--sev-platform`` keeps."""
     if spec.kvm:
         from sevmon.sev.linux import LinuxSevTransport
         return LinuxSevTransport()  # raises SevUnavailable with one sentence on hosts without SEV
-    if not spec.platform_file:
-        return None
-    from sevmon.sev.platform_store import load_or_create
-    from sevmon.sev.sim_host import SimulatedHost
-    from sevmon.sev.sim_kvm import SimulatedKvm
+    from sevmon.model import SimulatedHost, SimulatedKvm
     host = SimulatedHost(cbitpos=spec.cbitpos, reduced_phys_bits=max(spec.reduced_phys_bits, 0))
+    if not spec.platform_file:
+        return SimulatedKvm(host)
+    from sevmon.model.platform_store import load_or_create
     try:
         load_or_create(spec.platform_file, host.psp)
     except (ValueError, KeyError, TypeError) as e:

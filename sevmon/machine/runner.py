@@ -5,7 +5,7 @@ the same: every piece of machine work (a command, a guest time slice, a chunk of
 thread under one lock, so the asyncio loop stays free for greetings, parse errors and other clients, and no front
 end locks or schedules on its own.
 
-Background jobs (a detached dump; later a migration) are registered by kind, so a second one of the same kind is
+Background jobs (a detached dump, a migration out or in) are registered by kind, so a second one of the same kind is
 refused, ``query-*`` commands find the current one, and shutdown cancels them all.
 """
 

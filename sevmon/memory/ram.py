@@ -7,7 +7,8 @@ the frames that exist; a frame that does not exist is not RAM ("Cannot access me
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -21,6 +22,27 @@ class MemoryAccessError(Exception):
         super().__init__(reason)
         self.gpa = gpa
         self.reason = reason
+
+
+@runtime_checkable
+class GuestRAM(Protocol):
+    """Guest-physical frames at rest, as the debug layer and the SEV path reach them: sevmon's own sparse store
+    (:class:`RAM`) or a running QEMU's shared backend mapped into sevmon (:class:`sevmon.attach.ram.MappedRAM`).
+    A frame that does not exist is not RAM."""
+
+    size: int
+
+    def has(self, pfn: int) -> bool: ...
+
+    def frame(self, pfn: int) -> bytes | bytearray | None: ...
+
+    def frames(self) -> Iterator[int]: ...
+
+    def runs(self) -> Iterator[tuple[int, int]]: ...
+
+    def read(self, gpa: int, size: int) -> bytes: ...
+
+    def write(self, gpa: int, data: bytes) -> None: ...
 
 
 class RAM:
@@ -101,8 +123,3 @@ class RAM:
             self.ensure(pfn)[off:off + n] = mv[:n]
             gpa += n
             mv = mv[n:]
-
-    def load_pages(self, pages: Iterable[tuple[int, bytes]]) -> None:
-        """Bulk-load ``(pfn, 4096 bytes)`` pairs."""
-        for pfn, data in pages:
-            self.set_frame(pfn, data)

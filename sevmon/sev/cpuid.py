@@ -68,7 +68,3 @@ class SevCpuid:
     @property
     def sev_es(self) -> bool:
         return bool(self.eax & SEV_ES)
-
-    @property
-    def sme_coherent(self) -> bool:
-        return bool(self.eax & SME_COHERENT)

@@ -1,5 +1,5 @@
 """KVM's SEND_* / RECEIVE_* argument structs (``include/uapi/linux/kvm.h``), shared by the VMM side
-(:mod:`sevmon.sev.migration_vmm`) and the simulated kernel (:mod:`sevmon.sev.sim_migration`)."""
+(:mod:`sevmon.sev.migration_vmm`) and the simulated kernel (:mod:`sevmon.model.sim_migration`)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ LAUNCH_UPDATE_VMSA allowed. The steps:
 4. DBG's ``src_uaddr``/``dst_uaddr`` are addresses in sevmon's own mapping of QEMU's shared RAM backend (the same
    physical pages the PSP must see), the destination buffer at the source's page offset (bug (c)).
 
-The same code drives the simulated kernel (:class:`SimProcessOps`) and a real host (:class:`LinuxProcessOps`).
+The same code drives the simulated kernel (:class:`sevmon.model.sim_qemu.SimProcessOps`) and a real host (:class:`LinuxProcessOps`).
 """
 
 from __future__ import annotations
@@ -71,37 +71,6 @@ class LinuxProcessOps:
 
     def dup2(self, old: int, new: int) -> None:
         os.dup2(old, new, inheritable=False)
-
-
-class SimProcessOps:
-    """The same operations in the simulated kernel, as sevmon's simulated process (a ``Task``)."""
-
-    def __init__(self, task):
-        self.task = task
-
-    def fd_links(self, pid: int) -> dict[int, str]:
-        from .sim_task import may_ptrace
-        target = self.task.host.tasks.get(pid)
-        if target is None:
-            raise FileNotFoundError(E.ENOENT, os.strerror(E.ENOENT), f"/proc/{pid}/fd")
-        if not may_ptrace(self.task, target):  # /proc/PID/fd needs ptrace read rights
-            raise PermissionError(E.EACCES, os.strerror(E.EACCES), f"/proc/{pid}/fd")
-        return target.fd_links()
-
-    def pidfd_getfd(self, pid: int, fd: int) -> int:
-        from .sim_task import pidfd_getfd, pidfd_open
-        pidfd = pidfd_open(self.task, pid)
-        try:
-            return pidfd_getfd(self.task, pidfd, fd)
-        finally:
-            self.task.close_fd(pidfd)
-
-    def own_link(self, fd: int) -> str | None:
-        f = self.task.files.get(fd)
-        return None if f is None else getattr(f, "link", "?")
-
-    def dup2(self, old: int, new: int) -> None:
-        self.task.dup2(old, new)
 
 
 class MirrorSev(SevVm):

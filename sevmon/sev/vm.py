@@ -1,7 +1,7 @@
 """The VMM side of SEV: what QEMU's ``target/i386/sev.c`` does, and all the rest of sevmon uses.
 
 Everything goes through the kernel object's ``ioctl`` with packed structs in the process's
-own memory, so the same code drives :class:`~sevmon.sev.sim_kvm.SimulatedKvm` and
+own memory, so the same code drives :class:`~sevmon.model.sim_kvm.SimulatedKvm` and
 :class:`~sevmon.sev.linux.LinuxSevTransport`. Debug accesses are exactly one
 ``KVM_SEV_DBG_*`` ioctl each: round trips are the cost the monitor's page cache minimises.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno as E
 import os
 
-from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, RAM
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, GuestRAM
 
 from .abi import (
     KVM_MEMORY_ENCRYPT_OP,
@@ -39,9 +39,8 @@ from .abi import (
     fw_error_to_str,
 )
 from .cpuid import SevCpuid
-from .sim_host import SimulatedHost
-from .sim_kvm import SimulatedKvm
 from .stats import KernelStats
+from .transport import KernelTransport
 
 _U32 = 0xFFFF_FFFF
 
@@ -60,21 +59,19 @@ class SevError(Exception):
 class SevVm:
     """One SEV guest as the VMM sees it."""
 
-    def __init__(self, ram: RAM, *, policy: int = 0, cbitpos: int = 47, reduced_phys_bits: int = 1,
-                 kernel=None, dh_cert: bytes | None = None, session: bytes | None = None):
+    def __init__(self, ram: GuestRAM, *, kernel: KernelTransport, policy: int = 0, cbitpos: int = 47,
+                 reduced_phys_bits: int = 1,
+                 dh_cert: bytes | None = None, session: bytes | None = None):
         """Open the SEV context like QEMU's ``sev_kvm_init``: check the C-bit against the host,
         read the platform version (``SEV_PLATFORM_STATUS`` on ``/dev/sev``), ``KVM_SEV_INIT``,
         map guest RAM and register it (``KVM_MEMORY_ENCRYPT_REG_REGION``).
 
-        ``kernel`` defaults to a :class:`SimulatedKvm` on a fresh simulated host whose CPUID
-        reports ``cbitpos``/``reduced_phys_bits``; pass a ``SimulatedKvm(host)`` to put several
-        guests on one platform, or a ``LinuxSevTransport`` for real hardware.
+        ``kernel``: the kernel transport, a ``LinuxSevTransport`` on real hardware or the model's ``SimulatedKvm``
+        (several on one ``SimulatedHost`` put several guests on one platform); its CPUID must report ``cbitpos``.
 
         ``dh_cert``/``session``: the guest owner's ``dh-cert-file``/``session-file`` contents
         (decoded), given to LAUNCH_START as QEMU does.
         """
-        if kernel is None:
-            kernel = SimulatedKvm(SimulatedHost(cbitpos=cbitpos, reduced_phys_bits=max(reduced_phys_bits, 0)))
         self.kernel = kernel
         self.ram = ram
         self.policy = policy

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
-from sevmon.hmp.registers import REGISTER_NAMES
+from sevmon.hmp.expr_registers import REGISTER_NAMES
 
 __all__ = ["HelpEntry", "MonitorCompleter", "file_arg_index", "parse_help"]
 

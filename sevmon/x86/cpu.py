@@ -104,6 +104,3 @@ class CpuState:
     def from_json_file(cls, path: str, index: int = 0) -> CpuState:
         with open(path) as f:
             return cls.from_json_text(f.read(), index)
-
-    def to_json_dict(self) -> dict[str, str]:
-        return {k: hex(v) for k, v in sorted(self.regs.items())}

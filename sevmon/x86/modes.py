@@ -59,10 +59,6 @@ class PagingMode:
         """The bits the monitor walkers take as a table pointer (QEMU's masks)."""
         return MONITOR_TABLE_MASK if self.wide else 0xFFFFF000
 
-    @property
-    def va_bits(self) -> int:
-        return self.levels[0].shift + (self.levels[0].entries.bit_length() - 1)
-
 
 _LINUX_CR4 = 0x3406E0  # SMAP, SMEP, OSXSAVE, OSXMMEXCPT, OSFXSR, PGE, MCE, PAE
 _4K_32 = Level(12, 1024, 0xFFFFF000, True)

@@ -483,7 +483,7 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
         yield line(start, end, cur)
 
 
-#: The walk's own parts, for other views of the same leaves (the C-bit map, ``sevmon.x86.cbit_map``): they
+#: The walk's own parts, for other views of the same leaves (the C-bit map, ``sevmon.x86.sev_memory_map``): they
 #: read the very tables ``info mem``/``info tlb`` read, so a warm cache makes them cost no round trip.
 tables = _tables
 LeafTable = _LeafTable

@@ -19,10 +19,10 @@ from sevmon.attach.layout import RamRange
 from sevmon.attach.ram import MappedRAM
 from sevmon.attach.sev import open_mirror, segments_of
 from sevmon.memory.ram import RAM
-from sevmon.sev import SimulatedHost, SimulatedKvm
-from sevmon.sev.mirror import Segment, SimProcessOps
-from sevmon.sev.sim_qemu import SimulatedQemu
-from sevmon.sev.sim_task import Task, pidfd_getfd, pidfd_open
+from sevmon.model import SimulatedHost, SimulatedKvm
+from sevmon.model.sim_qemu import SimProcessOps, SimulatedQemu
+from sevmon.model.sim_task import Task, pidfd_getfd, pidfd_open
+from sevmon.sev.mirror import Segment
 
 IMAGE = bytes(range(256)) * 32
 

@@ -8,9 +8,9 @@ import mmap
 
 import pytest
 
+from sevmon.attach.info_registers_parser import parse_info_registers
 from sevmon.attach.layout import RamRange, ram_ranges
 from sevmon.attach.ram import MappedRAM
-from sevmon.attach.registers import parse_info_registers
 from sevmon.memory.ram import MemoryAccessError
 
 FLAT_VIEW = """FlatView #0

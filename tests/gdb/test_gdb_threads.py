@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from sevmon.commands import build
+from sevmon.commands.registry import build
 from sevmon.debug.refusal import cbit_mask
 from sevmon.gdb.server import GdbServer
 from sevmon.machine.builder import build_machine

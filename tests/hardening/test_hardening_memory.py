@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from sevmon.commands import build
+from sevmon.commands.registry import build
 from sevmon.machine.builder import build_machine
 from sevmon.machine.runner import MachineRunner
 from sevmon.machine.spec import GuestSpec, SevSpec

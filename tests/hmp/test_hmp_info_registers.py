@@ -9,7 +9,7 @@ import pytest
 
 from sevmon.machine.images import apply_cpu_json, load_core
 from sevmon.x86.cpu import CpuState
-from sevmon.x86.registers import info_registers
+from sevmon.x86.info_registers import info_registers
 from tests.conftest import FIXTURES
 
 GUESTS = ("linux-4level", "linux-pae", "linux-32bit")

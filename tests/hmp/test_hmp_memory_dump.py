@@ -170,6 +170,23 @@ def test_reads_are_grouped_per_page_with_exact_fallback():
     assert all(n >= 16 for _, n in calls)
 
 
+def test_a_wider_span_reads_contiguous_pages_at_once_and_falls_back_page_by_page():
+    ram = _ram(b"\x11" * 0x2000, base=0x1000)  # 0x1000..0x3000 is RAM, 0x3000 is not
+    calls = []
+
+    def read(a, n):
+        calls.append((a, n))
+        return ram.read(a, n)
+
+    assert len(_dump(read, 0x1F00, 64, "x", 8, span=1 << 20)) == 32
+    assert calls == [(0x1F00, 0x200)]  # x over two pages: one read
+    calls.clear()
+    wide = _dump(read, 0x2F00, 64, "x", 8, span=1 << 20)
+    assert wide == _dump(ram, 0x2F00, 64, "x", 8)  # the same lines, stopping at the same one
+    assert wide[-1] == "0000000000003000: Cannot access memory\n"
+    assert calls[:3] == [(0x2F00, 0x200), (0x2F00, 0x100), (0x3000, 0x100)]
+
+
 def test_virtual_address_width():
     ram = _ram(b"\xaa" * 16)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from sevmon.attach.info_registers_parser import parse_info_registers
 from sevmon.attach.layout import ram_ranges
 from sevmon.attach.ram import MappedRAM
-from sevmon.attach.registers import parse_info_registers
 from tests.live.conftest import Attached, Qemu, hmp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "x86"))

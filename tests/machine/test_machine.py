@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sevmon.commands import build
+from sevmon.commands.registry import build
 from sevmon.machine.builder import build_machine
 from sevmon.machine.interface import Machine, RunState, StateError
 from sevmon.machine.runner import MachineRunner

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from sevmon.commands import build
+from sevmon.commands.registry import build
 from sevmon.machine.builder import build_machine
 from sevmon.machine.runner import MachineRunner
 from sevmon.machine.spec import GuestSpec

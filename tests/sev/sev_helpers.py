@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from sevmon.memory.ram import RAM
-from sevmon.sev import SevVm, SimulatedHost, SimulatedKvm
+from sevmon.model import SimulatedHost, SimulatedKvm
+from sevmon.model.engine import MemoryController
+from sevmon.model.firmware import SevFirmware
+from sevmon.model.hostmem import HostMemory
+from sevmon.sev import SevVm
 from sevmon.sev.abi import KVM_MEMORY_ENCRYPT_OP, KvmSevCmd
-from sevmon.sev.engine import MemoryController
-from sevmon.sev.firmware import SevFirmware
-from sevmon.sev.hostmem import HostMemory
 
 MiB = 1 << 20
 IMAGE_GPA = 0x100000

@@ -201,7 +201,7 @@ def test_unreadable_owner_file_in_qemus_words(tmp_path):
 
 def test_channel_checks_in_firmware_order():
     """The firmware model's own answer for each broken part, with the reason (not visible over QMP)."""
-    from sevmon.sev.channel import ChannelError, open_server
+    from sevmon.model.channel import ChannelError, open_server
     pdh = ec.generate_private_key(ec.SECP384R1())
     n = pdh.public_key().public_numbers()
     pdh_cert = bytes(20) + n.x.to_bytes(72, "little") + n.y.to_bytes(72, "little")

@@ -9,9 +9,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sevmon.model.engine import MemoryController, MemoryKey
+from sevmon.model.hostmem import HostMemory
 from sevmon.sev.cpuid import SevCpuid
-from sevmon.sev.engine import MemoryController, MemoryKey
-from sevmon.sev.hostmem import HostMemory
 
 blocks = st.integers(1, 64).flatmap(lambda n: st.binary(min_size=16 * n, max_size=16 * n))
 spas = st.integers(0, (1 << 52) - 1).map(lambda a: a & ~15)

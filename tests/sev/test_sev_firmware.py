@@ -12,7 +12,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from sevmon.sev import firmware as fwmod
+from sevmon.model import firmware as fwmod
+from sevmon.model.engine import MemoryController
+from sevmon.model.firmware import SevFirmware, launch_measurement, package_secret
+from sevmon.model.hostmem import HostMemory
 from sevmon.sev.abi import (
     AttestationReport,
     FwCmd,
@@ -31,9 +34,6 @@ from sevmon.sev.abi import (
     SevRet,
     SevUserDataStatus,
 )
-from sevmon.sev.engine import MemoryController
-from sevmon.sev.firmware import SevFirmware, launch_measurement, package_secret
-from sevmon.sev.hostmem import HostMemory
 from tests.sev.sev_helpers import raw_firmware
 
 EMPTY_SHA256 = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")

@@ -12,12 +12,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sevmon.memory.ram import RAM
+from sevmon.model.sim_host import GUEST_HVA_BASE
 from sevmon.sev import LinuxSevTransport, SevError, SevUnavailable, SevVm
 from sevmon.sev import linux as linux_mod
 from sevmon.sev.abi import KVM_MEMORY_ENCRYPT_OP, PAGE_SIZE, KvmSevCmd, KvmSevDbg, SevCmdId
 from sevmon.sev.cpuid import SevCpuid
 from sevmon.sev.dbgsplit import classic_dbg_cost, crosses_destination_page
-from sevmon.sev.sim_host import GUEST_HVA_BASE
 from tests.sev.sev_helpers import IMAGE_GPA, new_vm, raw_op
 
 

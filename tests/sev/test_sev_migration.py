@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sevmon.memory.ram import RAM
+from sevmon.model import SimulatedKvm
 from sevmon.sev import migration_vmm as mig
 from sevmon.sev.vm import SevError, SevVm
 
@@ -12,10 +13,10 @@ GPAS = (0x1000, 0x2000, 0x3000)
 
 
 def _pair(image: bytes, policy: int = 0):
-    src = SevVm(RAM(1 << 20), policy=policy)
+    src = SevVm(RAM(1 << 20), policy=policy, kernel=SimulatedKvm())
     src.launch([(GPAS[0], image)])
     src.finish()
-    dst = SevVm(RAM(1 << 20))  # another host: its own PSP, PDH and keys
+    dst = SevVm(RAM(1 << 20), kernel=SimulatedKvm())  # another host: its own PSP, PDH and keys
     return src, dst
 
 
@@ -66,7 +67,7 @@ def test_send_start_policy_checks(image, policy, what):
 def test_send_start_checks_the_target_chain(image):
     src, dst = _pair(image[:4096])
     pdh, chain, _ = dst.platform_certificates()
-    other_pdh = SevVm(RAM(1 << 16)).platform_certificates()[0]
+    other_pdh = SevVm(RAM(1 << 16), kernel=SimulatedKvm()).platform_certificates()[0]
     with pytest.raises(SevError, match="fw_error=10"):  # PDH not signed by this chain's PEK
         mig.send_start(src, other_pdh, chain, b"")
     with pytest.raises(SevError, match="fw_error=6"):
@@ -76,7 +77,7 @@ def test_send_start_checks_the_target_chain(image):
 
 def test_receive_start_with_a_session_for_another_platform(image):
     src, dst = _pair(image[:4096])
-    third = SevVm(RAM(1 << 16))
+    third = SevVm(RAM(1 << 16), kernel=SimulatedKvm())
     pdh, chain, _ = third.platform_certificates()
     session, policy = mig.send_start(src, pdh, chain, b"")  # wrapped for `third`, not `dst`
     with pytest.raises(SevError, match="RECEIVE_START ret=-1 fw_error=11"):

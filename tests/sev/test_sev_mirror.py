@@ -10,7 +10,7 @@ import errno as E
 import pytest
 
 from sevmon.bench.readers import make_reader
-from sevmon.commands import build
+from sevmon.commands.registry import build
 from sevmon.debug.access import DebugMemory
 from sevmon.debug.ops import SevOps
 from sevmon.machine.builder import build_machine
@@ -19,8 +19,9 @@ from sevmon.machine.local import LocalMachine
 from sevmon.machine.runner import MachineRunner
 from sevmon.machine.spec import GuestSpec, SevSpec
 from sevmon.memory.ram import RAM
-from sevmon.sev import SevError, SimulatedHost
-from sevmon.sev.sim_qemu import SimulatedQemu, attach_simulated
+from sevmon.model import SimulatedHost
+from sevmon.model.sim_qemu import SimulatedQemu, attach_simulated
+from sevmon.sev import SevError
 from sevmon.x86 import paging
 
 

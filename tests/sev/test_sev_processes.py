@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sevmon.sev import SimulatedKvm
+from sevmon.model import SimulatedKvm
+from sevmon.model.sim_host import GUEST_HVA_BASE
+from sevmon.model.sim_task import MemFd, Task, pidfd_getfd, pidfd_open
 from sevmon.sev.abi import (
     KVM_CAP_VM_COPY_ENC_CONTEXT_FROM,
     KVM_ENABLE_CAP,
@@ -27,8 +29,6 @@ from sevmon.sev.abi import (
     SevCmdId,
     SevRet,
 )
-from sevmon.sev.sim_host import GUEST_HVA_BASE
-from sevmon.sev.sim_task import MemFd, Task, pidfd_getfd, pidfd_open
 from tests.sev.sev_helpers import IMAGE_GPA as A
 from tests.sev.sev_helpers import new_vm, raw_op
 

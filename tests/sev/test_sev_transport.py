@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sevmon.memory.ram import RAM
-from sevmon.sev import LinuxSevTransport, SevError, SevUnavailable, SevVm, SimulatedHost, SimulatedKvm
+from sevmon.model import SimulatedHost, SimulatedKvm
+from sevmon.model.sim_host import GUEST_HVA_BASE
+from sevmon.sev import LinuxSevTransport, SevError, SevUnavailable, SevVm
 from sevmon.sev.abi import (
     KVM_MEMORY_ENCRYPT_OP,
     KVM_MEMORY_ENCRYPT_REG_REGION,
@@ -22,7 +24,6 @@ from sevmon.sev.abi import (
     SevCmdId,
     SevRet,
 )
-from sevmon.sev.sim_host import GUEST_HVA_BASE
 from tests.sev.sev_helpers import IMAGE_GPA, new_vm, raw_op
 
 A = IMAGE_GPA

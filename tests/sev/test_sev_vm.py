@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sevmon.memory.ram import RAM, MemoryAccessError
-from sevmon.sev import SevError, SevVm, SimulatedHost, SimulatedKvm
+from sevmon.model import SimulatedHost, SimulatedKvm
+from sevmon.sev import SevError, SevVm
 from sevmon.sev.abi import (
     KvmSevGuestStatus,
     KvmSevLaunchMeasure,
@@ -33,7 +34,7 @@ def expected_blob(vm: SevVm, digest: bytes, mnonce: bytes, tik: bytes = bytes(16
 
 def test_full_launch_measurement_verifies_independently():
     bios, kernel = os.urandom(0x4000), os.urandom(0x2000)
-    vm = SevVm(RAM(16 << 20), policy=0x0)
+    vm = SevVm(RAM(16 << 20), policy=0x0, kernel=SimulatedKvm())
     assert (vm.api_major, vm.api_minor, vm.build_id) == (1, 55, 25)
     assert vm.state_name == "uninit" and vm.measurement is None
     blob = vm.launch([(0xFFC000, bios), (0x200000, kernel)])
@@ -58,7 +59,7 @@ def test_launch_digest_is_split_independent():
 
 
 def test_guest_status_along_the_launch():
-    vm = SevVm(RAM(1 << 20))
+    vm = SevVm(RAM(1 << 20), kernel=SimulatedKvm())
     k = vm.kernel
     err, _, out = raw_op(k, SevCmdId.LAUNCH_START, KvmSevLaunchStart, dict(policy=0x22))
     assert err == 0
@@ -145,7 +146,7 @@ def test_guest_accesses_private_and_shared(image):
         vm.guest_read(0x900000, 4)
     with pytest.raises(MemoryAccessError):
         vm.guest_write(vm.ram.size - 2, b"abcd")
-    fresh = SevVm(RAM(1 << 20))
+    fresh = SevVm(RAM(1 << 20), kernel=SimulatedKvm())
     with pytest.raises(SevError):
         fresh.guest_write(0, b"x")  # no key before LAUNCH_START/ACTIVATE
 
@@ -155,9 +156,9 @@ def test_vmm_side_checks():
         SevVm(RAM(1 << 20), cbitpos=51, kernel=SimulatedKvm())
     assert str(ei.value) == "SEV: cbitpos check failed, host '47' requested '51'"
     with pytest.raises(SevError) as ei:
-        SevVm(RAM(1 << 20), reduced_phys_bits=0)
+        SevVm(RAM(1 << 20), reduced_phys_bits=0, kernel=SimulatedKvm())
     assert "reduced_phys_bits" in str(ei.value)
-    vm = SevVm(RAM(1 << 20), cbitpos=51)
+    vm = SevVm(RAM(1 << 20), cbitpos=51, kernel=SimulatedKvm(SimulatedHost(cbitpos=51)))
     assert vm.cpuid.cbitpos == 51 and vm.me_mask == 1 << 51 and vm.cpuid.reduced_phys_bits == 1
     assert vm.dbg_decrypt(0, 0) == b""
     with pytest.raises(SevError) as ei:
@@ -187,7 +188,7 @@ def _verify(cert: bytes, slot: int, signer: bytes, usage: int) -> None:
 
 
 def test_platform_certificates_form_a_verifiable_chain():
-    vm = SevVm(RAM(1 << 20))
+    vm = SevVm(RAM(1 << 20), kernel=SimulatedKvm())
     s0 = vm.stats
     pdh, chain, chip_id = vm.platform_certificates()
     assert (vm.stats - s0).round_trips == 4   # two length queries, two fetches

@@ -15,6 +15,7 @@ from test_x86_paging_props import Builder
 from sevmon.bench.readers import make_reader
 from sevmon.debug.ops import SevOps
 from sevmon.memory.ram import PAGE_SHIFT, RAM
+from sevmon.model import SimulatedHost, SimulatedKvm
 from sevmon.sev.vm import SevVm
 from sevmon.x86 import paging
 from tests.x86.x86_testmem import CountingMemory
@@ -33,7 +34,7 @@ def test_sev_readers_agree_with_the_plain_walk(mode, cbit, seed):
     ram = RAM(b.ram.size)
     for pfn in b.ram.frames():
         ram.set_frame(pfn, bytes(b.ram.frame(pfn)))
-    sev = SevVm(ram, cbitpos=cbit or 47)
+    sev = SevVm(ram, cbitpos=cbit or 47, kernel=SimulatedKvm(SimulatedHost(cbitpos=cbit or 47)))
     sev.launch([(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()])
     sev.finish()
     assert all(bytes(ram.frame(p)) != bytes(b.ram.frame(p)) for p in ram.frames())  # ciphertext at rest

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .abi import (
+from sevmon.sev.abi import (
     CERT_SIGNED_LEN,
     CHANNEL_CTX_DATA,
     PACKET_HEADER_LEN,
@@ -47,6 +47,7 @@ from .abi import (
     SevDataLaunchStart,
     SevRet,
 )
+
 from .channel import ChannelError, cert_public_key, open_client, open_server, packet_mac
 from .engine import MemoryKey
 
@@ -93,7 +94,7 @@ def cert_key(cert: bytes) -> ec.EllipticCurvePublicKey:
 
 
 class MigrationCommands:
-    """The handlers, bound to one :class:`~sevmon.sev.firmware.SevFirmware`."""
+    """The handlers, bound to one :class:`~sevmon.model.firmware.SevFirmware`."""
 
     def __init__(self, fw, guest_context):
         """``guest_context``: the firmware's per-guest record class (passed in: no import back into firmware)."""

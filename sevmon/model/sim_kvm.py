@@ -1,7 +1,7 @@
 """The simulated kernel's KVM side: one VM fd and its ``KVM_MEMORY_ENCRYPT_OP`` handlers, plus ``/dev/sev``.
 
-(The same structs on real hardware: :mod:`sevmon.sev.linux`. The host: :mod:`sevmon.sev.sim_host`. The VMM
-process's memory and pinning: :mod:`sevmon.sev.sim_process`.) It models Linux's *classic*
+(The same structs on real hardware: :mod:`sevmon.sev.linux`. The host: :mod:`sevmon.model.sim_host`. The VMM
+process's memory and pinning: :mod:`sevmon.model.sim_process`.) It models Linux's *classic*
 ``arch/x86/kvm/svm/sev.c`` (v4.16 up to the 2026 rewrite, with the Nov-2020 offset fix; sev-api.md §2.1) closely
 enough that round trips, firmware calls, errno values, the ``error`` field and the known bugs come out as on real
 hardware:
@@ -14,7 +14,7 @@ hardware:
 * bug (c) (an aligned chunk whose destination crosses a page writes past the single pinned
   destination page) really corrupts the physically next page: each page of a user buffer has its
   own host physical page, not contiguous with the next one (guest RAM is one contiguous slot);
-* processes (:mod:`sevmon.sev.sim_task`): a VM belongs to the process that created it (ioctls from
+* processes (:mod:`sevmon.model.sim_task`): a VM belongs to the process that created it (ioctls from
   another one: ``-EIO``); ``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM`` makes a mirror VM that may issue only
   LAUNCH_UPDATE_VMSA, GUEST_STATUS, DBG_DECRYPT and DBG_ENCRYPT (others, and REG/UNREG_REGION:
   ``-EINVAL``); firmware commands resolve the stored ``/dev/sev`` fd number in the caller's table;
@@ -29,7 +29,7 @@ Choices where the model has to decide (documented, not guessed at silently):
   engine pass per physically contiguous run (see :meth:`SevFirmware.dbg_crypt`); fault
   injection splits the run at the failing command, so the outcome is the same as issuing them
   one by one.
-* SEND_*/RECEIVE_* (migration) are :mod:`sevmon.sev.sim_migration`'s ops, as the kernel's.
+* SEND_*/RECEIVE_* (migration) are :mod:`sevmon.model.sim_migration`'s ops, as the kernel's.
 * ``/dev/sev`` (``SEV_ISSUE_CMD``) serves PLATFORM_STATUS, PDH_CERT_EXPORT and GET_ID2, what
   QEMU uses; the other commands answer ``-EINVAL``.
 * The host runs without SME, so the PSP gets plain host physical addresses (no C-bit).
@@ -44,8 +44,7 @@ import threading
 from construct import Container
 
 from sevmon.memory.ram import RAM, MemoryAccessError
-
-from .abi import (
+from sevmon.sev.abi import (
     KVM_CAP_VM_COPY_ENC_CONTEXT_FROM,
     KVM_ENABLE_CAP,
     KVM_MEMORY_ENCRYPT_OP,
@@ -76,14 +75,15 @@ from .abi import (
     SevDataLaunchStart,
     SevDataLaunchUpdate,
 )
-from .cpuid import SevCpuid
+from sevmon.sev.cpuid import SevCpuid
+from sevmon.sev.stats import KernelStats
+
 from .sim_dbg import DebugCrypt
 from .sim_devsev import SevDeviceIoctls
 from .sim_host import KernelError, SimulatedHost
 from .sim_migration import MigrationOps
 from .sim_process import ProcessMemory
 from .sim_task import DevSev, Task
-from .stats import KernelStats
 
 _U64 = (1 << 64) - 1
 
@@ -157,10 +157,6 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         """Close the VM fd: KVM's ``sev_vm_destroy`` (unpin, DEACTIVATE, DECOMMISSION, free ASID)."""
         with self._kvm_lock:
             self._close_locked()
-
-    @property
-    def is_mirror(self) -> bool:
-        return self._mirror_of is not None
 
     def _close_locked(self) -> None:
         if self._closed:

@@ -1,7 +1,7 @@
 """A simulated VMM process's memory, as the kernel sees it: its virtual mappings and the pinning of user pages.
 
 Three address spaces meet here: the process's virtual addresses (guest RAM mapped at
-:data:`~sevmon.sev.sim_host.GUEST_HVA_BASE`, a heap for the VMM's buffers), host physical memory (where the PSP
+:data:`~sevmon.model.sim_host.GUEST_HVA_BASE`, a heap for the VMM's buffers), host physical memory (where the PSP
 reads and writes) and guest physical addresses. ``copy_{from,to}_user`` are :meth:`ProcessMemory.uread` and
 :meth:`ProcessMemory.uwrite`; ``sev_pin_memory`` is :meth:`ProcessMemory.pin`, charged against RLIMIT_MEMLOCK.
 
@@ -15,8 +15,8 @@ import errno as E
 import threading
 
 from sevmon.memory.ram import RAM
+from sevmon.sev.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, SEV_FW_BLOB_MAX_SIZE
 
-from .abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, SEV_FW_BLOB_MAX_SIZE
 from .hostmem import Extents
 from .sim_host import GUEST_HVA_BASE, HEAP_HVA_BASE, KernelError, SimulatedHost
 

@@ -1,7 +1,7 @@
 """The simulated host: DRAM, the memory controller, the PSP, and KVM's global SEV state (ASIDs, fds, pages).
 
 One :class:`SimulatedHost` is one machine; every simulated VMM process and VM on it shares its PSP, its ASID
-bitmaps and its physical memory (:class:`~sevmon.sev.hostmem.HostMemory`). Its locks are the kernel's:
+bitmaps and its physical memory (:class:`~sevmon.model.hostmem.HostMemory`). Its locks are the kernel's:
 ``sev_cmd_mutex`` (one PSP command at a time), ``sev_bitmap_lock`` and the page allocator.
 """
 
@@ -11,9 +11,9 @@ import errno as E
 import threading
 
 from sevmon.memory.ram import RAM
+from sevmon.sev.abi import PAGE_SHIFT, FwCmd, SevDataInit
+from sevmon.sev.cpuid import SevCpuid
 
-from .abi import PAGE_SHIFT, FwCmd, SevDataInit
-from .cpuid import SevCpuid
 from .engine import MemoryController
 from .firmware import SevFirmware
 from .hostmem import Extents, HostMemory

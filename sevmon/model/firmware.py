@@ -8,7 +8,7 @@ Semantics follow AMD's published firmware source (AMD-ASPFW, Genoa 1.55.25).
 Interface: :meth:`SevFirmware.call` takes a command id and its packed ``sev_data_*`` buffer
 (mutable: output fields are written back, as the PSP writes the mailbox buffer). All
 addresses are system physical; the firmware touches memory only through the
-:class:`~sevmon.sev.engine.MemoryController`, with the guest's ASID when it means the
+:class:`~sevmon.model.engine.MemoryController`, with the guest's ASID when it means the
 guest's key. :meth:`SevFirmware.dbg_crypt` is the typed DBG entry point the simulated
 kernel uses to run many adjacent page-sized DBG commands as one engine pass.
 
@@ -18,8 +18,8 @@ PDH_CERT_EXPORT returns them; the PEK signs attestation reports. The CEK's AMD (
 signature cannot exist here.
 
 LAUNCH_START with a DH certificate opens the guest owner's channel (ECDH with the PDH,
-KEK/KIK, TEK/TIK: :mod:`sevmon.sev.channel`); SEND_*/RECEIVE_* migrate a guest between
-platforms (:mod:`sevmon.sev.firmware_migration`). Not modelled (answer ``UNSUPPORTED``):
+KEK/KIK, TEK/TIK: :mod:`sevmon.model.channel`); SEND_*/RECEIVE_* migrate a guest between
+platforms (:mod:`sevmon.model.firmware_migration`). Not modelled (answer ``UNSUPPORTED``):
 PEK_GEN/PEK_CSR/PEK_CERT_IMPORT/PDH_GEN, SEND/RECEIVE_UPDATE_VMSA, COPY, ACTIVATE_EX, INIT_EX,
 DOWNLOAD_FIRMWARE, SNP. Without a DH certificate TEK = TIK = 16 zero
 bytes, exactly as the firmware does for QEMU without ``dh-cert-file``.
@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .abi import (
+from sevmon.sev.abi import (
     ATTESTATION_REPORT_LEN,
     ATTESTATION_SIGNED_LEN,
     CERT_ALGO_ECDH_SHA256,
@@ -81,6 +81,7 @@ from .abi import (
     SevRet,
     SevUserDataStatus,
 )
+
 from .channel import ChannelError, open_server
 from .engine import MemoryController, MemoryKey
 
@@ -281,7 +282,7 @@ class SevFirmware:
         return self._identity()
 
     def restore_identity(self, **keys) -> None:
-        """Reuse a stored identity (:mod:`sevmon.sev.platform_store`): the PSP's NV storage."""
+        """Reuse a stored identity (:mod:`sevmon.model.platform_store`): the PSP's NV storage."""
         self._ident = _Identity(self._rng, keys)
 
     def _identity(self) -> _Identity:

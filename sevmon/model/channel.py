@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .abi import CERT_ALGO_ECDH_SHA256, CERT_CURVE_P384, CERT_USAGE_PDH, SESSION_LEN, SEV_CERT_LEN, SevRet
+from sevmon.sev.abi import (
+    CERT_ALGO_ECDH_SHA256,
+    CERT_CURVE_P384,
+    CERT_USAGE_PDH,
+    SESSION_LEN,
+    SEV_CERT_LEN,
+    SevRet,
+)
 
 LABEL_MASTER = b"sev-master-secret"
 LABEL_KEK = b"sev-kek"

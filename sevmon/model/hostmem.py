@@ -10,8 +10,7 @@ from __future__ import annotations
 import bisect
 
 from sevmon.memory.ram import RAM
-
-from .abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
+from sevmon.sev.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 
 
 class Extents:

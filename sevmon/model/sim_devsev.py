@@ -1,6 +1,6 @@
 """The simulated ``/dev/sev`` ioctl (the ccp driver's ``sev_ioctl``): PLATFORM_STATUS, PDH_CERT_EXPORT, GET_ID2.
 
-A mixin of :class:`~sevmon.sev.sim_kvm.SimulatedKvm`, which provides ``mem`` (the process's memory), ``host`` and
+A mixin of :class:`~sevmon.model.sim_kvm.SimulatedKvm`, which provides ``mem`` (the process's memory), ``host`` and
 ``_fw`` (one counted PSP command).
 """
 
@@ -10,7 +10,7 @@ import errno as E
 
 from construct import Container
 
-from .abi import (
+from sevmon.sev.abi import (
     PAGE_SIZE,
     SEV_FW_BLOB_MAX_SIZE,
     FwCmd,
@@ -24,6 +24,7 @@ from .abi import (
     SevUserDataPdhCertExport,
     SevUserDataStatus,
 )
+
 from .sim_host import KernelError
 
 

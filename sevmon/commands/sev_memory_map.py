@@ -13,7 +13,7 @@ from sevmon.commands.memory import _open_for_write, _write
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.qmp.errors import QMPError
-from sevmon.x86.cbit_map import PAGE, SevMemoryMap, build_map
+from sevmon.x86.sev_memory_map import PAGE, SevMemoryMap, build_map
 
 NOT_SEV = "the guest is not an SEV guest: no page has a C-bit"
 MAX_ALIAS_LINES = 4096      # info sev-mem lists at most this many alias runs, then says how many more
@@ -91,7 +91,7 @@ def text_lines(m: SevMemoryMap):
 
 def save_svg(machine, filename: str) -> None:
     """Draw the map (every vCPU's frames) and write it; the file is opened only once the picture is ready."""
-    from sevmon.render.cbit_svg import render_svg  # noqa: PLC0415 (drawsvg loads only for pictures)
+    from sevmon.render.sev_memory_map_svg import render_svg  # noqa: PLC0415 (drawsvg loads only for pictures)
 
     m = memory_map(machine, 0)
     ram = ram_runs(machine)

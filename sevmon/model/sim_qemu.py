@@ -9,12 +9,45 @@ launched and running. sevmon, another process on the same simulated host, reache
 
 from __future__ import annotations
 
+import errno as E
+import os
+
 from sevmon.memory.ram import RAM
+from sevmon.sev.mirror import MirrorSev, Segment
+from sevmon.sev.vm import SevError, SevVm
 
 from .sim_host import SimulatedHost
 from .sim_kvm import SimulatedKvm
-from .sim_task import MemFd, Task
-from .vm import SevVm
+from .sim_task import MemFd, Task, may_ptrace, pidfd_getfd, pidfd_open
+
+
+class SimProcessOps:
+    """The same operations in the simulated kernel, as sevmon's simulated process (a ``Task``)."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def fd_links(self, pid: int) -> dict[int, str]:
+        target = self.task.host.tasks.get(pid)
+        if target is None:
+            raise FileNotFoundError(E.ENOENT, os.strerror(E.ENOENT), f"/proc/{pid}/fd")
+        if not may_ptrace(self.task, target):  # /proc/PID/fd needs ptrace read rights
+            raise PermissionError(E.EACCES, os.strerror(E.EACCES), f"/proc/{pid}/fd")
+        return target.fd_links()
+
+    def pidfd_getfd(self, pid: int, fd: int) -> int:
+        pidfd = pidfd_open(self.task, pid)
+        try:
+            return pidfd_getfd(self.task, pidfd, fd)
+        finally:
+            self.task.close_fd(pidfd)
+
+    def own_link(self, fd: int) -> str | None:
+        f = self.task.files.get(fd)
+        return None if f is None else getattr(f, "link", "?")
+
+    def dup2(self, old: int, new: int) -> None:
+        self.task.dup2(old, new)
 
 
 class SimulatedQemu:
@@ -58,13 +91,7 @@ class SimulatedQemu:
 
 def attach_simulated(qemu: SimulatedQemu, *, uid: int = 1000, cap_sys_ptrace: bool = False):
     """sevmon's side on the same host: its own process and VM, QEMU's memfd mapped, then the mirror (the
-    hardware path with :class:`~sevmon.sev.mirror.SimProcessOps`). Returns the :class:`MirrorSev`."""
-    import os
-
-    from .mirror import MirrorSev, Segment, SimProcessOps
-    from .sim_task import pidfd_getfd, pidfd_open
-    from .vm import SevError
-
+    hardware path with :class:`SimProcessOps`). Returns the :class:`MirrorSev`."""
     me = Task(qemu.host, uid=uid, cap_sys_ptrace=cap_sys_ptrace)
     kernel = SimulatedKvm(qemu.host, task=me)
     procs = SimProcessOps(me)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import drawsvg as draw
 
-from sevmon.x86.cbit_map import SevMemoryMap
+from sevmon.x86.sev_memory_map import SevMemoryMap
 
 __all__ = ["CATEGORIES", "classify", "render_svg", "size_label"]
 

@@ -1,6 +1,6 @@
 """KVM's SEND_* / RECEIVE_* ops on the simulated kernel (Linux ``arch/x86/kvm/svm/sev.c``).
 
-A mixin of :class:`~sevmon.sev.sim_kvm.SimulatedKvm`, which provides ``mem``, ``host``, ``_handle``, ``_asid``,
+A mixin of :class:`~sevmon.model.sim_kvm.SimulatedKvm`, which provides ``mem``, ``host``, ``_handle``, ``_asid``,
 ``_data``, ``_fw``, ``_sev_issue`` and ``_require_sev``. What each op does:
 
 - ``sev_send_start``: ``session_len == 0`` is a length query (the PSP's INVALID_LEN and the length copied back);
@@ -19,9 +19,10 @@ import errno as E
 
 from construct import Container
 
-from .abi import PAGE_SIZE, SEV_FW_BLOB_MAX_SIZE, FwCmd, SevDataHandle
+from sevmon.sev.abi import PAGE_SIZE, SEV_FW_BLOB_MAX_SIZE, FwCmd, SevDataHandle
+from sevmon.sev.kvm_migration import KvmSevReceiveStart, KvmSevSendStart, KvmSevSendUpdateData
+
 from .firmware_migration import SevDataReceiveStart, SevDataSendStart, SevDataSendUpdateData
-from .kvm_migration import KvmSevReceiveStart, KvmSevSendStart, KvmSevSendUpdateData
 from .sim_host import KernelError
 
 

@@ -3,7 +3,7 @@
 The range is split only at *source* page boundaries, one PSP command per chunk; unaligned decrypts go through a
 bounce page; unaligned encrypts read-modify-write the destination (two PSP commands), with bug (b): the RMW
 re-encrypts ``round_up(len, 16)`` bytes from the rounded-down destination. A mixin of
-:class:`~sevmon.sev.sim_kvm.SimulatedKvm`, which provides ``mem``, ``host``, ``stats``, ``_faults``, ``_handle``,
+:class:`~sevmon.model.sim_kvm.SimulatedKvm`, which provides ``mem``, ``host``, ``stats``, ``_faults``, ``_handle``,
 ``_data`` and ``_require_sev``.
 """
 
@@ -13,7 +13,8 @@ import errno as E
 
 from construct import Container
 
-from .abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, KvmSevDbg
+from sevmon.sev.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, KvmSevDbg
+
 from .sim_host import KernelError
 
 _U64 = (1 << 64) - 1

@@ -11,10 +11,10 @@ import pytest
 from x86_testmem import CountingMemory, load_fixture, sev_copy
 
 from sevmon.memory.ram import RAM
-from sevmon.render.cbit_svg import render_svg, row_span
+from sevmon.render.sev_memory_map_svg import render_svg, row_span
 from sevmon.x86 import paging
-from sevmon.x86.cbit_map import SevMemoryMap, build_map
 from sevmon.x86.cpu import CpuState
+from sevmon.x86.sev_memory_map import SevMemoryMap, build_map
 
 C = 1 << 47
 P, RW, US, PS = 0x1, 0x2, 0x4, 0x80
@@ -149,9 +149,9 @@ def test_fragmented_map_is_drawn_to_the_pixel_and_stays_small():
 
 
 def test_a_map_too_big_for_one_qmp_reply_is_refused_in_one_line():
-    from sevmon.commands.sevmem import to_qmp
+    from sevmon.commands.sev_memory_map import to_qmp
     from sevmon.qmp.errors import QMPError
-    from sevmon.x86.cbit_map import VirtualRange
+    from sevmon.x86.sev_memory_map import VirtualRange
 
     m = SevMemoryMap(0, True, ranges=[VirtualRange(i << 13, (i << 13) + 4096, 4096, 7, bool(i & 1))
                                       for i in range(200_000)])
