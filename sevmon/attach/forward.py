@@ -16,8 +16,8 @@ import logging
 import re
 
 from sevmon.attach.errors import AttachError
+from sevmon.errors import CommandError
 from sevmon.hmp.monitor import HumanMonitor
-from sevmon.qmp.errors import QMPError
 
 log = logging.getLogger("sevmon")
 
@@ -80,7 +80,7 @@ class QmpForwarder:
         reply = await self.link.raw(msg)
         if "error" in reply:
             err = reply["error"]
-            raise QMPError(err.get("desc", ""), err.get("class", "GenericError"))
+            raise CommandError(err.get("desc", ""), err.get("class", "GenericError"))
         return reply.get("return")
 
 
