@@ -100,6 +100,19 @@ def guest_spec(args: argparse.Namespace) -> GuestSpec:
                      incoming=getattr(args, "incoming", None))
 
 
+def _check_attach_options(serve, args) -> None:
+    """--qemu-pid belongs to --attach, --connect to --libvirt; --attach and --libvirt exclude each other."""
+    if args.attach and args.libvirt:
+        serve.error("argument --libvirt: not allowed with argument --attach")
+    if args.libvirt and args.incoming:
+        serve.error("argument --incoming: not allowed with argument --libvirt (the domain's QEMU takes its own "
+                    "-incoming)")
+    if args.qemu_pid is not None and not args.attach:
+        serve.error("argument --qemu-pid: only with --attach (QEMU's process behind a proxy's socket)")
+    if args.connect is not None and not args.libvirt:
+        serve.error("argument --connect: only with --libvirt")
+
+
 def build_parser() -> OneLineParser:
     """The whole command line; ``parser.subcommands`` maps each subcommand to its parser."""
     parser = OneLineParser(prog="sevmon", description=DESCRIPTION)
@@ -117,6 +130,13 @@ def build_parser() -> OneLineParser:
     serve.add_argument("--attach", metavar="QEMU_QMP_SOCKET",
                        help="be the monitor of a running QEMU: its QMP socket, its RAM in a shared backend "
                             "(see README)")
+    serve.add_argument("--qemu-pid", type=ranged(1, 2**22), metavar="PID",
+                       help="with --attach: QEMU's process, when the socket is a proxy's (its peer is not QEMU)")
+    serve.add_argument("--libvirt", metavar="DOMAIN",
+                       help="be the monitor of a running libvirt domain (name, id or UUID) through libvirt's "
+                            "QMP proxy; its RAM in a shared memfd backing (see README)")
+    serve.add_argument("--connect", metavar="URI", help="with --libvirt: libvirt's connection URI "
+                                                        "(default: libvirt's own default)")
     serve.add_argument("--gdb", metavar="DEVICE",
                        help="gdb stub, QEMU's -gdb syntax: tcp:[HOST]:PORT (tcp::1234 binds 127.0.0.1) or unix:PATH")
     add_guest_options(serve)
@@ -178,9 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.subcommand == "serve" and args.attach and args.incoming:
         parser.subcommands["serve"].error("argument --incoming: not allowed with argument --attach "
                                           "(the attached QEMU takes its own -incoming)")
+    if args.subcommand == "serve":
+        _check_attach_options(parser.subcommands["serve"], args)
+    if args.subcommand == "serve" and args.libvirt:
+        from sevmon.attach.serve import serve_libvirt
+        return serve_libvirt(args.libvirt, args.connect, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"],
+                             args.hmp, args.gdb)
     if args.subcommand == "serve" and args.attach:
         from sevmon.attach.serve import serve_attached
-        return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb)
+        return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb,
+                              qemu_pid=args.qemu_pid)
     if args.subcommand == "serve":
         from sevmon.daemon import serve
         return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb)

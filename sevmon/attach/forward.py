@@ -18,12 +18,15 @@ expression: QEMU knows only its 32-bit names, so a line QEMU runs gets the value
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from sevmon.attach.errors import AttachError
 from sevmon.errors import CommandError
 from sevmon.hmp.monitor import HmpContext, HumanMonitor
 from sevmon.hmp.table import OWN, QEMU_READS_MEMORY, HmpCommand
+
+log = logging.getLogger("sevmon")
 
 _HMP_ARGS = {"command-line", "cpu-index"}
 _SIZE_LETTERS = {1: "b", 2: "h", 4: "w", 8: "g"}
@@ -105,7 +108,31 @@ class AttachedMonitor(HumanMonitor):
         if who == QEMU_READS_MEMORY and (reason := self.refusal()):
             _refuse(ctx, cmd, args, reason)
             return
+        if cmd.names[0] == "migrate" and ctx.interactive and not args.get("detach"):
+            self._migrate_and_wait(ctx, line, p, cmd, args)
+            return
         self._forward(ctx, line if "$" not in line[p:] else line[:p].rstrip() + _render(cmd, args))
+
+    def run_interactive(self, line: str, limit: int = 8 << 20):
+        self._qemu_cpu = 0  # the HMP socket's lines run on vCPU 0, as they did before migrate could wait
+        return super().run_interactive(line, limit)
+
+    def _migrate_and_wait(self, ctx: HmpContext, line: str, p: int, cmd: HmpCommand, args: dict) -> None:
+        """On sevmon's HMP socket (interactive), ``migrate`` without ``-d`` waits for the migration to end, as on
+        QEMU's own interactive monitor (QEMU's human-monitor-command, which sevmon's link uses, would continue
+        detached): QEMU starts it detached and the prompt waits for QEMU's query-migrate."""
+        out = self.qemu("migrate -d " + line[p:].strip(), self._qemu_cpu)
+        ctx._out.append(out)
+        if not out:
+            ctx.suspend_until = self._migration_done
+
+    def _migration_done(self) -> bool:
+        q = self.link.call_sync(self.link.execute("query-migrate"))
+        if q.get("status") in ("setup", "active"):
+            return False
+        if "error-desc" in q:
+            log.error("%s", q["error-desc"])
+        return True
 
     def _forward(self, ctx: HmpContext, line: str) -> None:
         ctx._out.append(self.qemu(line, self._qemu_cpu))  # QEMU's text as it is: its size is QEMU's business

@@ -191,3 +191,23 @@ def open_backends(memdevs: list[dict], types: dict[str, str], paths: dict[str, s
             m.close()
         raise
     return MappedRAM(ranges, maps, sum(by_id[m]["size"] for m in used))
+
+
+def device_reader(link):
+    """``read(gpa, n)`` of device memory (what QEMU's flat view maps as MMIO, not RAM) by QEMU itself, as its
+    ``xp`` reads it: devices are not encrypted, and their registers are QEMU's to read (with QEMU's side
+    effects). Raises MemoryAccessError where QEMU cannot access memory. RAM never goes this way."""
+    def read(gpa: int, n: int) -> bytes:
+        text = link.call_sync(link.hmp(f"xp /{n}xb 0x{gpa:x}"))
+        out = bytearray()
+        for line in text.split("\n"):
+            if not line:
+                continue
+            addr, _, rest = line.partition(":")
+            if "Cannot access memory" in rest:
+                raise MemoryAccessError(int(addr, 16))
+            out += bytes(int(v, 16) for v in rest.split())
+        if len(out) != n:
+            raise MemoryAccessError(gpa + len(out))
+        return bytes(out)
+    return read

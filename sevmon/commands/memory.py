@@ -120,9 +120,20 @@ def register(registry, hmp, info) -> None:
     registry.register("query-sev-debug-stats", attached=OWN)(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
-        lines = fn(ctx.machine.memory, ctx.cpu, cbit_mask(ctx.machine))
+        cpu, mem, mask = ctx.cpu, ctx.machine.memory, cbit_mask(ctx.machine)  # ctx.cpu first: it syncs
+        memo = getattr(mem, "memo", None)
+        key = (fn.__name__, cpu.get("cr0"), cpu.get("cr3"), cpu.get("cr4"), cpu.get("efer"), mask)
+        if memo is not None and (text := memo.get(key)) is not None:
+            ctx.print(text, end="")
+            return
+        parts = []
+        lines = fn(mem, cpu, mask)
         while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
-            ctx.print("\n".join(batch))
+            chunk = "\n".join(batch)
+            ctx.print(chunk)
+            parts.append(chunk + "\n")
+        if memo is not None and mem.coherent():
+            memo[key] = "".join(parts)
 
     @info.command("mem", "", "", "show the active virtual memory mappings", attached=OWN)
     def info_mem(ctx):

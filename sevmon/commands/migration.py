@@ -470,7 +470,25 @@ def register(registry, hmp, info) -> None:
                  "copy of disk (base image shared between src and destination)\n\t\t\t -r to resume a paused migration",
                  attached=QEMU_READS_MEMORY)
     def hmp_migrate(ctx, uri, detach=False, blk=False, inc=False, resume=False):
-        migrate(ctx.runner, uri)  # a CommandError is printed as QEMU's "Error: ..." line by the monitor
+        """Without -d QEMU's HMP waits for the migration to end: an interactive monitor is suspended until
+        then (its error, if any, QEMU reports on its stderr; sevmon logs it); human-monitor-command's monitor
+        cannot be suspended, and QEMU says so and continues detached."""
+        runner = ctx.runner
+        migrate(runner, uri)  # a CommandError is printed as QEMU's "Error: ..." line by the monitor
+        if detach:
+            return
+        if not ctx.interactive:
+            ctx.print("terminal does not allow synchronous migration, continuing detached")
+            return
+
+        def done() -> bool:
+            q = query_migrate(runner)
+            if q.get("status") in ("setup", "active"):
+                return False
+            if "error-desc" in q:
+                log.error("%s", q["error-desc"])
+            return True
+        ctx.suspend_until = done
 
     @info.command("migrate", "", "", "show migration status")
     def info_migrate(ctx):

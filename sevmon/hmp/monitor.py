@@ -10,6 +10,7 @@ bridge and the HMP socket turn it into ``\\r\\n`` as QEMU's monitor_puts does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from sevmon import __version__
 from sevmon.debug.ops import DebugError
@@ -35,6 +36,11 @@ class HmpContext:
         self.runner = monitor.runner
         self.cpu_index = cpu_index
         self.limit = limit
+        # an interactive monitor (sevmon's HMP socket, QEMU's -monitor) can be suspended: a command that sets
+        # ``suspend_until`` (a test run on the machine thread, true when done) holds the prompt until then, as
+        # QEMU's monitor_suspend does; human-monitor-command's monitor cannot (QEMU: -ENOTTY)
+        self.interactive = False
+        self.suspend_until: Callable[[], bool] | None = None
         self._size = 0
         self._out: list[str] = []
 
@@ -71,7 +77,17 @@ class HumanMonitor:
         Output beyond ``limit`` characters is cut with a final line saying so: a QMP reply
         is one line, and qemu.qmp clients drop the connection on lines over 10 MiB.
         """
-        ctx = HmpContext(self, cpu_index, limit)
+        return self._run(HmpContext(self, cpu_index, limit), line)
+
+    def run_interactive(self, line: str, limit: int = 8 << 20) -> tuple[str, Callable[[], bool] | None]:
+        """``run`` on an interactive monitor (an HMP socket): the output, and the test that holds the prompt
+        until a command that suspends the monitor is done (``migrate`` without ``-d``), or None."""
+        ctx = HmpContext(self, 0, limit)
+        ctx.interactive = True
+        return self._run(ctx, line), ctx.suspend_until
+
+    def _run(self, ctx: HmpContext, line: str) -> str:
+        limit = ctx.limit
         try:
             self._dispatch(ctx, line)
         except OutputLimit:
@@ -138,7 +154,8 @@ class HumanMonitor:
 
     @staticmethod
     def _reg_getter(ctx: HmpContext):
-        return register_lookup(ctx.cpu)
+        """Registers only when a ``$reg`` is used: an attached machine fetches them from QEMU."""
+        return lambda name: register_lookup(ctx.cpu)(name)
 
     # -- help ----------------------------------------------------------------------------
     def help(self, ctx: HmpContext, name: str | None) -> None:

@@ -18,7 +18,9 @@ from tests.live.conftest import Attached, Qemu, hmp
 
 @pytest.fixture(scope="module")
 def live(module_tmp):
-    qemu = Qemu(module_tmp, mem="4G")
+    # QEMU traces every QMP command and HMP line it runs: what sevmon asks of QEMU, seen from QEMU's side
+    qemu = Qemu(module_tmp, mem="4G", extra=["-trace", "qmp_enter_*", "-trace", "handle_hmp_command",
+                                             "-D", str(module_tmp / "trace.log")])
     sevmon = Attached(module_tmp, qemu.a)
     assert sevmon.proc.poll() is None, sevmon.output()
     theirs, ours = qemu.qmp("b"), sevmon.qmp()
@@ -84,8 +86,10 @@ def test_memory_commands_equal_qemus_on_the_paused_guest(live):
     assert any(int(ln.split(": ")[1].split()[0], 16) >= 1 << 32
                for ln in hmp(theirs, "info tlb").split("\r\n") if ln), "no mapping of RAM above 4 GiB"
     assert _oracle(theirs, ours) >= 25
-    # devices stay outside RAM, as for cores (QEMU itself reads the device registers)
-    assert hmp(ours, "xp /2xg 0xfec00000") == "00000000fec00000: Cannot access memory\r\n"
+    # device memory (the IOAPIC, the local APIC) is read by QEMU itself: QEMU's bytes
+    for line in ("xp /2xg 0xfec00000", "xp /4xw 0xfee00020"):
+        assert "Cannot access memory" not in hmp(ours, line)
+        assert hmp(ours, line) == hmp(theirs, line), line
     stats = ours.cmd("query-sev-debug-stats")
     assert stats["cache-hits"] > 0  # the second walk on the paused guest came from the cache
 
@@ -101,6 +105,36 @@ def test_after_the_guest_ran_and_was_paused_again(live):
     assert _oracle(theirs, ours) >= 25
     assert hmp(ours, "info registers") == hmp(theirs, "info registers")
     del before
+
+
+def _asked_of_qemu(qemu, fn) -> str:
+    """What QEMU ran (its trace) while ``fn`` ran: sevmon is QEMU's only other client meanwhile."""
+    log = qemu.tmp / "trace.log"
+    start = log.stat().st_size
+    fn()
+    with open(log) as f:
+        f.seek(start)
+        return f.read()
+
+
+def test_trips_to_qemu_only_where_needed(live, tmp_path):
+    """No registers needed (xp, pmemsave, info sev-debug): no trip to QEMU at all. A guest that stayed
+    paused: one query-status, not info registers. After another client's cont + stop: info registers again,
+    and the answer is the guest's new one."""
+    qemu, sevmon, theirs, ours = live
+    theirs.cmd("stop")
+    hmp(ours, "info mem")
+    asked = _asked_of_qemu(qemu, lambda: [hmp(ours, "xp /2xg 0x1000"), hmp(ours, "info sev-debug"),
+                                          hmp(ours, f"pmemsave 0x100000 0x10000 {tmp_path / 'p.bin'}")])
+    assert asked == ""
+    asked = _asked_of_qemu(qemu, lambda: hmp(ours, "info mem"))
+    assert "qmp_enter_query_status" in asked and "info registers" not in asked, asked
+    assert asked.count("qmp_enter_") == 1, asked
+    theirs.cmd("cont")
+    theirs.cmd("stop")
+    asked = _asked_of_qemu(qemu, lambda: hmp(ours, "info tlb"))
+    assert "info registers" in asked, asked
+    assert hmp(ours, "info tlb") == hmp(theirs, "info tlb")
 
 
 def test_forwarded_commands_are_qemus(live):
@@ -256,6 +290,26 @@ def test_register_expressions_are_sevmons_in_every_command(live):
     assert hmp(ours, "x /3i $rip") == hmp(theirs, f"x /3i {value['RIP']:#x}", 0)
     assert hmp(ours, "xp /2i $cr3 & ~0xfff") == hmp(theirs, f"xp /2i {cr3:#x}")
     assert hmp(ours, "x /2xg $rsp") == hmp(theirs, f"x /2xg {value['RSP']:#x}", 0)
+
+
+def test_hmp_migrate_without_d_waits_for_the_end(live):
+    """On sevmon's HMP socket, as on QEMU's interactive monitor, the prompt comes back when the migration has
+    ended (QEMU's human-monitor-command would continue detached)."""
+    qemu, sevmon, theirs, ours = live
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sevmon.hmp_path)
+
+    def until_prompt(data: bytes = b"") -> bytes:
+        while not data.endswith(b"(qemu) "):
+            data += s.recv(65536)
+        return data
+
+    until_prompt()
+    s.sendall(b'migrate "exec:cat > /dev/null"\n')
+    assert until_prompt() == b"(qemu) "
+    assert theirs.cmd_raw("query-migrate")["return"]["status"] == "completed"
+    assert hmp(ours, "info status") == "VM status: paused (postmigrate)\r\n"
+    s.close()
 
 
 def test_events_reach_every_client_and_quit_ends_both(live):
