@@ -6,7 +6,8 @@ Owned, QMP: ``memsave``, ``pmemsave``, ``dump-guest-memory`` (and its ``query-du
 sevmon's), and ``human-monitor-command`` for owned lines. Owned, HMP: ``x``, ``xp``,
 ``gva2gpa``, ``memsave``, ``pmemsave``, ``dump-guest-memory``, ``info mem``, ``info tlb``,
 ``info sev-debug``, ``info dump``, and ``info kvm`` (QEMU's text plus the
-``memory encryption:`` line). Everything else goes to QEMU.
+``memory encryption:`` line); for an SEV-ES guest also ``info registers`` and ``print``, which QEMU would answer
+from its stale reset state. Everything else goes to QEMU.
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
     for name in OWNED_QMP:
         registry.register(name, inline=name in full.inline)(full.handlers[name])
     hmp, info = CommandTable(), CommandTable()
+    # An SEV-ES guest: QEMU answers register questions from its stale reset state, so sevmon owns them too
+    es = getattr(machine, "registers_encrypted", False)
+    owned_hmp = OWNED_HMP + (("print",) if es else ())
+    owned_info = OWNED_INFO + (("registers",) if es else ())
     for c in all_hmp.commands:
-        if c.names[0] in OWNED_HMP:
+        if c.names[0] in owned_hmp:
             hmp.add(c)
     for c in all_info.commands:
-        if c.names[0] in OWNED_INFO:
+        if c.names[0] in owned_info:
             info.add(c)
     link = machine.link
     # the parent of sevmon's info items; any other info line (a bare "info" too) is QEMU's

@@ -14,17 +14,20 @@ from __future__ import annotations
 from sevmon.attach.info_registers_parser import parse_info_registers
 from sevmon.attach.qemu_link import QemuMonitorLink
 from sevmon.machine.interface import Capabilities, MachineConfig, RunState, RunStateMachine
-from sevmon.x86.cpu import CpuState
+from sevmon.sev.abi import Policy
+from sevmon.x86.cpu import QEMU_DUMP_STALE, CpuState
 
 _INVALIDATING = ("RESUME", "RESET", "SHUTDOWN")
 
 
 class LiveCpus:
-    """The vCPUs of QEMU, registers read with ``info registers`` on first use per command."""
+    """The vCPUs of QEMU, registers read with ``info registers`` on first use per command. ``encrypted``: an
+    SEV-ES guest, whose registers QEMU cannot read (it prints its stale reset state): never asked, never used."""
 
-    def __init__(self, link: QemuMonitorLink, count: int):
+    def __init__(self, link: QemuMonitorLink, count: int, *, encrypted: bool = False):
         self._link = link
         self._count = count
+        self.encrypted = encrypted
         self._fresh: dict[int, CpuState] = {}
         self.last_used = 0  # begin_command prefetches this vCPU's registers with the run state
 
@@ -39,6 +42,8 @@ class LiveCpus:
             raise IndexError(i)
         i %= self._count
         self.last_used = i
+        if self.encrypted:
+            return CpuState(index=i, unavailable=QEMU_DUMP_STALE)
         cpu = self._fresh.get(i)
         if cpu is None:
             text = self._link.call_sync(self._link.hmp("info registers", i))
@@ -63,7 +68,9 @@ class AttachedMachine(RunStateMachine):
         self.sev = sev
         self.ram = ram
         self.memory = memory
-        self.cpus = LiveCpus(link, cpu_count)
+        #: SEV-ES (query-sev policy bit 2): the vCPUs' state is in encrypted VMSAs; QEMU's dump of it is stale
+        self.registers_encrypted = sev is not None and bool(sev.policy & Policy.ES)
+        self.cpus = LiveCpus(link, cpu_count, encrypted=self.registers_encrypted)
         self.config = MachineConfig(kvm_enabled=bool(kvm and kvm.get("enabled")),
                                     kvm_present=bool(kvm and kvm.get("present")), source="attach",
                                     memory_encryption=memory_encryption)
@@ -125,12 +132,17 @@ class AttachedMachine(RunStateMachine):
         idx = self.cpus.last_used
 
         async def sync():
-            regs = await self.link.hmp("info registers", idx)
+            if self.registers_encrypted:  # no register dump to fetch: any reply orders the events as well
+                await self.link.execute("query-status")
+                regs = None
+            else:
+                regs = await self.link.hmp("info registers", idx)
             self.link.drain()  # events QEMU sent before that reply
             return regs
         regs = self.link.call_sync(sync())
         self.cpus.forget()
-        self.cpus._fresh[idx] = parse_info_registers(regs, idx)
+        if regs is not None:
+            self.cpus._fresh[idx] = parse_info_registers(regs, idx)
         if self.running or self._dirty:
             self.memory.invalidate()
         self._dirty = self.running
