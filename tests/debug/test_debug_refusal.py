@@ -30,3 +30,10 @@ def test_debug_allowed_without_sev_or_with_policy_0():
 def test_cbit_mask_is_zero_without_sev():
     assert cbit_mask(SimpleNamespace(sev=None)) == 0
     assert cbit_mask(SimpleNamespace(sev=SimpleNamespace(me_mask=1 << 47))) == 1 << 47
+
+
+def test_sev_es_is_debuggable_unless_nodbg_and_snp_is_not():
+    from sevmon.debug.refusal import sev_type
+    assert sev_type(SimpleNamespace(policy=0x4)) == "sev-es" and debug_refusal(SimpleNamespace(policy=0x4)) is None
+    assert sev_type(SimpleNamespace(policy=0x1)) == "sev"
+    assert debug_refusal(SimpleNamespace(policy=0x4, snp=True)).startswith("an SEV-SNP guest's memory")

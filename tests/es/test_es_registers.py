@@ -89,3 +89,21 @@ def test_gdb_stub_reports_every_register_unavailable(make_daemon):
     out = run_gdb(sock, "p $pc", "info registers rip")
     assert "PC register is not available" in out
     assert not re.search(r"0x[0-9a-f]+", out.split("PC register is not available")[1])  # no value anywhere
+
+
+def test_dump_guest_memory_carries_no_register_notes(make_daemon, tmp_path):
+    """QEMU 7.2 would write its stale reset state into NT_PRSTATUS; sevmon's core has the memory only."""
+    d = make_daemon("--policy", "0x4", "--smp", "2")
+    core = tmp_path / "es.core"
+    q = qmp_connect(d)
+    try:
+        r = q.cmd_obj({"execute": "dump-guest-memory", "arguments": {"paging": False, "protocol": f"file:{core}"}})
+        assert r == {"return": {}}
+        assert q.cmd_obj({"execute": "query-dump"})["return"]["status"] == "completed"
+    finally:
+        q.close()
+    data = core.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2          # ELF64, as for any 64-bit guest
+    head = data[:0x10000]
+    assert b"CORE\0" not in head and b"QEMU\0" not in head   # no NT_PRSTATUS, no QEMUCPUState
+    assert b"kernel text +0x0" in data                      # the memory itself, decrypted
