@@ -107,3 +107,14 @@ def test_dump_guest_memory_carries_no_register_notes(make_daemon, tmp_path):
     head = data[:0x10000]
     assert b"CORE\0" not in head and b"QEMU\0" not in head   # no NT_PRSTATUS, no QEMUCPUState
     assert b"kernel text +0x0" in data                      # the memory itself, decrypted
+
+
+def test_migration_of_an_sev_es_guest_is_refused_in_one_sentence(make_daemon, tmp_path):
+    """Its registers would have to travel (SEND_UPDATE_VMSA): sevmon sends none rather than made-up ones."""
+    d = make_daemon("--policy", "0x4")
+    q = qmp_connect(d)
+    try:
+        r = q.cmd_obj({"execute": "migrate", "arguments": {"uri": f"unix:{tmp_path / 'm.sock'}"}})
+        assert r["error"]["desc"].startswith("sevmon does not migrate SEV-ES guests")
+    finally:
+        q.close()
