@@ -48,7 +48,7 @@ def test_walks_refuse_rather_than_use_any_cr3(make_daemon, tmp_path):
     d = make_daemon("--policy", "0x4")
     q = qmp_connect(d)
     try:
-        for cmd in ("info mem", "info tlb", "gva2gpa 0xffffffff81000000", "x /2xg 0xffffffff81000000",
+        for cmd in ("info mem", "info tlb", "info sev-mem", "gva2gpa 0xffffffff81000000", "x /2xg 0xffffffff81000000",
                     f'memsave 0xffffffff81000000 4096 "{tmp_path / "m.bin"}"'):
             out = hmp(q, cmd)
             assert out.startswith("Error: ") and SENTENCE in out and out.count("\n") <= 1, (cmd, out)
