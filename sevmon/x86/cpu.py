@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from sevmon.qmp.errors import QMPError
+from sevmon.errors import CommandError
 
 CR0_PG = 1 << 31
 CR0_PE = 1 << 0
@@ -48,7 +48,7 @@ QEMU_DUMP_STALE = (VMSA_ENCRYPTED + "; QEMU's own 'info registers' shows its cac
                    "sevmon never uses it")
 
 
-class RegistersUnavailable(QMPError):
+class RegistersUnavailable(CommandError):
     """A register was asked of a vCPU whose registers are unknown (:attr:`CpuState.unavailable`): a monitor
     error (QMP GenericError, HMP ``Error: ...``) with the sentence that says why."""
 
