@@ -1,10 +1,12 @@
 """``sevmon check``: can this host (and this QEMU) be debugged live as an SEV guest? In the spirit of ``sevctl ok``.
 
 Each item says what was found and, when it fails, the fix. Exit status 0 only when everything live SEV debugging
-needs holds: /dev/kvm, kvm_amd's sev parameter, /dev/sev in a usable platform state, SEV in CPUID 0x8000001F,
-KVM_CAP_VM_COPY_ENC_CONTEXT_FROM (the mirror VM, Linux >= 5.15), memlock headroom for the two pages each DBG
-chunk pins, and, given ``--qemu-pid``, ptrace rights over QEMU, its KVM VM fd, a shareable RAM backend and (with
-``--qemu-qmp``) a guest policy that allows debugging. Everything here only reads: no VM is created.
+needs holds: /dev/kvm, kvm_amd's sev parameter, /dev/sev in a usable platform state, SEV in CPUID 0x8000001F, a
+running kernel whose mirror VMs can issue debug commands (5.15, or a 5.14.10+ stable with the backport), memlock
+headroom for the two pages each DBG chunk pins, and, given ``--qemu-pid``, ptrace rights over QEMU, its KVM VM fd,
+a shareable RAM backend (memfd, /dev/shm or hugetlbfs file) and (with ``--qemu-qmp``) a plain SEV guest whose policy
+allows debugging. The KVM_CAP_VM_COPY_ENC_CONTEXT_FROM probe and the memlock figure for ``serve --kvm`` are reported
+for what they are. Everything here only reads: no VM is created.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import socket
 import sys
 from dataclasses import asdict, dataclass
 
-from sevmon.debug.refusal import policy_forbids_debug
+from sevmon.debug.refusal import TYPE_REFUSALS, policy_forbids_debug, sev_type
 from sevmon.sev.abi import (
     KVM_CAP_VM_COPY_ENC_CONTEXT_FROM,
     KVM_CHECK_EXTENSION,
@@ -54,6 +56,7 @@ class Paths:
     kvm_amd: str = "/sys/module/kvm_amd/parameters"
     cpuid: str = "/dev/cpu/0/cpuid"
     proc: str = "/proc"
+    osrelease: str = "/proc/sys/kernel/osrelease"
 
 
 def _ioctl(fd: int, request: int, arg: int) -> int:
@@ -138,6 +141,41 @@ def check_cpuid(p: Paths) -> Item:
                 f"ASIDs {c.min_sev_asid}..{c.num_encrypted_guests}")
 
 
+KERNEL_FIX = ("Linux 5.15 or later, or a 5.14 stable from 5.14.10 (a distribution kernel with an older number may "
+              "carry the backport: its vendor can say)")
+
+
+def kernel_version(release: str) -> tuple[int, int, int] | None:
+    """``5.14.10-200.fc34.x86_64`` -> (5, 14, 10); None if it does not start with a version."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)) if m else None
+
+
+def check_kernel(p: Paths) -> Item:
+    """What the running kernel's mirror VMs can do. KVM_CAP_VM_COPY_ENC_CONTEXT_FROM came in 5.13, but until the
+    mirror's command allow-list and the copy of the source's handle and /dev/sev fd (mainline 5.15, backported to
+    5.14.10 stable) a mirror copied only the ASID, and every command on it fails with EINVAL."""
+    name = "running kernel"
+    try:
+        release = open(p.osrelease).read().strip()
+    except OSError as e:
+        return Item(name, FAIL, f"{p.osrelease}: {e.strerror}", KERNEL_FIX)
+    v = kernel_version(release)
+    if v is None:
+        return Item(name, FAIL, f"Linux {release}: not a version sevmon can read", KERNEL_FIX)
+    if v >= (5, 15):
+        return Item(name, OK, f"Linux {release}: mirror VMs can issue debug commands (5.15 and later)")
+    if v[:2] == (5, 14) and v[2] >= 10:
+        return Item(name, OK, f"Linux {release}: mirror VMs can issue debug commands (5.14.10+ stable carries "
+                              "5.15's fixes)")
+    if v >= (5, 13):
+        return Item(name, FAIL, f"Linux {release}: mirror VMs exist (5.13) but copy only the ASID, not the guest's "
+                                "handle and /dev/sev fd: every command on a mirror fails with EINVAL", KERNEL_FIX)
+    return Item(name, FAIL, f"Linux {release}: no mirror VMs before 5.13", KERNEL_FIX)
+
+
 def check_mirror_cap(p: Paths) -> Item:
     name = "KVM_CAP_VM_COPY_ENC_CONTEXT_FROM"
     try:
@@ -152,10 +190,10 @@ def check_mirror_cap(p: Paths) -> Item:
         why = ""
     finally:
         os.close(fd)
-    if r:
-        return Item(name, OK, "mirror VMs are supported")
-    return Item(name, FAIL, f"KVM_CHECK_EXTENSION(197) = 0{why}: no mirror VMs",
-                "Linux >= 5.15 with kvm_amd (the capability is SVM's)")
+    if r:  # x86 KVM answers for every vendor: a fact about the kernel's age, not about SEV
+        return Item(name, OK, f"KVM_CHECK_EXTENSION(197) = {r}: this kernel knows mirror VMs (5.13 and later); "
+                              "every x86 host answers so, Intel too: it says nothing about SEV")
+    return Item(name, FAIL, f"KVM_CHECK_EXTENSION(197) = 0{why}: this kernel has no mirror VMs", KERNEL_FIX)
 
 
 def check_memlock() -> Item:
@@ -167,6 +205,34 @@ def check_memlock() -> Item:
         return Item("memlock limit", OK, f"{soft // 1024} KiB (each DBG chunk pins 2 pages)")
     return Item("memlock limit", FAIL, f"{soft} bytes: below the 2 pages each DBG chunk pins",
                 "ulimit -l 64 (or CAP_IPC_LOCK)")
+
+
+CAP_IPC_LOCK = 14
+
+
+def _has_cap_ipc_lock(p: Paths) -> bool:
+    try:
+        for line in open(os.path.join(p.proc, "self", "status")):
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_IPC_LOCK & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def check_kvm_memlock(p: Paths) -> Item:
+    """``serve --kvm`` registers all of the image's RAM with KVM (REG_REGION pins it) on top of the 2 pages per DBG
+    chunk: how much RAM that allows under this process's limit (the kernel skips the limit with CAP_IPC_LOCK).
+    Reported, not judged: live debugging through a mirror does not need it, and the image size is not known here."""
+    name = "memlock for --kvm"
+    if _has_cap_ipc_lock(p):
+        return Item(name, OK, "CAP_IPC_LOCK held: serve --kvm may pin all of an image's RAM whatever the limit")
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY:
+        return Item(name, OK, "unlimited: serve --kvm may pin all of an image's RAM")
+    room = max(0, soft - 2 * PAGE_SIZE)
+    return Item(name, OK, f"serve --kvm pins all of an image's RAM: under this limit ({soft // 1024} KiB, no "
+                          f"CAP_IPC_LOCK) images of up to {room >> 20} MiB of RAM fit; raise it with ulimit -l")
 
 
 def _fd_links(p: Paths, pid: int) -> dict[int, str]:
@@ -184,7 +250,7 @@ def check_qemu(p: Paths, pid: int | None, qmp: str | None) -> list[Item]:
     if pid is None:
         why = "no --qemu-pid given"
         return [Item(n, SKIP, why) for n in ("QEMU ptrace rights", "QEMU VM fd", "QEMU RAM backend",
-                                              "QEMU guest policy")]
+                                              "QEMU guest type", "QEMU guest policy")]
     items = []
     try:
         links = _fd_links(p, pid)
@@ -199,7 +265,7 @@ def check_qemu(p: Paths, pid: int | None, qmp: str | None) -> list[Item]:
                  Item("QEMU VM fd", FAIL, "no anon_inode:kvm-vm fd: QEMU is not running a KVM guest",
                       "run QEMU with -accel kvm and an sev-guest object"))
     items.append(_backend_item(p, pid, links))
-    items.append(_policy_item(qmp))
+    items.extend(_guest_items(qmp))
     return items
 
 
@@ -231,12 +297,16 @@ def _backend_item(p: Paths, pid: int, links: dict[int, str]) -> Item:
     name = "QEMU RAM backend"
     memfds = [link for link in links.values() if link.startswith("/memfd:")]
     shm = []
+    shareable = _shareable_dirs(p)
     try:
         for line in open(os.path.join(p.proc, str(pid), "maps")):
             f = line.split()
             lo, hi = (int(x, 16) for x in f[0].split("-"))
-            if len(f) >= 6 and f[1][3] == "s" and hi - lo >= 1 << 20 and not f[5].startswith("/dev/"):
-                shm.append((hi - lo, " ".join(f[5:])))
+            what = " ".join(f[5:])
+            # a file backend anywhere but a device node: /dev/shm (tmpfs) and hugetlbfs mounts are files too
+            if len(f) >= 6 and f[1][3] == "s" and hi - lo >= 1 << 20 and (
+                    not what.startswith("/dev/") or what.startswith(shareable)):
+                shm.append((hi - lo, what))
     except OSError as e:
         return Item(name, FAIL, f"/proc/{pid}/maps: {e.strerror}", "ptrace rights over QEMU")
     if shm:
@@ -248,13 +318,61 @@ def _backend_item(p: Paths, pid: int, links: dict[int, str]) -> Item:
                 "-object memory-backend-memfd,id=ram0,size=SIZE,share=on -machine memory-backend=ram0")
 
 
-def _policy_item(qmp: str | None) -> Item:
+def _shareable_dirs(p: Paths) -> tuple[str, ...]:
+    """Directories under /dev that hold files, not devices: /dev/shm and every hugetlbfs mount point."""
+    dirs = ["/dev/shm/", "/dev/hugepages/"]
+    try:
+        for line in open(os.path.join(p.proc, "self", "mounts")):
+            f = line.split()
+            if len(f) >= 3 and f[2] in ("hugetlbfs", "tmpfs") and f[1].startswith("/dev/"):
+                dirs.append(f[1].rstrip("/") + "/")
+    except OSError:
+        pass
+    return tuple(dirs)
+
+
+def _guest_items(qmp: str | None) -> list[Item]:
+    """The guest's SEV type (query-sev's sev-type where QEMU has it, else the policy's ES bit) and its policy."""
+    if qmp is None:
+        why = "unknown: needs --qemu-qmp SOCKET to ask QEMU (query-sev)"
+        return [Item("QEMU guest type", FAIL, why, "pass QEMU's QMP socket with --qemu-qmp"), _policy_item(None)]
+    try:
+        info = qmp_query(qmp, "query-sev")
+    except (OSError, ValueError) as e:
+        return [Item("QEMU guest type", FAIL, f"query-sev on {qmp}: {e}", "a QMP socket of the running QEMU"),
+                Item("QEMU guest policy", SKIP, "see QEMU guest type")]
+    ret = info.get("return") or {}
+    if "error" in info or not ret.get("enabled", True):
+        return [_type_item(None), _policy_item(qmp, info)]
+    t = sev_type(ret)
+    return [_type_item(t, ret), _policy_item(qmp, info) if t != "sev-snp" else
+            Item("QEMU guest policy", SKIP, f"snp-policy {ret.get('snp-policy', 0):#x}: an SNP guest, see "
+                                            "QEMU guest type")]
+
+
+def _type_item(t: str | None, ret: dict | None = None) -> Item:
+    name = "QEMU guest type"
+    if t is None:
+        return Item(name, FAIL, "not an SEV guest", "QEMU must run an sev-guest "
+                                                    "(-machine confidential-guest-support=sev0)")
+    source = f"sev-type {t}" if "sev-type" in (ret or {}) else f"policy {ret.get('policy', 0):#x}"
+    if t == "sev-snp":
+        return Item(name, FAIL, f"SEV-SNP ({source}): {TYPE_REFUSALS['sev-snp']}",
+                    "a kernel patched to allow debugging SNP guests, or relaunch the guest as plain SEV")
+    if t == "sev-es":
+        return Item(name, FAIL, f"SEV-ES ({source}, ES bit set): its registers are in the encrypted VMSA, so "
+                                "QEMU has no CR3 for sevmon to walk the page tables from; sevmon debugs plain SEV "
+                                "guests", "relaunch with the ES bit (0x4) clear in sev-guest,policy")
+    return Item(name, OK, f"SEV ({source}{', no ES bit' if 'sev-type' not in ret else ''})")
+
+
+def _policy_item(qmp: str | None, info: dict | None = None) -> Item:
     name = "QEMU guest policy"
     if qmp is None:
         return Item(name, FAIL, "unknown: needs --qemu-qmp SOCKET to ask QEMU (query-sev)",
                     "pass QEMU's QMP socket with --qemu-qmp")
     try:
-        info = qmp_query(qmp, "query-sev")
+        info = info if info is not None else qmp_query(qmp, "query-sev")
     except (OSError, ValueError) as e:
         return Item(name, FAIL, f"query-sev on {qmp}: {e}", "a QMP socket of the running QEMU")
     if "error" in info:
@@ -297,8 +415,8 @@ def qmp_query(path: str, command: str) -> dict:
 
 def run_checks(qemu_pid: int | None = None, qemu_qmp: str | None = None, paths: Paths | None = None) -> list[Item]:
     p = paths or Paths()
-    return [check_kvm(p), *check_kvm_amd(p), check_dev_sev(p), check_cpuid(p), check_mirror_cap(p),
-            check_memlock(), *check_qemu(p, qemu_pid, qemu_qmp)]
+    return [check_kvm(p), *check_kvm_amd(p), check_dev_sev(p), check_cpuid(p), check_kernel(p), check_mirror_cap(p),
+            check_memlock(), check_kvm_memlock(p), *check_qemu(p, qemu_pid, qemu_qmp)]
 
 
 def verdict(items: list[Item]) -> str:

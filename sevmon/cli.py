@@ -105,6 +105,19 @@ def guest_spec(args: argparse.Namespace) -> GuestSpec:
                      incoming=getattr(args, "incoming", None))
 
 
+def _check_attach_options(serve, args) -> None:
+    """--qemu-pid belongs to --attach, --connect to --libvirt; --attach and --libvirt exclude each other."""
+    if args.attach and args.libvirt:
+        serve.error("argument --libvirt: not allowed with argument --attach")
+    if args.libvirt and args.incoming:
+        serve.error("argument --incoming: not allowed with argument --libvirt (the domain's QEMU takes its own "
+                    "-incoming)")
+    if args.qemu_pid is not None and not args.attach:
+        serve.error("argument --qemu-pid: only with --attach (QEMU's process behind a proxy's socket)")
+    if args.connect is not None and not args.libvirt:
+        serve.error("argument --connect: only with --libvirt")
+
+
 def build_parser() -> OneLineParser:
     """The whole command line; ``parser.subcommands`` maps each subcommand to its parser."""
     parser = OneLineParser(prog="sevmon", description=DESCRIPTION)
@@ -122,6 +135,13 @@ def build_parser() -> OneLineParser:
     serve.add_argument("--attach", metavar="QEMU_QMP_SOCKET",
                        help="be the monitor of a running QEMU: its QMP socket, its RAM in a shared backend "
                             "(see README)")
+    serve.add_argument("--qemu-pid", type=ranged(1, 2**22), metavar="PID",
+                       help="with --attach: QEMU's process, when the socket is a proxy's (its peer is not QEMU)")
+    serve.add_argument("--libvirt", metavar="DOMAIN",
+                       help="be the monitor of a running libvirt domain (name, id or UUID) through libvirt's "
+                            "QMP proxy; its RAM in a shared memfd backing (see README)")
+    serve.add_argument("--connect", metavar="URI", help="with --libvirt: libvirt's connection URI "
+                                                        "(default: libvirt's own default)")
     serve.add_argument("--gdb", metavar="DEVICE",
                        help="gdb stub, QEMU's -gdb syntax: tcp:[HOST]:PORT (tcp::1234 binds 127.0.0.1) or unix:PATH")
     add_guest_options(serve)
@@ -132,7 +152,8 @@ def build_parser() -> OneLineParser:
     shell.add_argument("socket", nargs="?", default="./sevmon-qmp.sock", metavar="QMP_SOCKET",
                        help="the daemon's QMP socket (default ./sevmon-qmp.sock)")
     shell.add_argument("-c", "--command", action="append", default=[], metavar="LINE",
-                       help="run LINE non-interactively (repeatable); exit non-zero on a QMP error")
+                       help="run LINE non-interactively (repeatable); exit 1 if a line fails: a QMP error, "
+                            "or HMP's 'Error: ...', 'unknown command' or a bad argument")
 
     bench = sub.add_parser("bench", help="measure round trips and times, side by side")
     bench.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -155,7 +176,7 @@ def build_parser() -> OneLineParser:
     check.add_argument("--qemu-qmp", metavar="SOCKET", help="QEMU's QMP socket, to read its guest policy")
     check.add_argument("--json", action="store_true", help="print the checks as one JSON object")
 
-    add_verbose(shell)
+    add_verbose(shell, help="log the QMP traffic and the client library's debug lines to stderr")
     add_verbose(bench)
     add_verbose(check)
     parser.subcommands = sub.choices
@@ -171,12 +192,27 @@ def main(argv: list[str] | None = None) -> int:
         check_guest_options(parser.subcommands[args.subcommand], args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="sevmon: %(message)s", stream=sys.stderr)
+    logging.getLogger("asyncio").setLevel(logging.INFO)  # -v: not asyncio's "Using selector: EpollSelector"
+    if args.subcommand == "serve" and args.gdb is not None:
+        from sevmon.gdb.server import DeviceError, parse_device
+        try:
+            if args.gdb != "none":
+                parse_device(args.gdb)
+        except DeviceError as e:  # a bad option value, as for every other option: one line, exit 2
+            parser.subcommands["serve"].error(f"argument --gdb: {e}")
     if args.subcommand == "serve" and args.attach and args.incoming:
         parser.subcommands["serve"].error("argument --incoming: not allowed with argument --attach "
                                           "(the attached QEMU takes its own -incoming)")
+    if args.subcommand == "serve":
+        _check_attach_options(parser.subcommands["serve"], args)
+    if args.subcommand == "serve" and args.libvirt:
+        from sevmon.attach.serve import serve_libvirt
+        return serve_libvirt(args.libvirt, args.connect, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"],
+                             args.hmp, args.gdb)
     if args.subcommand == "serve" and args.attach:
         from sevmon.attach.serve import serve_attached
-        return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb)
+        return serve_attached(args.attach, guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb,
+                              qemu_pid=args.qemu_pid)
     if args.subcommand == "serve":
         from sevmon.daemon import serve
         return serve(guest_spec(args), args.qmp or ["./sevmon-qmp.sock"], args.hmp, args.gdb)

@@ -22,9 +22,11 @@ GUEST_TICK = 0.05  # seconds between guest time slices while running
 
 
 async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, ready=None,
-                     build_commands=build, configure=None, until=None, gdb: str | None = None) -> None:
+                     build_commands=build, configure=None, until=None, gdb: str | None = None,
+                     on_signal: str = "stopping: clients get SHUTDOWN, the sockets are removed") -> None:
     """``build_commands(runner)`` gives the command set; ``configure(server)`` adjusts the
-    QMP server before it listens; ``until`` (an awaitable) also ends the daemon; ``gdb``: a -gdb device."""
+    QMP server before it listens; ``until`` (an awaitable) also ends the daemon; ``gdb``: a -gdb device;
+    ``on_signal``: what the daemon says it does on SIGINT/SIGTERM (a Ctrl-C that prints nothing looks lost)."""
     # The machine thread runs long pure-Python walks; a short GIL switch interval lets the
     # event loop answer state queries and other clients' I/O in between (measured by
     # sevmon bench: query-status p99 under 31 concurrent info mem clients).
@@ -37,8 +39,12 @@ async def run_daemon(machine, qmp_paths: list[str], hmp_paths: list[str], *, rea
     hmp_server = None
     paths: list[str] = []
     loop = asyncio.get_running_loop()
+    def stop(sig: signal.Signals) -> None:
+        log.info("%s: %s", sig.name, on_signal)
+        machine.quit("host-signal")
+
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the sockets exist: a client may signal at once
-        loop.add_signal_handler(sig, lambda: machine.quit("host-signal"))
+        loop.add_signal_handler(sig, stop, sig)
     gdb_server = _gdb_stub(runner, hmp)
     from sevmon.commands.migration import start_incoming
     incoming = start_incoming(runner)  # --incoming: bound before the daemon says it is ready

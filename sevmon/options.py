@@ -75,6 +75,8 @@ def guest_ram_end(args) -> int | None:
 def check_guest_options(parser: argparse.ArgumentParser, args) -> None:
     """The checks that need several options at once; ``parser.error`` (one line, exit 2) on failure."""
     builtin = not (args.core or args.raw)
+    if builtin and getattr(args, "cpu_state", None):
+        parser.error("argument --cpu-state: only with --core or --raw (the built-in guest sets its own registers)")
     if builtin and args.paging == "32" and args.memory > MEMORY_MAX_MIB_32:
         parser.error(f"argument --memory: {args.memory} is out of range for --paging 32 "
                      f"(accepted: {MEMORY_MIN_MIB}..{MEMORY_MAX_MIB_32} MiB: 32-bit page tables reach 4 GiB)")
@@ -92,8 +94,10 @@ def check_guest_options(parser: argparse.ArgumentParser, args) -> None:
                      f"guest-physical addresses the RAM needs, within the page tables' address bits)")
 
 
-def add_verbose(p: argparse.ArgumentParser, *, top: bool = False) -> None:
-    """``-v`` on the top level and on each subcommand (``sevmon serve -v`` reads naturally)."""
-    p.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
-                   help="log each command the daemon runs, with its duration (and other debug lines) to stderr")
+def add_verbose(p: argparse.ArgumentParser, *, top: bool = False,
+                help: str = "log each command the daemon runs, with its duration (and other debug lines) to stderr",
+                ) -> None:
+    """``-v`` on the top level and on each subcommand (``sevmon serve -v`` reads naturally); ``help`` says what
+    it shows for that subcommand."""
+    p.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS, help=help)
 

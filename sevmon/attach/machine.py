@@ -2,11 +2,17 @@
 run on it unchanged.
 
 Coherence: QEMU runs the guest between (and during) commands. The run state follows QEMU's
-events (STOP, RESUME; query-status at attach). ``begin_command`` makes one trip to QEMU
-and takes in every event QEMU sent before its reply: a guest that is running, or ran
-(RESUME) or was reset since the last command, starts the command with an empty page
-cache; a guest that stayed paused keeps it. Registers are fetched fresh for each command,
-for the vCPU the command uses.
+events (STOP, RESUME; query-status at attach). A command syncs with QEMU only when it needs
+to, at its first use of registers (``cpus[i]``): a command that needs none (``xp``,
+``pmemsave``, ``info sev-debug``) makes no trip to QEMU and reads RAM as it is now, past the
+page cache. The sync: a guest that is running, or ran (RESUME) or was reset since the last
+sync, starts from an empty page cache and fresh registers (``info registers``, whose reply
+also brings in every event QEMU sent before it); a guest that seems to have stayed paused
+costs one ``query-status``, far cheaper than ``info registers``: QEMU sends events and
+replies in order on the one socket, so once that reply is in, a RESUME sent by any other
+client's ``cont`` (libvirt's on QEMU's other monitor too) has been seen, and the cache and
+registers are dropped. Behind a proxy (``--libvirt``, ``--qemu-pid``) events and replies
+travel apart, so there every command that needs registers starts cold.
 """
 
 from __future__ import annotations
@@ -21,18 +27,28 @@ _INVALIDATING = ("RESUME", "RESET", "SHUTDOWN")
 
 
 class LiveCpus:
-    """The vCPUs of QEMU, registers read with ``info registers`` on first use per command. ``encrypted``: an
-    SEV-ES guest, whose registers QEMU cannot read (it prints its stale reset state): never asked, never used."""
+    """The vCPUs of QEMU, registers read with ``info registers`` on first use after a sync that dropped them."""
 
-    def __init__(self, link: QemuMonitorLink, count: int, *, encrypted: bool = False):
+    def __init__(self, link: QemuMonitorLink, count: int, sync=lambda: None, *, encrypted: bool = False):
+        """``encrypted``: an SEV-ES guest, whose registers QEMU cannot read (it prints its stale reset state):
+        never asked, never used."""
+        self.encrypted = encrypted
         self._link = link
         self._count = count
-        self.encrypted = encrypted
         self._fresh: dict[int, CpuState] = {}
-        self.last_used = 0  # begin_command prefetches this vCPU's registers with the run state
+        self._sync = sync
+        self.last_used = 0
 
     def forget(self) -> None:
         self._fresh.clear()
+
+    def fetch(self, i: int) -> str:
+        """QEMU's ``info registers`` for vCPU ``i``, once every event QEMU sent before it is taken in."""
+        async def regs():
+            text = await self._link.hmp("info registers", i)
+            self._link.drain()
+            return text
+        return self._link.call_sync(regs())
 
     def __len__(self) -> int:
         return self._count
@@ -42,12 +58,12 @@ class LiveCpus:
             raise IndexError(i)
         i %= self._count
         self.last_used = i
+        self._sync()
         if self.encrypted:
             return CpuState(index=i, unavailable=QEMU_DUMP_STALE)
         cpu = self._fresh.get(i)
         if cpu is None:
-            text = self._link.call_sync(self._link.hmp("info registers", i))
-            cpu = self._fresh[i] = parse_info_registers(text, i)
+            cpu = self._fresh[i] = parse_info_registers(self.fetch(i), i)
         return cpu
 
     def __iter__(self):
@@ -58,7 +74,9 @@ class AttachedMachine(RunStateMachine):
     """What sevmon monitors when attached: QEMU's guest, memory through DebugMemory."""
 
     # QEMU's SHUTDOWN is relayed and QEMU closes the link; registers are QEMU's, read fresh, never written
-    capabilities = Capabilities(ends_with_shutdown=False, write_registers=False)
+    capabilities = Capabilities(ends_with_shutdown=False, write_registers=False,
+                                no_step_reason="QEMU runs this guest, and QEMU's monitor has no command to "
+                                "single-step it (use QEMU's own -gdb for stepping)")
 
     def __init__(self, link: QemuMonitorLink, ram, memory, cpu_count: int, status: str, *, kvm: dict | None = None,
                  sev=None, memory_encryption: bool = False):
@@ -70,7 +88,9 @@ class AttachedMachine(RunStateMachine):
         self.memory = memory
         #: SEV-ES (query-sev policy bit 2): the vCPUs' state is in encrypted VMSAs; QEMU's dump of it is stale
         self.registers_encrypted = sev is not None and bool(sev.policy & Policy.ES)
-        self.cpus = LiveCpus(link, cpu_count, encrypted=self.registers_encrypted)
+        self.cpus = LiveCpus(link, cpu_count, self._sync, encrypted=self.registers_encrypted)
+        self._synced = False
+        memory.coherent = lambda: self._synced  # before a sync the page cache may be stale: RAM as it is
         self.config = MachineConfig(kvm_enabled=bool(kvm and kvm.get("enabled")),
                                     kvm_present=bool(kvm and kvm.get("present")), source="attach",
                                     memory_encryption=memory_encryption)
@@ -125,26 +145,29 @@ class AttachedMachine(RunStateMachine):
             self.link.loop.call_soon_threadsafe(self.link.detach.set)
 
     def begin_command(self) -> None:
-        """On the machine thread, before each owned command: one trip to QEMU, for the
-        registers of the vCPU the last command used. QEMU sends events and replies in
-        order on the one socket, so once that reply is in, every STOP/RESUME/RESET sent
-        before it has been taken in: the run state is as current as a query-status."""
-        idx = self.cpus.last_used
+        """On the machine thread, before each owned command: nothing yet (see ``_sync``)."""
+        self._synced = False
 
-        async def sync():
-            if self.registers_encrypted:  # no register dump to fetch: any reply orders the events as well
-                await self.link.execute("query-status")
-                regs = None
-            else:
-                regs = await self.link.hmp("info registers", idx)
-            self.link.drain()  # events QEMU sent before that reply
-            return regs
-        regs = self.link.call_sync(sync())
-        self.cpus.forget()
-        if regs is not None:
-            self.cpus._fresh[idx] = parse_info_registers(regs, idx)
+    def _sync(self) -> None:
+        """Once per command, at its first use of registers: make registers and page cache current."""
+        if self._synced:
+            return
+        self._synced = True
+        if self.link.proxied:
+            # behind a proxy (libvirt's) events and replies travel apart: no reply proves that a RESUME sent
+            # before it has arrived (nor do registers: an idle guest halts again where it halted), so every
+            # command starts from an empty cache and fresh registers
+            self._dirty = True
+        elif not (self.running or self._dirty):
+            async def status():
+                st = await self.link.execute("query-status")
+                self.link.drain()  # events QEMU sent before that reply
+                return st
+            if self.link.call_sync(status()).get("running") and not self.running:
+                self.follow(RunState.RUNNING)
         if self.running or self._dirty:
             self.memory.invalidate()
+            self.cpus.forget()
         self._dirty = self.running
 
     def run_guest(self) -> None:

@@ -2,7 +2,8 @@
 
 What :class:`sevmon.attach.machine.AttachedMachine`, the forwarding of QEMU's own commands and the attach server
 ask of the running QEMU's monitor, and nothing more. :class:`sevmon.attach.link.QemuLink` implements it over
-qemu.qmp; a libvirt-managed QEMU (its monitor reached through libvirt) would be a second implementation.
+qemu.qmp, on QEMU's own QMP socket or on a proxy's (``--qemu-pid``; libvirt's ``virt-qemu-qmp-proxy`` for
+``--libvirt``, :mod:`sevmon.attach.libvirt`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class QemuMonitorLink(Protocol):
     on_event: Callable[[dict], None] | None  #: QEMU's events, relayed in order
     closed: asyncio.Event                 #: QEMU closed the monitor (quit) or the socket was lost
     detach: asyncio.Event                 #: sevmon was told to stop: QEMU keeps running
+    proxied: bool                         #: behind a proxy: events and replies travel apart
+    on_shutdown_seen: Callable[[], bool]  #: has QEMU's SHUTDOWN reached sevmon's clients? (a proxy's link
+                                          #: closes once it has, or after a grace)
 
     async def connect(self) -> None: ...
 

@@ -105,8 +105,21 @@ def _memfd_candidates(pid: int) -> list[int]:
     return sorted(out)
 
 
-def open_memfd(pid: int, size: int, taken: set[int]) -> int:
-    """An fd of ours for QEMU's memfd of ``size`` bytes (matched by fstat, once each)."""
+def mapped_inode(pid: int, hva: int) -> int | None:
+    """The inode of the file QEMU maps at ``hva`` (``/proc/PID/maps``), or None."""
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, _, end = fields[0].partition("-")
+            if int(start, 16) <= hva < int(end, 16):
+                return int(fields[4]) or None
+    return None
+
+
+def open_memfd(pid: int, size: int, taken: set[int], inode: int | None = None) -> int:
+    """An fd of ours for QEMU's memfd of ``size`` bytes (matched by fstat, once each): the one
+    whose inode is ``inode`` (the file QEMU maps where this backend's RAM is), so that two
+    backends of equal size (NUMA nodes) are never swapped."""
     for fd in _memfd_candidates(pid):
         if fd in taken:
             continue
@@ -116,7 +129,8 @@ def open_memfd(pid: int, size: int, taken: set[int]) -> int:
             raise
         except OSError:
             ours = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
-        if os.fstat(ours).st_size == size:
+        st = os.fstat(ours)
+        if st.st_size == size and (inode is None or st.st_ino == inode):
             taken.add(fd)
             return ours
         os.close(ours)
@@ -131,13 +145,18 @@ def map_backend(fd: int, size: int) -> mmap.mmap:
 
 
 def open_backends(memdevs: list[dict], types: dict[str, str], paths: dict[str, str], pid: int | None,
-                  ranges: list[RamRange]) -> MappedRAM:
+                  ranges: list[RamRange], hvas: dict[str, int] | None = None) -> MappedRAM:
     """Map every backend the flat view uses. ``memdevs``: query-memdev; ``types``/``paths``:
-    qom type and mem-path by id. Raises AttachError with one sentence."""
+    qom type and mem-path by id; ``hvas``: where QEMU maps a byte of each memfd backend (its
+    ``gpa2hva``), which names the backend's file. Raises AttachError with one sentence."""
     used = {r.memdev for r in ranges}
     if not used:
         raise AttachError(f"QEMU's RAM is not in a memory backend sevmon can map: {SHARE_HINT}")
     by_id = {m["id"]: m for m in memdevs}
+    for r in ranges:  # a mapping shorter than the flat view says would read short, silently
+        if r.offset + r.size > by_id[r.memdev]["size"]:
+            raise AttachError(f"QEMU's flat view puts {r.size:#x} bytes of backend '{r.memdev}' at offset "
+                              f"{r.offset:#x}, beyond its size {by_id[r.memdev]['size']:#x}")
     maps: dict[str, mmap.mmap] = {}
     taken: set[int] = set()
     try:
@@ -150,7 +169,8 @@ def open_backends(memdevs: list[dict], types: dict[str, str], paths: dict[str, s
                 if kind == "memory-backend-memfd":
                     if pid is None:
                         raise AttachError("cannot tell QEMU's process from its monitor socket (no SO_PEERCRED)")
-                    fd = open_memfd(pid, dev["size"], taken)
+                    hva = (hvas or {}).get(mid)
+                    fd = open_memfd(pid, dev["size"], taken, None if hva is None else mapped_inode(pid, hva))
                 elif kind == "memory-backend-file":
                     fd = os.open(paths[mid], os.O_RDWR | os.O_CLOEXEC)
                 else:
@@ -171,3 +191,23 @@ def open_backends(memdevs: list[dict], types: dict[str, str], paths: dict[str, s
             m.close()
         raise
     return MappedRAM(ranges, maps, sum(by_id[m]["size"] for m in used))
+
+
+def device_reader(link):
+    """``read(gpa, n)`` of device memory (what QEMU's flat view maps as MMIO, not RAM) by QEMU itself, as its
+    ``xp`` reads it: devices are not encrypted, and their registers are QEMU's to read (with QEMU's side
+    effects). Raises MemoryAccessError where QEMU cannot access memory. RAM never goes this way."""
+    def read(gpa: int, n: int) -> bytes:
+        text = link.call_sync(link.hmp(f"xp /{n}xb 0x{gpa:x}"))
+        out = bytearray()
+        for line in text.split("\n"):
+            if not line:
+                continue
+            addr, _, rest = line.partition(":")
+            if "Cannot access memory" in rest:
+                raise MemoryAccessError(int(addr, 16))
+            out += bytes(int(v, 16) for v in rest.split())
+        if len(out) != n:
+            raise MemoryAccessError(gpa + len(out))
+        return bytes(out)
+    return read

@@ -2,21 +2,26 @@
 (ELF, paging off), reading plaintext through the debug API so an SEV guest's dump is
 usable. A detached dump runs on its own thread, taking the machine lock per chunk, and
 reports progress through query-dump. It is the runner's "dump" job: the daemon cancels it on
-shutdown and it removes the partial file.
+shutdown.
+
+The core is written beside the target and renamed into place when complete (:mod:`sevmon.outfile`): a refused,
+failed or cancelled dump never destroys an existing file and leaves no partial one. QEMU truncates the file first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 
 from sevmon.debug.ops import DebugError
+from sevmon.debug.refusal import machine_refusal
 from sevmon.errors import CommandError
+from sevmon.hmp.table import OWN, QEMU
 from sevmon.machine.cbit_note import cbit_note
 from sevmon.machine.dump import write_core
 from sevmon.machine.interface import RunState
 from sevmon.memory.ram import PAGE_SHIFT
+from sevmon.outfile import OutputFile, OutputFileError
 
 UNSUPPORTED_FORMATS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp")
 
@@ -29,8 +34,8 @@ JOB = "dump"  # the runner's job kind
 
 
 class DumpJob:
-    def __init__(self, runner, path: str, fd: int, begin, length):
-        self.runner, self.machine, self.path, self.fd = runner, runner.machine, path, fd
+    def __init__(self, runner, path: str, out: OutputFile, begin, length):
+        self.runner, self.machine, self.path, self.out = runner, runner.machine, path, out
         self.begin, self.length = begin, length
         self.status, self.completed, self.total = "active", 0, 0
         self.error: str | None = None
@@ -47,12 +52,6 @@ class DumpJob:
     def query(self) -> dict:
         return {"status": self.status, "completed": self.completed, "total": self.total}
 
-    def _remove_partial(self) -> None:
-        """A failed dump leaves no half-written file behind (only regular files are removed)."""
-        with contextlib.suppress(OSError):
-            if os.path.isfile(self.path):
-                os.unlink(self.path)
-
     def run(self) -> None:
         m = self.machine
         runs = [(first << PAGE_SHIFT, n << PAGE_SHIFT) for first, n in m.ram_runs()]
@@ -66,22 +65,23 @@ class DumpJob:
             self.completed, self.total = done, total
 
         try:
-            with os.fdopen(self.fd, "wb") as f:
-                write_core(f, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length,
-                           extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
+            write_core(self.out.file, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length,
+                       extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
+            self.out.commit()
             self.status = "completed"
         except Cancelled:
             self.status, self.error = "failed", "dump cancelled: sevmon is shutting down"
-            self._remove_partial()
         except DebugError as e:
             self.status, self.error = "failed", e.reason
-            self._remove_partial()
+        except OutputFileError as e:
+            self.status, self.error = "failed", str(e)
         except OSError as e:
             self.status, self.error = "failed", f"dump: failed to save memory: {os.strerror(e.errno or 5)}"
-            self._remove_partial()
-        except Exception as e:  # never leave a half-written file without a message
+        except Exception as e:  # never fail without a message
             self.status, self.error = "failed", f"dump failed: {e}"
         finally:
+            if self.status != "completed":
+                self.out.abort()   # the target, if any, is untouched
             if self.resume:
                 self.runner.locked(self._resume)
             m.emit("DUMP_COMPLETED", {"result": self.query(), **({"error": self.error} if self.error else {})})
@@ -112,11 +112,14 @@ def start_dump(runner, paging: bool, protocol: str, detach: bool | None, begin, 
     if length is not None and length == 0:
         raise CommandError("Invalid parameter 'length'")
     path = protocol[5:]
+    refusal = machine_refusal(machine)
+    if refusal:  # before any file is created
+        raise CommandError(refusal)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
-    except OSError as e:
-        raise CommandError(f"Could not open '{path}': {os.strerror(e.errno)}") from None
-    job = DumpJob(runner, path, fd, begin, length)
+        out = OutputFile(path)
+    except OutputFileError as e:
+        raise CommandError(str(e)) from None
+    job = DumpJob(runner, path, out, begin, length)
     runner.add_job(JOB, job)
     if machine.running:  # QEMU stops the VM for the dump and resumes it afterwards
         machine.stop()
@@ -132,17 +135,17 @@ def start_dump(runner, paging: bool, protocol: str, detach: bool | None, begin, 
 
 
 def register(registry, hmp, info) -> None:
-    @registry.register("dump-guest-memory")
+    @registry.register("dump-guest-memory", attached=OWN)
     def qmp_dump(ctx, paging, protocol, detach=None, begin=None, length=None, format=None):
         start_dump(ctx.runner, paging, protocol, detach, begin, length, format)
         return {}
 
-    @registry.register("query-dump", inline=True)
+    @registry.register("query-dump", inline=True, attached=OWN)
     def qmp_query_dump(ctx):
         job = ctx.runner.job(JOB)
         return job.query() if job is not None else {"status": "none", "completed": 0, "total": 0}
 
-    registry.register("query-dump-guest-memory-capability")(lambda ctx: {"formats": ["elf"]})
+    registry.register("query-dump-guest-memory-capability", attached=QEMU)(lambda ctx: {"formats": ["elf"]})
 
     @hmp.command("dump-guest-memory",
                  "paging:-p,detach:-d,windmp:-w,zlib:-z,lzo:-l,snappy:-s,filename:F,begin:l?,length:i?",
@@ -153,7 +156,7 @@ def register(registry, hmp, info) -> None:
                  "\n\t\t\t-s: dump in kdump-compressed format, with snappy compression.\n\t\t\t-w: dump in Windows "
                  "crashdump format (can be used instead of ELF-dump converting),\n\t\t\t    for Windows x86 and x64 "
                  "guests with vmcoreinfo driver only.\n\t\t\tbegin: the starting physical address.\n\t\t\tlength: "
-                 "the memory size, in bytes.")
+                 "the memory size, in bytes.", attached=OWN)
     def hmp_dump(ctx, filename, paging=False, detach=False, windmp=False, zlib=False, lzo=False, snappy=False,
                  begin=None, length=None):
         if zlib + lzo + snappy + windmp > 1:
@@ -163,7 +166,7 @@ def register(registry, hmp, info) -> None:
             "win-dmp" if windmp else None
         start_dump(ctx.runner, paging, "file:" + filename, detach, begin, length, fmt)
 
-    @info.command("dump", "", "", "Display the latest dump status")
+    @info.command("dump", "", "", "Display the latest dump status", attached=OWN)
     def info_dump(ctx):
         job = ctx.runner.job(JOB)
         q = job.query() if job is not None else {"status": "none", "completed": 0, "total": 0}

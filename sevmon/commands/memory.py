@@ -5,14 +5,16 @@ access layer); the walkers strip the C-bit (``me_mask``) from CR3 and every entr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import os
 
 from sevmon.debug.ops import DebugError
-from sevmon.debug.refusal import cbit_mask
+from sevmon.debug.refusal import cbit_mask, machine_refusal
 from sevmon.errors import CommandError
 from sevmon.hmp.memory_dump import _printc, memory_dump
+from sevmon.hmp.table import OWN, QEMU, QEMU_READS_MEMORY
 from sevmon.memory.ram import MemoryAccessError
+from sevmon.outfile import OutputFileError, output_file
 from sevmon.x86 import paging
 from sevmon.x86.info_registers import info_registers
 from sevmon.x86.translation import read_virtual
@@ -28,22 +30,37 @@ def virtual_reader(machine, cpu):
     return lambda va, n: read_virtual(mem, cpu, va, n, mask)
 
 
-def _open_for_write(filename: str):
+@contextlib.contextmanager
+def open_output(filename: str):
+    """The output file of a command that writes guest memory (:mod:`sevmon.outfile`): written beside the target,
+    mode 0600, renamed into place only if the block completes; its refusals as QMP errors."""
     try:
-        return open(filename, "wb")
-    except OSError as e:
-        raise CommandError(f"Could not open '{filename}': {os.strerror(e.errno)}") from None
+        with output_file(filename) as f:
+            yield f
+    except OutputFileError as e:
+        raise CommandError(str(e)) from None
+    except OSError:  # the last write-back failed (ENOSPC at close): QEMU's words for a failed write
+        raise CommandError("An IO error has occurred") from None
+
+
+def check_debug_allowed(machine) -> None:
+    """The debug-refusal rule before any file is touched: a refused command must not create or replace one, and
+    pmemsave over non-RAM (zeros, no decrypt) must not succeed where debugging is forbidden."""
+    reason = machine_refusal(machine)
+    if reason:
+        raise CommandError(reason)
 
 
 def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) -> None:
     idx = 0 if cpu_index is None else cpu_index
     if not 0 <= idx < len(machine.cpus):
         raise CommandError("Parameter 'cpu-index' expects a CPU number")
+    if size < 0:
+        raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
+    check_debug_allowed(machine)
     read = virtual_reader(machine, machine.cpus[idx])
     addr, left = val & U64, size
-    with _open_for_write(filename) as f:
-        if size < 0:
-            raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
+    with open_output(filename) as f:
         while left > 0:
             n = min(left, COPY_CHUNK)
             try:
@@ -58,8 +75,9 @@ def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) 
 
 
 def pmemsave(machine, val: int, size: int, filename: str) -> None:
+    check_debug_allowed(machine)
     addr, left = val & U64, size
-    with _open_for_write(filename) as f:
+    with open_output(filename) as f:
         while left > 0:
             n = min(left, COPY_CHUNK, (1 << 64) - addr)
             try:
@@ -82,36 +100,52 @@ def debug_stats(machine) -> dict:
     return machine.memory.stats()
 
 
+def _unless_disassembly(args: dict) -> str:
+    """``x``/``xp`` are sevmon's, but ``/i`` is QEMU's: sevmon has no disassembler."""
+    return QEMU_READS_MEMORY if args.get("format") == "i" else OWN
+
+
 def register(registry, hmp, info) -> None:
-    @registry.register("memsave")
+    @registry.register("memsave", attached=OWN)
     def qmp_memsave(ctx, val, size, filename, cpu_index=None):
         memsave(ctx.machine, val, size, filename, cpu_index)
         return {}
 
-    @registry.register("pmemsave")
+    @registry.register("pmemsave", attached=OWN)
     def qmp_pmemsave(ctx, val, size, filename):
         pmemsave(ctx.machine, val, size, filename)
         return {}
 
     # On the machine thread, between commands: counters of a half-done command would not add up.
-    registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
+    registry.register("query-sev-debug-stats", attached=OWN)(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
-        lines = fn(ctx.machine.memory, ctx.cpu, cbit_mask(ctx.machine))
+        cpu, mem, mask = ctx.cpu, ctx.machine.memory, cbit_mask(ctx.machine)  # ctx.cpu first: it syncs
+        memo = getattr(mem, "memo", None)
+        key = (fn.__name__, cpu.get("cr0"), cpu.get("cr3"), cpu.get("cr4"), cpu.get("efer"), mask)
+        if memo is not None and (text := memo.get(key)) is not None:
+            ctx.print(text, end="")
+            return
+        parts = []
+        lines = fn(mem, cpu, mask)
         while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
-            ctx.print("\n".join(batch))
+            chunk = "\n".join(batch)
+            ctx.print(chunk)
+            parts.append(chunk + "\n")
+        if memo is not None and mem.coherent():
+            memo[key] = "".join(parts)
 
-    @info.command("mem", "", "", "show the active virtual memory mappings")
+    @info.command("mem", "", "", "show the active virtual memory mappings", attached=OWN)
     def info_mem(ctx):
         walk_lines(ctx, paging.info_mem)
 
-    @info.command("tlb", "", "", "show virtual to physical memory mappings")
+    @info.command("tlb", "", "", "show virtual to physical memory mappings", attached=OWN)
     def info_tlb(ctx):
         walk_lines(ctx, paging.info_tlb)
 
     @info.command("registers", "cpustate_all:-a,vcpu:i?", "[-a|vcpu]",
                   "show the cpu registers (-a: show register info for all cpus; vcpu: specific vCPU to query; "
-                  "show the current CPU's registers if no argument is specified)")
+                  "show the current CPU's registers if no argument is specified)", attached=QEMU)
     def info_regs(ctx, cpustate_all=False, vcpu=None):
         cpus = ctx.machine.cpus
         if cpustate_all:
@@ -126,23 +160,23 @@ def register(registry, hmp, info) -> None:
         for cpu in chosen:
             ctx.print(info_registers(cpu), end="")
 
-    @info.command("sev-debug", "", "", "show SEV debug-access statistics (round trips, cache)")
+    @info.command("sev-debug", "", "", "show SEV debug-access statistics (round trips, cache)", attached=OWN)
     def info_sev_debug(ctx):
         for k, v in debug_stats(ctx.machine).items():
             ctx.print(f"{k}: {v}")
 
     @hmp.command("gva2gpa", "addr:l", "addr",
-                 "print the guest physical address corresponding to a guest virtual address")
+                 "print the guest physical address corresponding to a guest virtual address", attached=OWN)
     def hmp_gva2gpa(ctx, addr):
         ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, cbit_mask(ctx.machine)))
 
-    @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'")
+    @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'", attached=_unless_disassembly)
     def hmp_x(ctx, count, format, size, addr):
         read = virtual_reader(ctx.machine, ctx.cpu)
         for line in memory_dump(read, addr, count, format, size, virtual=True, span=COPY_CHUNK):
             ctx.print(line, end="")
 
-    @hmp.command("xp", "fmt:/,addr:l", "/fmt addr", "physical memory dump starting at 'addr'")
+    @hmp.command("xp", "fmt:/,addr:l", "/fmt addr", "physical memory dump starting at 'addr'", attached=_unless_disassembly)
     def hmp_xp(ctx, count, format, size, addr):
         mem = ctx.machine.memory
         for line in memory_dump(lambda a, n: mem.read(a, n), addr, count, format, size, virtual=False,
@@ -150,16 +184,17 @@ def register(registry, hmp, info) -> None:
             ctx.print(line, end="")
 
     @hmp.command("memsave", "val:l,size:i,filename:s", "addr size file",
-                 "save to disk virtual memory dump starting at 'addr' of size 'size'")
+                 "save to disk virtual memory dump starting at 'addr' of size 'size'", attached=OWN)
     def hmp_memsave(ctx, val, size, filename):
         memsave(ctx.machine, val, size, filename, ctx.cpu_index)
 
     @hmp.command("pmemsave", "val:l,size:i,filename:s", "addr size file",
-                 "save to disk physical memory dump starting at 'addr' of size 'size'")
+                 "save to disk physical memory dump starting at 'addr' of size 'size'", attached=OWN)
     def hmp_pmemsave(ctx, val, size, filename):
         pmemsave(ctx.machine, val, size, filename)
 
-    @hmp.command("print|p", "fmt:/,val:l", "/fmt expr", "print expression value (use $reg for CPU register access)")
+    @hmp.command("print|p", "fmt:/,val:l", "/fmt expr", "print expression value (use $reg for CPU register access)",
+                 attached=OWN)  # sevmon evaluates $reg (QEMU knows no $rsp, $cr3)
     def hmp_print(ctx, count, format, size, val):
         v = val & U64
         signed = v - (1 << 64) if v >> 63 else v

@@ -40,6 +40,7 @@ import weakref
 
 from sevmon.commands.sev import g_base64_decode
 from sevmon.errors import CommandError
+from sevmon.hmp.table import QEMU_READS_MEMORY
 from sevmon.machine import migration_stream as ms
 from sevmon.machine.incoming import IncomingMachine
 from sevmon.machine.interface import RunState
@@ -454,7 +455,7 @@ def query_migrate(runner) -> dict:
 
 
 def register(registry, hmp, info) -> None:
-    @registry.register("migrate")
+    @registry.register("migrate", attached=QEMU_READS_MEMORY)
     def qmp_migrate(ctx, uri, blk=None, inc=None, detach=None, resume=None):
         migrate(ctx.runner, uri)
         return {}
@@ -469,9 +470,28 @@ def register(registry, hmp, info) -> None:
     @hmp.command("migrate", "detach:-d,blk:-b,inc:-i,resume:-r,uri:s", "[-d] [-b] [-i] [-r] uri",
                  "migrate to URI (using -d to not wait for completion)\n\t\t\t -b for migration without shared "
                  "storage with full copy of disk\n\t\t\t -i for migration without shared storage with incremental "
-                 "copy of disk (base image shared between src and destination)\n\t\t\t -r to resume a paused migration")
+                 "copy of disk (base image shared between src and destination)\n\t\t\t -r to resume a paused migration",
+                 attached=QEMU_READS_MEMORY)
     def hmp_migrate(ctx, uri, detach=False, blk=False, inc=False, resume=False):
-        migrate(ctx.runner, uri)  # a CommandError is printed as QEMU's "Error: ..." line by the monitor
+        """Without -d QEMU's HMP waits for the migration to end: an interactive monitor is suspended until
+        then (its error, if any, QEMU reports on its stderr; sevmon logs it); human-monitor-command's monitor
+        cannot be suspended, and QEMU says so and continues detached."""
+        runner = ctx.runner
+        migrate(runner, uri)  # a CommandError is printed as QEMU's "Error: ..." line by the monitor
+        if detach:
+            return
+        if not ctx.interactive:
+            ctx.print("terminal does not allow synchronous migration, continuing detached")
+            return
+
+        def done() -> bool:
+            q = query_migrate(runner)
+            if q.get("status") in ("setup", "active"):
+                return False
+            if "error-desc" in q:
+                log.error("%s", q["error-desc"])
+            return True
+        ctx.suspend_until = done
 
     @info.command("migrate", "", "", "show migration status")
     def info_migrate(ctx):

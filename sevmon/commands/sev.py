@@ -10,6 +10,7 @@ import base64
 
 from sevmon.debug.refusal import policy_forbids_debug
 from sevmon.errors import CommandError
+from sevmon.hmp.table import QEMU_READS_MEMORY
 from sevmon.sev.owner_files import g_base64_decode
 
 SEV_MIGRATION_BLOCKER = "SEV: Migration is not implemented"
@@ -122,6 +123,7 @@ def register(registry, hmp, info) -> None:
         ctx.print(f"debug: {'off' if policy_forbids_debug(s['policy']) else 'on'}")
         ctx.print(f"key-sharing: {'off' if s['policy'] & 0x2 else 'on'}")
 
-    @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created")
+    @hmp.command("savevm", "name:s?", "tag", "save a VM snapshot. If no tag is provided, a new snapshot is created",
+                 attached=QEMU_READS_MEMORY)
     def hmp_savevm(ctx, name=None):
         ctx.print("Error: " + (migration_blocker(ctx.machine) or "no block device can store vmstate for snapshot"))

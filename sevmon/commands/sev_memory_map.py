@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 
-from sevmon.commands.memory import _open_for_write, _write
+from sevmon.commands.memory import _write, open_output
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.errors import CommandError
-from sevmon.x86.sev_memory_map import PAGE, SevMemoryMap, build_map
+from sevmon.hmp.table import OWN
+from sevmon.x86.sev_memory_map import PAGE, FrameCounts, SevMemoryMap, build_map, frames_text
 
 NOT_SEV = "the guest is not an SEV guest: no page has a C-bit"
 MAX_ALIAS_LINES = 4096      # info sev-mem lists at most this many alias runs, then says how many more
@@ -33,8 +34,15 @@ def memory_map(machine, cpu_index: int) -> SevMemoryMap:
 
 
 def ram_runs(machine) -> list[tuple[int, int]]:
-    """The guest's RAM as ``(gpa, size)`` runs: frames that exist (a hole in a sparse core is not RAM)."""
+    """The guest's RAM as ``(gpa, size)`` runs: all of a built-in guest's RAM, a core's or raw image's frames, an
+    attached QEMU's RAM blocks."""
     return [(first * PAGE, count * PAGE) for first, count in machine.ram_runs()]
+
+
+def hole_name(machine) -> str:
+    """What a frame below the end of RAM that is not RAM is: in a core or a raw image, a frame the image lacks
+    (a sparse dump leaves out what it did not save, RAM or not); elsewhere a device or the PCI hole."""
+    return "not in the image" if getattr(machine.config, "source", None) in ("core", "raw") else "not RAM"
 
 
 def address_space_top(machine, m: SevMemoryMap, ram: list[tuple[int, int]]) -> int:
@@ -70,15 +78,14 @@ def to_qmp(m: SevMemoryMap, ram: list[tuple[int, int]] | None) -> dict:
     return out
 
 
-def text_lines(m: SevMemoryMap):
+def text_lines(m: SevMemoryMap, counts: FrameCounts, hole: str = "not RAM"):
     """``info sev-mem``: info mem's ranges with the attribute, a summary line, the aliases and their count."""
     if not m.paging:
         yield "PG disabled"
         return
     for r in m.ranges:
         yield r.line()
-    yield (f"private: {m.bytes_of(True)} bytes, shared: {m.bytes_of(False)} bytes, "
-           f"frames mapped: {m.mapped_frames} ({m.frames(m.private)} private, {m.frames(m.shared)} shared)")
+    yield f"private: {m.bytes_of(True)} bytes, shared: {m.bytes_of(False)} bytes, {frames_text(m, counts, hole)}"
     for a in m.aliases[:MAX_ALIAS_LINES]:
         views = ", ".join([f"private cpu {c} {va:016x}" for c, va in a.private]
                           + [f"shared cpu {c} {va:016x}" for c, va in a.shared])
@@ -90,36 +97,38 @@ def text_lines(m: SevMemoryMap):
 
 
 def save_svg(machine, filename: str) -> None:
-    """Draw the map (every vCPU's frames) and write it; the file is opened only once the picture is ready."""
+    """Draw the map (every vCPU's frames) and write it; the file is created only once the picture is ready."""
     from sevmon.render.sev_memory_map_svg import render_svg  # noqa: PLC0415 (drawsvg loads only for pictures)
 
     m = memory_map(machine, 0)
     ram = ram_runs(machine)
-    svg = render_svg(m, ram, address_space_top(machine, m, ram))
-    with _open_for_write(filename) as f:
+    svg = render_svg(m, ram, address_space_top(machine, m, ram), hole=hole_name(machine))
+    with open_output(filename) as f:
         _write(f, svg.encode())
 
 
 def register(registry, hmp, info) -> None:
-    @registry.register("query-sev-memory-map")
+    @registry.register("query-sev-memory-map", attached=OWN)
     def qmp_query_sev_memory_map(ctx, cpu_index=None, physical=None):
         m = memory_map(ctx.machine, 0 if cpu_index is None else cpu_index)
         return to_qmp(m, ram_runs(ctx.machine) if physical else None)
 
-    @registry.register("sev-mem-map")
+    @registry.register("sev-mem-map", attached=OWN)
     def qmp_sev_mem_map(ctx, filename):
         save_svg(ctx.machine, filename)
         return {}
 
     @info.command("sev-mem", "", "", "show the active virtual memory mappings as private (C-bit set) or shared, "
-                                     "and the frames mapped both ways")
+                                     "and the frames mapped both ways", attached=OWN)
     def info_sev_mem(ctx):
         m = memory_map(ctx.machine, ctx.cpu_index)
-        lines = text_lines(m)
+        ram = ram_runs(ctx.machine)
+        lines = text_lines(m, m.frame_counts(ram, address_space_top(ctx.machine, m, ram)), hole_name(ctx.machine))
         while batch := list(itertools.islice(lines, 8192)):
             ctx.print("\n".join(batch))
 
     @hmp.command("sev-mem-map", "filename:F", "filename",
-                 "draw the guest-physical memory as private/shared/aliased into the SVG file 'filename'")
+                 "draw the guest-physical memory as private/shared/aliased into the SVG file 'filename'",
+                 attached=OWN)
     def hmp_sev_mem_map(ctx, filename):
         save_svg(ctx.machine, filename)

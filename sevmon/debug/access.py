@@ -10,7 +10,7 @@ the guest has run, so a cached page is never stale across commands.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sevmon.debug.cache import PageCache
 from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, GuestRAM, MemoryAccessError
@@ -29,6 +29,15 @@ def contiguous_runs(pfns: Iterable[int]) -> list[tuple[int, int]]:
     return runs
 
 
+class _NoCache:
+    @staticmethod
+    def get(pfn: int) -> None:
+        return None
+
+
+_NO_CACHE = _NoCache()
+
+
 class DebugMemory:
     """Implements ``sevmon.debug.PhysicalMemory`` over RAM debug ops with a page cache.
 
@@ -42,11 +51,22 @@ class DebugMemory:
         self.cache = PageCache(cache_pages)
         self.shared_cache = PageCache(cache_pages)
         self.batch = batch
+        # device memory (what is not RAM), read by the VMM when it can (an attached QEMU): device
+        # registers are not encrypted and read with side effects, so never cached
+        self.device: Callable[[int, int], bytes] | None = None
+        # may the page cache be used now? (attached: only once the command synced with QEMU)
+        self.coherent: Callable[[], bool] = lambda: True
+        # whole walk outputs (info mem / info tlb text) by what they depend on, valid exactly as long as the
+        # page cache is (cleared with it, and by any write); None: not kept (an attached machine keeps them:
+        # a paused guest's second walk then costs no walk at all, as a QEMU that prints from its own RAM)
+        self.memo: dict | None = None
 
     # -- reads -----------------------------------------------------------------------------
     def read_frames(self, pfns: Iterable[int], *, private: bool = True, fill: bool = True) -> dict[int, bytes]:
         """Plaintext of the frames that are RAM; ``fill=False`` streams without caching."""
         cache = self.cache if private else self.shared_cache
+        if not self.coherent():
+            cache, fill = _NO_CACHE, False
         out: dict[int, bytes] = {}
         missing = []
         for pfn in dict.fromkeys(pfns):
@@ -73,19 +93,36 @@ class DebugMemory:
         first, last = gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT
         pages = self.read_frames(range(first, last + 1), private=private, fill=fill)
         out = bytearray()
+        device_at = None  # start of the device bytes still to read (consecutive non-RAM pages: one read)
         for pfn in range(first, last + 1):
             page = pages.get(pfn)
             if page is None:
-                raise MemoryAccessError(max(gpa, pfn << PAGE_SHIFT))
-            out += page
-        off = gpa & (PAGE_SIZE - 1)
-        return bytes(out[off:off + size])
+                if self.device is None:
+                    raise MemoryAccessError(max(gpa, pfn << PAGE_SHIFT))
+                if device_at is None:
+                    device_at = max(gpa, pfn << PAGE_SHIFT)
+                continue
+            if device_at is not None:
+                out += self.device(device_at, (pfn << PAGE_SHIFT) - device_at)
+                device_at = None
+            lo = max(gpa, pfn << PAGE_SHIFT) - (pfn << PAGE_SHIFT)
+            hi = min(gpa + size, (pfn + 1) << PAGE_SHIFT) - (pfn << PAGE_SHIFT)
+            out += page[lo:hi]
+        if device_at is not None:
+            out += self.device(device_at, gpa + size - device_at)
+        return bytes(out)
 
     def read_zero_filled(self, gpa: int, size: int, *, private: bool = True) -> bytes:
         """Like ``read`` but non-RAM reads as zeros (QEMU's unassigned memory), uncached:
-        for streaming copies (pmemsave, dumps) that must not evict the walkers' tables."""
+        for streaming copies (pmemsave, dumps) that must not evict the walkers' tables.
+
+        A RAM frame the guest never wrote (``ram.stored`` false: a built-in guest's untouched RAM) holds the
+        guest's zeros, and DBG_DECRYPT would return exactly those: the copy writes them without the round trip,
+        so a dump of a 16 GiB guest costs what the guest wrote, not 16 GiB of firmware calls."""
         first, last = gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT
-        pages = self.read_frames(range(first, last + 1), private=private, fill=False)
+        stored = getattr(self.ram, "stored", None)
+        pfns = range(first, last + 1) if stored is None else [p for p in range(first, last + 1) if stored(p)]
+        pages = self.read_frames(pfns, private=private, fill=False)
         zero = bytes(PAGE_SIZE)
         out = b"".join(pages.get(p, zero) for p in range(first, last + 1))
         off = gpa & (PAGE_SIZE - 1)
@@ -93,8 +130,19 @@ class DebugMemory:
 
     # -- writes ----------------------------------------------------------------------------
     def write(self, gpa: int, data: bytes, *, private: bool = True) -> None:
-        self.ops.write(gpa, data, private)
+        """Write ``data`` exactly (the ops' requests are exact, see ``SevVm.dbg_encrypt``), then patch the cache
+        with it: only after the write succeeded, so the cache holds only what reached guest memory. A failed
+        write (its pages restored by the ops) drops its pages from the cache, so the next read asks the firmware."""
+        if self.memo:  # any write, even a failed one, outdates a remembered walk's text
+            self.memo.clear()
         cache = self.cache if private else self.shared_cache
+        try:
+            self.ops.write(gpa, data, private)
+        except MemoryAccessError:
+            if data:
+                for pfn in range(gpa >> PAGE_SHIFT, ((gpa + len(data) - 1) >> PAGE_SHIFT) + 1):
+                    cache.drop(pfn)
+            raise
         pos = 0
         while pos < len(data):
             a = gpa + pos
@@ -106,6 +154,8 @@ class DebugMemory:
     def invalidate(self) -> None:
         self.cache.clear()
         self.shared_cache.clear()
+        if self.memo:
+            self.memo.clear()
 
     def stats(self) -> dict:
         s = dict(self.ops.stats())

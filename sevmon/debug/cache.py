@@ -42,5 +42,9 @@ class PageCache:
         if page is not None:
             self._pages[pfn] = page[:offset] + data + page[offset + len(data):]
 
+    def drop(self, pfn: int) -> None:
+        """Forget one page (a write whose outcome is not known for certain)."""
+        self._pages.pop(pfn, None)
+
     def clear(self) -> None:
         self._pages.clear()

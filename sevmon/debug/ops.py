@@ -79,9 +79,16 @@ class SevOps(PlainOps):
         if not private:
             return self.ram.read(gpa, size)
         try:
-            return self.sev.dbg_decrypt(gpa, size)
+            data = self.sev.dbg_decrypt(gpa, size)
         except SevError as e:
             raise DebugFailed(gpa, str(e)) from None
+        rom = self.ram.rom_in(gpa, size) if getattr(self.ram, "rom", None) else ()
+        if rom:  # no key covers a ROM: its bytes at rest are its contents (QEMU's xp of 0xffff0 in prelaunch)
+            data = bytearray(data)
+            for at, n in rom:
+                data[at - gpa:at - gpa + n] = self.ram.read(at, n)
+            data = bytes(data)
+        return data
 
     def write(self, gpa: int, data: bytes, private: bool) -> None:
         self.check(gpa)

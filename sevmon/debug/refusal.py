@@ -7,10 +7,8 @@ type (SEV-ES, SNP: the kernel refuses their debug commands) is taught to sevmon 
 Three things can refuse, checked in this order (the order decides which sentence a user sees):
 
 1. the security-policy object (``--debug-policy off``): the host forbids debugging of any guest;
-2. the guest's type (:func:`sev_type`): SEV and SEV-ES guests are debugged through DBG_DECRYPT/DBG_ENCRYPT (the
-   firmware serves both; an SEV-ES guest's *registers* are another matter, see :mod:`sevmon.x86.cpu`); an SNP
-   guest would be refused here (its memory is read through other commands), but sevmon launches none;
-3. the guest's policy: bit 0 (NODBG) makes the firmware refuse DBG_DECRYPT/DBG_ENCRYPT, for SEV and SEV-ES alike.
+2. the guest's type: only plain SEV guests can be debugged through DBG_DECRYPT today (a hook, nothing refused yet);
+3. the guest's policy: bit 0 (NODBG) makes the firmware refuse DBG_DECRYPT/DBG_ENCRYPT.
 """
 
 from __future__ import annotations
@@ -19,30 +17,40 @@ from sevmon.sev.abi import Policy
 
 SECURITY_POLICY = "debug access is disabled by the security policy (--debug-policy off)"
 
+POLICY_ES = 1 << 2  #: guest policy bit 2: the guest must run SEV-ES
+SEV_TYPES = ("sev", "sev-es", "sev-snp")
+#: guest types whose memory cannot be debugged at all, and why (one sentence each)
+TYPE_REFUSALS = {
+    "sev-snp": ("the guest is an SEV-SNP guest: upstream KVM refuses the SEV debug commands (DBG_DECRYPT, "
+                "DBG_ENCRYPT) for SNP guests (-EPERM), so live debugging needs a patched kernel"),
+}
+
+
+def sev_type(query_sev: dict) -> str:
+    """The guest type from QEMU's ``query-sev`` answer: its ``sev-type`` where QEMU has one (9.1 and later:
+    ``sev``, ``sev-es``, ``sev-snp``), else the policy's ES bit (QEMU 7.2 runs SEV and SEV-ES guests only)."""
+    t = query_sev.get("sev-type")
+    if t in SEV_TYPES:
+        return t
+    return "sev-es" if query_sev.get("policy", 0) & POLICY_ES else "sev"
+
 
 def policy_forbids_debug(policy: int) -> bool:
     """The guest policy's NODBG bit: the firmware refuses every debug command for this guest."""
     return bool(policy & Policy.NODBG)
 
 
-def sev_type(sev) -> str:
-    """The guest's SEV generation in QEMU's ``SevGuestType`` words: ``sev``, ``sev-es`` (policy bit 2) or
-    ``sev-snp`` (an SNP guest object says so with a true ``snp`` attribute)."""
-    if getattr(sev, "snp", False):
-        return "sev-snp"
-    return "sev-es" if sev.policy & Policy.ES else "sev"
-
-
 def guest_refusal(sev) -> str | None:
     """Why the guest itself refuses debugging (its type or its policy), or None; ``sev`` None: not an SEV guest.
 
     ``sev`` is anything with a ``policy`` (the VMM's :class:`sevmon.sev.vm.SevVm`, an attach mirror). A guest type
-    that cannot be debugged (SNP) is refused here, before its policy is looked at; SEV-ES is not refused.
+    that cannot be debugged (SEV-ES, SNP) is refused here, before its policy is looked at.
     """
     if sev is None:
         return None
-    if sev_type(sev) == "sev-snp":
-        return "an SEV-SNP guest's memory cannot be decrypted through SEV's debug commands (DBG_DECRYPT)"
+    refused = TYPE_REFUSALS.get(getattr(sev, "sev_type", "sev"))
+    if refused:
+        return refused
     if policy_forbids_debug(sev.policy):
         return (f"the SEV guest policy 0x{sev.policy:x} forbids debug access (NODBG): "
                 "guest memory cannot be decrypted")

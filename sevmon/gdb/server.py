@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass
 
 from sevmon.debug.refusal import machine_refusal
+from sevmon.gdb.peer import allowed_uid, tcp_peer_uid
 from sevmon.gdb.session import GdbSession
 from sevmon.unixsock import SocketInUse, listen_unix
 
@@ -41,12 +42,14 @@ def parse_device(text: str) -> Device:
     spec = text.split(",", 1)[0]
     if spec.startswith("tcp:"):
         host, sep, port = spec[4:].rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
-            raise DeviceError(f"{text}: expected tcp:[HOST]:PORT")
+        if sep and port.isdigit() and int(port) > 65535:
+            raise DeviceError(f"{text}: port {int(port)} is out of range (accepted: 0..65535)")
+        if not sep or not port.isdigit():
+            raise DeviceError(f"{text}: expected tcp:[HOST]:PORT, PORT 0..65535")
         return Device("tcp", host.strip("[]") or "127.0.0.1", int(port))
     if spec.startswith("unix:") and len(spec) > 5:
         return Device("unix", path=spec[5:])
-    raise DeviceError(f"{text}: expected tcp:[HOST]:PORT, unix:PATH or none")
+    raise DeviceError(f"{text}: expected tcp:[HOST]:PORT (PORT 0..65535), unix:PATH or none")
 
 
 class GdbServer:
@@ -90,8 +93,25 @@ class GdbServer:
         self._server, self._path, self.device, self.address = server, path, text, address
         log.info("gdb stub listening on %s", self.address)
         if dev.kind == "tcp" and self.machine.sev is not None and machine_refusal(self.machine) is None:
-            log.warning("gdb stub on %s: the SEV guest's policy allows debugging, so every local user "
-                        "can now read its plaintext through this port; unix:PATH avoids that", self.address)
+            log.warning("gdb stub on %s: the SEV guest's policy allows debugging, so every process of uid %d "
+                        "(and root) can now read its plaintext through this port; other users are refused",
+                        self.address, os.geteuid())
+
+    @staticmethod
+    def _peer_allowed(writer: asyncio.StreamWriter) -> bool:
+        """A TCP peer must belong to the daemon's user or root (:mod:`sevmon.gdb.peer`); one log line otherwise.
+        UNIX sockets are kept private by their mode (0600) and need no look-up."""
+        sock = writer.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return True
+        local, peer = sock.getsockname(), sock.getpeername()
+        uid = tcp_peer_uid(local, peer)
+        if allowed_uid(uid):
+            return True
+        who = f"uid {uid}" if uid is not None else "an owner /proc/net/tcp does not list"
+        log.warning("gdb stub: refused a connection from %s:%s (%s): only uid %d and root may debug this guest",
+                    peer[0], peer[1], who, os.geteuid())
+        return False
 
     def start_from_machine_thread(self, text: str, timeout: float = 10) -> None:
         """For HMP ``gdbserver``: handlers run on the machine thread, sockets live on the loop."""
@@ -119,6 +139,9 @@ class GdbServer:
                 await asyncio.wait_for(asyncio.shield(self._task), 1)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._peer_allowed(writer):
+            writer.close()
+            return
         if self._session is not None and self._session.attached:
             log.info("gdb stub: refused a second connection (one gdb at a time)")
             writer.close()

@@ -298,8 +298,10 @@ class GdbSession:
 
     def _no_step(self) -> str:
         """gdb waits for a stop reply after a step: an error reply tells it, and its warning
-        follows our explanation (the guest is a model or a memory image: nothing executes)."""
-        self.send("O" + b"sevmon: single-step is not supported: this guest executes no instructions\n".hex())
+        follows our explanation: the machine's reason (a model or a memory image executes nothing;
+        an attached QEMU's monitor cannot step)."""
+        reason = self.machine.capabilities.no_step_reason
+        self.send("O" + f"sevmon: single-step is not supported: {reason}\n".encode().hex())
         return "E01"
 
     async def _interrupt(self) -> None:

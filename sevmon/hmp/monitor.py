@@ -10,7 +10,9 @@ bridge and the HMP socket turn it into ``\\r\\n`` as QEMU's monitor_puts does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+from sevmon import __version__
 from sevmon.debug.ops import DebugError
 from sevmon.errors import CommandError
 from sevmon.hmp.errors import HmpError
@@ -34,6 +36,11 @@ class HmpContext:
         self.runner = monitor.runner
         self.cpu_index = cpu_index
         self.limit = limit
+        # an interactive monitor (sevmon's HMP socket, QEMU's -monitor) can be suspended: a command that sets
+        # ``suspend_until`` (a test run on the machine thread, true when done) holds the prompt until then, as
+        # QEMU's monitor_suspend does; human-monitor-command's monitor cannot (QEMU: -ENOTTY)
+        self.interactive = False
+        self.suspend_until: Callable[[], bool] | None = None
         self._size = 0
         self._out: list[str] = []
 
@@ -70,7 +77,17 @@ class HumanMonitor:
         Output beyond ``limit`` characters is cut with a final line saying so: a QMP reply
         is one line, and qemu.qmp clients drop the connection on lines over 10 MiB.
         """
-        ctx = HmpContext(self, cpu_index, limit)
+        return self._run(HmpContext(self, cpu_index, limit), line)
+
+    def run_interactive(self, line: str, limit: int = 8 << 20) -> tuple[str, Callable[[], bool] | None]:
+        """``run`` on an interactive monitor (an HMP socket): the output, and the test that holds the prompt
+        until a command that suspends the monitor is done (``migrate`` without ``-d``), or None."""
+        ctx = HmpContext(self, 0, limit)
+        ctx.interactive = True
+        return self._run(ctx, line), ctx.suspend_until
+
+    def _run(self, ctx: HmpContext, line: str) -> str:
+        limit = ctx.limit
         try:
             self._dispatch(ctx, line)
         except OutputLimit:
@@ -84,43 +101,61 @@ class HumanMonitor:
             ctx.print(f"Error: internal error: {e}")
         return ctx.text()
 
-    def _dispatch(self, ctx: HmpContext, line: str) -> None:
-        p, commands, cmd = 0, self.table.commands, None
+    def banner(self) -> str:
+        """The line an HMP socket greets a client with (QEMU's: ``QEMU 7.2.22 monitor - ...``)."""
+        return f"sevmon {__version__} monitor - type 'help' for more information"
+
+    def resolve(self, line: str) -> tuple[HmpCommand | None, int, int]:
+        """The command ``line`` names (its word, or ``info`` and its item), the position after
+        its words, and the end of the last word read (for ``unknown command: '...'``). The
+        command is None for an empty line or an unknown word. QEMU's rule: a word ends at a
+        space or ``/``."""
+        p, commands, cmd, end = 0, self.table.commands, None, 0
         while True:
             while p < len(line) and line[p].isspace():
                 p += 1
             if p >= len(line):
-                if cmd is None:
-                    return
-                break
+                return cmd, p, end
             start = p
             while p < len(line) and line[p] != "/" and not line[p].isspace():
                 p += 1
-            word = line[start:p]
-            found = next((c for c in commands if c.matches(word)), None)
+            end = p
+            found = next((c for c in commands if c.matches(line[start:p])), None)
             if found is None:
-                ctx.print(f"unknown command: '{line[:p]}'")
-                return
+                return None, p, end
             cmd = found
             while p < len(line) and line[p].isspace():
                 p += 1
             if cmd.sub_table is None or p >= len(line):
-                break
+                return cmd, p, end
             commands = cmd.sub_table
+
+    def parse(self, ctx: HmpContext, cmd: HmpCommand, line: str, p: int) -> dict | None:
+        """``cmd``'s arguments from ``line[p:]``, or None once QEMU's error lines are printed."""
         try:
-            args = parse_arguments(cmd.names[0], cmd.args_type, line, p, self.fmt, self._reg_getter(ctx))
+            return parse_arguments(cmd.names[0], cmd.args_type, line, p, self.fmt, self._reg_getter(ctx))
         except HmpError as e:
             ctx.print(str(e))
             q = p
             while q > 0 and line[q - 1].isspace():
                 q -= 1
             ctx.print(f'Try "help {line[:q].lstrip()}" for more information')
+            return None
+
+    def _dispatch(self, ctx: HmpContext, line: str) -> None:
+        cmd, p, end = self.resolve(line)
+        if cmd is None:
+            if line[:p].strip():
+                ctx.print(f"unknown command: '{line[:end]}'")
             return
-        cmd.handler(ctx, **args)
+        args = self.parse(ctx, cmd, line, p)
+        if args is not None:
+            cmd.handler(ctx, **args)
 
     @staticmethod
     def _reg_getter(ctx: HmpContext):
-        return register_lookup(ctx.cpu)
+        """Registers only when a ``$reg`` is used: an attached machine fetches them from QEMU."""
+        return lambda name: register_lookup(ctx.cpu)(name)
 
     # -- help ----------------------------------------------------------------------------
     def help(self, ctx: HmpContext, name: str | None) -> None:

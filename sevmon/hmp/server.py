@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 
-from sevmon import __version__
 from sevmon.cmdlog import hmp_label, timed
 from sevmon.unixsock import listen_unix
 
@@ -21,6 +20,9 @@ log = logging.getLogger("sevmon.hmp")
 PROMPT = "(qemu) "
 MAX_LINE = 1 << 20
 HMP_SOCKET_OUTPUT_LIMIT = 64 << 20  # a terminal has no 10 MiB line limit; memory stays bounded
+
+
+SUSPEND_POLL = 0.1  # how often a suspended monitor checks whether its command is done (QEMU: every second)
 
 
 class HMPServer:
@@ -37,8 +39,7 @@ class HMPServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
         try:
-            writer.write(f"sevmon {__version__} monitor - type 'help' for more information\r\n{PROMPT}"
-                         .encode())
+            writer.write(f"{self.monitor.banner()}\r\n{PROMPT}".encode())
             await writer.drain()
             while True:
                 try:
@@ -53,8 +54,14 @@ class HMPServer:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
 
                 with timed(f"HMP {hmp_label(line)}"):
-                    out = await self.runner.command(
-                        lambda line=line: self.monitor.run(line, limit=HMP_SOCKET_OUTPUT_LIMIT))
+                    out, until = await self.runner.command(
+                        lambda line=line: self.monitor.run_interactive(line, limit=HMP_SOCKET_OUTPUT_LIMIT))
+                if until is not None:  # the monitor is suspended (migrate without -d): no prompt, no input
+                    writer.write(out.replace("\n", "\r\n").encode("utf-8", "replace"))
+                    await writer.drain()
+                    out = ""
+                    while not await self.runner.command(until):
+                        await asyncio.sleep(SUSPEND_POLL)
                 writer.write((out.replace("\n", "\r\n") + PROMPT).encode("utf-8", "replace"))
                 await writer.drain()
                 if reader.at_eof():

@@ -25,9 +25,9 @@ from sevmon.machine.interface import MachineConfig
 from sevmon.machine.launch import es_vmsas, launch_sev
 from sevmon.machine.local import LocalMachine
 from sevmon.machine.ovmf_table import parse_ovmf_table
-from sevmon.machine.pflash import FOUR_GIB, FlashError, isa_bios_copy, map_flash
+from sevmon.machine.pflash import FOUR_GIB, ISA_BIOS_MAX, FlashError, isa_bios_copy, map_flash
 from sevmon.machine.spec import GuestSpec
-from sevmon.memory.ram import PAGE_SIZE, RAM
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, RAM
 from sevmon.x86.cpu import CpuState
 from sevmon.x86.modes import MODES, PagingMode
 from sevmon.x86.pte import PG_ACCESSED as A
@@ -252,7 +252,8 @@ class GuestOS:
 def _firmware_images(spec: GuestSpec, mem_top: int) -> tuple[list, list, dict]:
     """(measured images, plain images, OVMF table) as QEMU loads firmware: pflash unit 0
     (measured as a whole, ending at 4 GiB; ``--bios`` then unused) and plain later units, or
-    else the BIOS (``--bios`` or the built-in image) at the top of RAM, measured."""
+    else the BIOS (``--bios`` or the built-in image) at the top of RAM, measured. Either way the top 128 KiB
+    of the firmware is also copied, plain, to end at 1 MiB (QEMU's isa-bios, where the reset vector 0xffff0 is)."""
     if spec.pflash:
         units = map_flash(list(spec.pflash))
         if mem_top > units[-1].gpa:
@@ -263,20 +264,23 @@ def _firmware_images(spec: GuestSpec, mem_top: int) -> tuple[list, list, dict]:
         return [(units[0].gpa, units[0].data)], plain, ovmf
     firmware = open(spec.bios, "rb").read() if spec.bios else builtin_firmware()
     firmware = firmware + bytes(-len(firmware) % 16)
-    return [((mem_top - len(firmware)) & ~(PAGE_SIZE - 1), firmware)], [], {}
+    n = min(len(firmware), ISA_BIOS_MAX)  # QEMU's isa-bios: the top 128 KiB of the BIOS, a ROM ending at 1 MiB
+    return [((mem_top - len(firmware)) & ~(PAGE_SIZE - 1), firmware)], [(0x100000 - n, firmware[-n:])], {}
 
 
 def build_builtin(spec: GuestSpec, memory_for) -> LocalMachine:
     """The built-in guest of ``spec``; ``memory_for(ram, sev)`` makes its debug-access layer."""
     mem_top = spec.memory_mib << 20
     measured, plain, ovmf = _firmware_images(spec, mem_top)
-    ram = RAM(FOUR_GIB if spec.pflash else mem_top)
+    ram = RAM(FOUR_GIB if spec.pflash else mem_top, dense_top=mem_top)  # all of --memory is RAM, as in QEMU
     mode = MODES[spec.paging]
     if spec.sev is not None:
         vmsas = es_vmsas(spec.sev, spec.smp, spec.cpu_model, ovmf if spec.pflash else None)
         sev = launch_sev(ram, measured, spec.sev, vmsas)
-        for gpa, blob in plain:  # later pflash units and the ISA BIOS copy: plain, unmeasured
+        ram.blank = lambda pfn: sev.guest_zero_page(pfn << PAGE_SHIFT)
+        for gpa, blob in plain:  # later pflash units and the ISA BIOS copy: plain, unmeasured ROMs
             ram.write(gpa, blob)
+            ram.rom.append((gpa, len(blob)))
         guest = GuestOS(ram, sev.guest_write, sev.me_mask, mode, workload=spec.workload, mem_top=mem_top)
     else:
         sev = None

@@ -37,7 +37,7 @@ from elftools.elf.elffile import ELFFile
 
 from sevmon.machine.dump import parse_prstatus, parse_qemu_cpustate
 from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE, RAM
-from sevmon.x86.cpu import CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, CpuState
+from sevmon.x86.cpu import CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, KNOWN_REGISTERS, CpuState, canonical_reg
 
 __all__ = ["ImageError", "LoadedImage", "load_core", "load_raw", "load_image", "apply_cpu_json"]
 
@@ -304,6 +304,10 @@ def apply_cpu_json(image: LoadedImage, path: str) -> CpuState:
     if not isinstance(data, dict):
         raise ImageError(f"{path}: expected a JSON object of register names to values")
     values: dict[str, int] = {}
+    unknown = [k for k in data if canonical_reg(k) not in KNOWN_REGISTERS]
+    if unknown:  # a typo (cr_3) would otherwise be read as nothing, and CR3 as 0
+        raise ImageError(f"{path}: unknown register {unknown[0]!r}: expected QEMU's info registers names "
+                         "(rax..r15, rip, rflags, cr0, cr2, cr3, cr4, efer, cs, cs_base...)")
     for k, v in data.items():
         if isinstance(v, bool) or not isinstance(v, int | str):
             raise ImageError(f"{path}: register {k!r} must be a hex string or an integer")

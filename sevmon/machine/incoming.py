@@ -14,7 +14,7 @@ from sevmon.machine.launch import open_sev
 from sevmon.machine.local import LocalMachine
 from sevmon.machine.pflash import FOUR_GIB
 from sevmon.machine.spec import GuestSpec
-from sevmon.memory.ram import RAM
+from sevmon.memory.ram import PAGE_SHIFT, RAM
 from sevmon.x86.cpu import CpuState
 
 
@@ -43,8 +43,10 @@ class IncomingMachine(LocalMachine):
 
 
 def build_incoming(spec: GuestSpec, memory_for) -> IncomingMachine:
-    ram = RAM(FOUR_GIB if spec.pflash else spec.memory_mib << 20)
+    mem_top = spec.memory_mib << 20
+    ram = RAM(FOUR_GIB if spec.pflash else mem_top, dense_top=mem_top)  # as the source's: all of --memory is RAM
     sev = open_sev(ram, spec.sev)
+    ram.blank = lambda pfn: sev.guest_zero_page(pfn << PAGE_SHIFT)  # zeros under the key RECEIVE_START makes
     config = MachineConfig(kvm_enabled=True, memory_encryption=True, source="incoming",
                            debug_policy=spec.debug_policy)
     cpu = CpuState(0, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})

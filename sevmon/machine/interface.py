@@ -110,6 +110,8 @@ class Capabilities:
 
     run_guest: bool = False      #: it has guest execution that the monitor schedules (the built-in workload)
     step: bool = False           #: single-step and breakpoints
+    #: why not, in the words gdb's user reads after ``stepi``
+    no_step_reason: str = "this guest executes no instructions"
     migrate: bool = False        #: SEND/RECEIVE migration
     write_memory: bool = True    #: debug writes (DBG_ENCRYPT on SEV)
     write_registers: bool = True #: vCPU register writes stick (an attached QEMU has no command for them)

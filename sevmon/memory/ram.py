@@ -2,12 +2,14 @@
 
 The store holds bytes *at rest*: plaintext for a plain guest, ciphertext for an SEV guest
 (the SEV layer encrypts before it stores). A 1 TiB guest costs memory in proportion to
-the frames that exist; a frame that does not exist is not RAM ("Cannot access memory").
+the frames that exist. A frame that does not exist is not RAM ("Cannot access memory"), except below
+``dense_top``: there every frame is RAM, as all of a QEMU guest's ``-m`` is, and one never written holds the
+guest's zeros (``blank``). Images (cores, raw files) are sparse: what they lack is not in the image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
 PAGE_SHIFT = 12
@@ -28,7 +30,7 @@ class MemoryAccessError(Exception):
 class GuestRAM(Protocol):
     """Guest-physical frames at rest, as the debug layer and the SEV path reach them: sevmon's own sparse store
     (:class:`RAM`) or a running QEMU's shared backend mapped into sevmon (:class:`sevmon.attach.ram.MappedRAM`).
-    A frame that does not exist is not RAM."""
+    A frame that ``has`` denies is not RAM."""
 
     size: int
 
@@ -49,26 +51,46 @@ class RAM:
     """Sparse guest-physical memory: ``{frame number: bytearray(4096)}``.
 
     ``size`` is the guest's RAM size as configured (what ``info`` commands and dumps report);
-    only frames that were written or loaded exist.
+    only frames that were written or loaded are stored. ``dense_top``: every frame below it is RAM, stored or
+    not (a built-in guest's ``--memory``); a frame there that was never written reads as ``blank(pfn)``, the
+    bytes at rest of a page of zeros (for an SEV guest, zeros under its key, so DBG_DECRYPT gives zeros), and
+    is not stored until written, so a 16 GiB guest costs what it wrote.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, *, dense_top: int = 0):
         self.size = size
+        self.dense_pages = min(dense_top, size) >> PAGE_SHIFT
+        self.blank: Callable[[int], bytes] | None = None
+        #: ``(gpa, size)`` ranges no guest key covers, QEMU's ROMs (the ISA BIOS copy below 1 MiB, pflash units
+        #: after the first): their bytes at rest are what the guest and QEMU's ``xp`` see, on an SEV guest too.
+        self.rom: list[tuple[int, int]] = []
         self._frames: dict[int, bytearray] = {}
 
     # -- frames ---------------------------------------------------------------------------
     def has(self, pfn: int) -> bool:
+        """Frame ``pfn`` is RAM: stored, or below ``dense_top``."""
+        return pfn in self._frames or 0 <= pfn < self.dense_pages
+
+    def stored(self, pfn: int) -> bool:
+        """Frame ``pfn`` was written or loaded (a dump or an image holds it)."""
         return pfn in self._frames
 
+    def _blank(self, pfn: int) -> bytearray:
+        return bytearray(self.blank(pfn)) if self.blank is not None else bytearray(PAGE_SIZE)
+
     def frame(self, pfn: int) -> bytearray | None:
-        """The stored bytes of frame ``pfn`` (mutable, at rest), or None if it does not exist."""
-        return self._frames.get(pfn)
+        """The bytes of frame ``pfn`` at rest (mutable when stored), or None if it is not RAM. A never-written
+        dense frame is its ``blank`` bytes, a fresh copy: write through ``write``/``ensure`` to keep a change."""
+        f = self._frames.get(pfn)
+        if f is None and 0 <= pfn < self.dense_pages:
+            return self._blank(pfn)
+        return f
 
     def ensure(self, pfn: int) -> bytearray:
-        """The frame ``pfn``, created zero-filled if it did not exist."""
+        """The stored frame ``pfn``, created if it did not exist (its blank bytes below ``dense_top``, else zeros)."""
         f = self._frames.get(pfn)
         if f is None:
-            f = self._frames[pfn] = bytearray(PAGE_SIZE)
+            f = self._frames[pfn] = self._blank(pfn) if pfn < self.dense_pages else bytearray(PAGE_SIZE)
         return f
 
     def set_frame(self, pfn: int, data: bytes) -> None:
@@ -79,16 +101,20 @@ class RAM:
         self._frames.pop(pfn, None)
 
     def frames(self) -> Iterator[int]:
-        """Existing frame numbers, in ascending order."""
+        """Stored frame numbers (written or loaded), in ascending order."""
         return iter(sorted(self._frames))
 
     def __len__(self) -> int:
         return len(self._frames)
 
     def runs(self) -> Iterator[tuple[int, int]]:
-        """Maximal runs of existing frames as ``(first pfn, count)``, ascending."""
+        """Maximal runs of RAM frames (stored, or below ``dense_top``) as ``(first pfn, count)``, ascending."""
         start = prev = None
-        for pfn in self.frames():
+        dense = self.dense_pages
+        above = (p for p in sorted(self._frames) if p >= dense)
+        if dense:
+            start, prev = 0, dense - 1
+        for pfn in above:
             if start is None:
                 start = prev = pfn
             elif pfn == prev + 1:
@@ -99,6 +125,15 @@ class RAM:
         if start is not None:
             yield start, prev - start + 1
 
+    def rom_in(self, gpa: int, size: int) -> list[tuple[int, int]]:
+        """The parts of ``[gpa, gpa+size)`` that are ROM, as ``(gpa, size)``."""
+        out = []
+        for base, n in self.rom:
+            lo, hi = max(gpa, base), min(gpa + size, base + n)
+            if lo < hi:
+                out.append((lo, hi - lo))
+        return out
+
     # -- byte ranges (at rest, no decryption) ---------------------------------------------
     def read(self, gpa: int, size: int) -> bytes:
         """Bytes at rest in ``[gpa, gpa+size)``; MemoryAccessError at the first missing frame."""
@@ -108,7 +143,9 @@ class RAM:
             n = min(size, PAGE_SIZE - off)
             f = self._frames.get(pfn)
             if f is None:
-                raise MemoryAccessError(gpa)
+                if not 0 <= pfn < self.dense_pages:
+                    raise MemoryAccessError(gpa)
+                f = self._blank(pfn)
             out += f[off:off + n]
             gpa += n
             size -= n

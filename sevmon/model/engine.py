@@ -125,6 +125,10 @@ class MemoryController:
             return plain
         return plain[spa - lo:spa - lo + n]
 
+    def encrypt_at(self, spa: int, data: bytes, asid: int) -> bytes:
+        """What storing ``data`` (16-byte aligned) at ``spa`` through ASID ``asid``'s key would leave in DRAM."""
+        return bytes(self._key(asid).encrypt(spa, data))
+
     def write(self, spa: int, data: bytes, asid: int = 0) -> None:
         """Store ``data`` at ``spa`` through ASID ``asid``'s key."""
         if asid == 0:

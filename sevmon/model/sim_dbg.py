@@ -14,6 +14,7 @@ import errno as E
 from construct import Container
 
 from sevmon.sev.abi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, KvmSevDbg
+from sevmon.sev.dbgsplit import classic_overruns
 
 from .sim_host import KernelError
 
@@ -60,6 +61,9 @@ class DebugCrypt:
         if not debug.dst_uaddr:
             raise KernelError(E.EINVAL)
         vaddr, size, dst = debug.src_uaddr, debug.len, debug.dst_uaddr
+        # the classic kernel's page overflow: the PSP writes on past the pinned destination page (here into the
+        # next host-physical page, as there); recorded so that a test can see the host memory it would corrupt
+        self.host.dbg_overruns += classic_overruns(vaddr, dst, size, encrypt=not dec)
         if not ((vaddr | dst | size) & 15):
             # Everything aligned: every chunk is one DBG command straight between the pinned
             # pages. When both ranges are pinnable and physically contiguous, issue them as one

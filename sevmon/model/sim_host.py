@@ -67,6 +67,9 @@ class SimulatedHost:
         self._psp_lock = threading.Lock()     # sev_cmd_mutex: one PSP command at a time, system-wide
         self._bitmap_lock = threading.Lock()  # sev_bitmap_lock
         self._phys_lock = threading.Lock()    # the page allocator
+        #: (destination user address, bytes) of every DBG command the classic kernel let write past the page it
+        #: pinned (sevmon.sev.dbgsplit.classic_overruns): on a real host, corruption of an unrelated page
+        self.dbg_overruns: list[tuple[int, int]] = []
 
     @property
     def sev_es_enabled(self) -> bool:

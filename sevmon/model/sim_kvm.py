@@ -179,6 +179,8 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
             if vcpu.vmsa_hpa is not None:
                 self.host.kfree(vcpu.vmsa_hpa)
                 vcpu.vmsa_hpa = None
+        for fd in (self.vm_fd, self.sev_fd):  # as LinuxSevTransport.close: the VM fd and /dev/sev are closed
+            self.task.files.pop(fd, None)
         src = self._mirror_of
         if src is not None:  # a mirror owns no firmware context: drop its reference to the source
             self._active, self._asid, self._mirror_of = False, 0, None
@@ -227,6 +229,13 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
             if not ram.has(pfn):
                 raise MemoryAccessError(max(gpa, pfn << PAGE_SHIFT))
         return self.host.mc.read(self.mem.guest_hpa + gpa, n, asid)
+
+    def guest_zero_page(self, gpa: int) -> bytes:
+        """The bytes at rest of a page of zeros the guest stored with the C-bit at ``gpa`` (plain zeros while it
+        has no key): what a never-written frame of a guest that cleared its RAM holds. Stores nothing."""
+        if not self._asid or not self.host.mc.has_key(self._asid):
+            return bytes(PAGE_SIZE)
+        return self.host.mc.encrypt_at(self.mem.guest_hpa + gpa, bytes(PAGE_SIZE), self._asid)
 
     def _cpu_asid(self, c_bit: bool) -> int:
         if not c_bit:

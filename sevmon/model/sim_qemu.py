@@ -49,6 +49,9 @@ class SimProcessOps:
     def dup2(self, old: int, new: int) -> None:
         self.task.dup2(old, new)
 
+    def close(self, fd: int) -> None:
+        self.task.close_fd(fd)
+
 
 class SimulatedQemu:
     """QEMU with one SEV guest: ``vm`` (its SevVm), ``pid``, and the memfd backend of its RAM."""

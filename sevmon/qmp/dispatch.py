@@ -37,15 +37,18 @@ class CommandRegistry:
         self.schema = schema
         self.handlers: dict[str, Callable] = {}
         self.inline: set[str] = set()
+        self.attached: dict[str, str] = {}  # name -> who runs it when attached (sevmon.hmp.table's OWN, QEMU...)
         self._names: list[str] = []  # registration order, session commands included
         # Attached to a QEMU: an object with wants(name, arguments) -> bool and
         # async forward(ctx, request); requests it wants skip sevmon's schema checks.
         self.forwarder = None
 
-    def register(self, name: str, *, inline: bool = False):
+    def register(self, name: str, *, inline: bool = False, attached: str | None = None):
         """``inline``: the handler only reads state that is safe to read without the machine
         lock (run state, versions, counters), so it answers at once even while another
-        client's long command holds the machine thread."""
+        client's long command holds the machine thread. ``attached``: who runs the command
+        when sevmon is attached to a QEMU (``sevmon.hmp.table``'s ``OWN``, ``QEMU`` or
+        ``QEMU_READS_MEMORY``), declared here so that the attached registry is built from it."""
         if name not in self.schema.commands:
             raise KeyError(f"command {name} has no schema in schemas/")
 
@@ -54,6 +57,8 @@ class CommandRegistry:
             self._names.append(name)
             if inline:
                 self.inline.add(name)
+            if attached is not None:
+                self.attached[name] = attached
             return fn
         return deco
 

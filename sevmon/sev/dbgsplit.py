@@ -46,6 +46,29 @@ def classic_dbg_cost(src: int, dst: int, length: int, *, encrypt: bool) -> tuple
     return calls, dec, enc
 
 
+def classic_overruns(src: int, dst: int, length: int, *, encrypt: bool) -> list[tuple[int, int]]:
+    """``(dst, n)`` for each chunk whose PSP command writes ``n`` bytes past the single destination page the classic
+    kernel pinned for it (starting at user address ``dst``): host memory that is not the destination.
+
+    Two ways, both from ``__sev_dbg_{de,en}crypt_user``: an aligned chunk cut only at the *source* page boundary with
+    its destination at a larger page offset (bug (c), either direction), and the encrypt read-modify-write, which
+    re-encrypts ``round_up(n, 16)`` bytes from the rounded-down destination. An unaligned decrypt goes through a
+    bounce page and ``copy_to_user``, which cannot overrun.
+    """
+    out = []
+    for s, d, n in classic_chunks(src, dst, length):
+        d_off = d & (PAGE_SIZE - 1)
+        if not ((s | d | n) & 15) or (encrypt and not ((d | n) & 15)):
+            end = d_off + n
+        elif encrypt:  # read-modify-write: DBG_ENCRYPT(round_down(dst, 16), round_up(n, 16))
+            end = (d_off & ~15) + ((n + 15) & ~15)
+        else:
+            continue
+        if end > PAGE_SIZE:
+            out.append((d, end - PAGE_SIZE))
+    return out
+
+
 def crosses_destination_page(src: int, dst: int, length: int) -> bool:
     """True when some 16-aligned chunk's destination crosses a page: the classic kernel would make the PSP
     write past the single pinned destination page (bug (c))."""

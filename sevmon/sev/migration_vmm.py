@@ -97,7 +97,7 @@ def receive_page(sev: SevVm, gpa: int, header: bytes, trans: bytes) -> None:
     if gpa < 0 or gpa % PAGE_SIZE or gpa + PAGE_SIZE > sev.ram.size or len(trans) != PAGE_SIZE:
         raise SevError(f"sev_receive_update_data: bad page record at gpa {gpa:#x}")
     pfn = gpa >> PAGE_SHIFT
-    fresh = not sev.ram.has(pfn)
+    fresh = not sev.ram.stored(pfn)
     sev.ram.ensure(pfn)
 
     def run(h):

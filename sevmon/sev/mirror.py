@@ -73,6 +73,9 @@ class LinuxProcessOps:
     def dup2(self, old: int, new: int) -> None:
         os.dup2(old, new, inheritable=False)
 
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
 
 class MirrorSev(SevVm):
     """The SEV guest QEMU runs, as sevmon reaches it through its mirror VM: the debug surface of :class:`SevVm`
@@ -94,8 +97,14 @@ class MirrorSev(SevVm):
         self._state = GuestState.RUNNING
         self.api_major = self.api_minor = self.build_id = 0
         self._segments = sorted(segments, key=lambda s: s.gpa)
-        self._attach(procs, qemu_pid)
-        handle, fw_policy, state = self.guest_status()
+        self._procs = procs
+        self._dup_sev_fd: int | None = None  # /dev/sev opened at QEMU's number (the older-kernel catch)
+        try:
+            self._attach(procs, qemu_pid)
+            handle, fw_policy, state = self.guest_status()
+        except BaseException:
+            self._close_dup()
+            raise
         self.handle, self.policy, self._state = handle, fw_policy, GuestState(state)
 
     @property
@@ -138,12 +147,14 @@ class MirrorSev(SevVm):
                                f"{os.strerror(e.errno)}{why}", errno=e.errno) from None
         finally:
             k.free(arg)
+            procs.close(src)  # the mirror holds QEMU's VM itself; the fd was only its name
         sev_fds = [fd for fd, link in links.items() if link == "/dev/sev"]
         if sev_fds and sev_fds[0] != k.sev_fd:  # the older-kernel catch: /dev/sev at QEMU's number
             n = sev_fds[0]
             mine = procs.own_link(n)
             if mine is None:
                 procs.dup2(k.sev_fd, n)
+                self._dup_sev_fd = n
             elif mine != "/dev/sev":
                 raise SevError(f"SEV: cannot open /dev/sev at fd {n} (QEMU's number, which the kernel resolves "
                                f"in sevmon's fd table): sevmon uses it for {mine}", errno=E.EBUSY)
@@ -162,7 +173,8 @@ class MirrorSev(SevVm):
         return s.hva + gpa - s.gpa
 
     def _pieces(self, gpa: int, length: int):
-        """The span cut where the mapping is not linear (e.g. around the PCI hole): one DBG ioctl each."""
+        """The span cut where the mapping is not linear (e.g. around the PCI hole): one DBG_DECRYPT ioctl each
+        (DBG_ENCRYPT goes one page at a time anyway, see SevVm.dbg_encrypt)."""
         while length > 0:
             s = self._segment(gpa)
             if s is None:
@@ -174,12 +186,6 @@ class MirrorSev(SevVm):
     def dbg_decrypt(self, gpa: int, length: int) -> bytes:
         return b"".join(super(MirrorSev, self).dbg_decrypt(g, n) for g, n in self._pieces(gpa, length))
 
-    def dbg_encrypt(self, gpa: int, data: bytes) -> None:
-        pos = 0
-        for g, n in self._pieces(gpa, len(data)):
-            super().dbg_encrypt(g, data[pos:pos + n])
-            pos += n
-
     def _first_hole(self, gpa: int, length: int) -> int | None:
         end = gpa + length
         while gpa < end:
@@ -190,6 +196,12 @@ class MirrorSev(SevVm):
         return None
 
     def close(self) -> None:
-        """Close the mirror VM: the guest is QEMU's and lives on."""
+        """Close the mirror VM and every fd sevmon opened for it: the guest is QEMU's and lives on."""
+        self._close_dup()
         self.kernel.close()
+
+    def _close_dup(self) -> None:
+        if self._dup_sev_fd is not None:
+            self._procs.close(self._dup_sev_fd)
+            self._dup_sev_fd = None
 

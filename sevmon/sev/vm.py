@@ -8,6 +8,7 @@ own memory, so the same code drives :class:`~sevmon.model.sim_kvm.SimulatedKvm` 
 
 from __future__ import annotations
 
+import contextlib
 import errno as E
 import os
 
@@ -189,7 +190,7 @@ class SevVm:
         if gpa < 0 or gpa + len(secret) > self.ram.size:
             raise SevError(f"SEV: Failed to calculate HVA for GPA {gpa:#x}", errno=E.EFAULT, gpa=gpa)
         faulted = [pfn for pfn in range(gpa >> PAGE_SHIFT, ((gpa + max(len(secret), 1) - 1) >> PAGE_SHIFT) + 1)
-                   if not self.ram.has(pfn)]
+                   if not self.ram.stored(pfn)]
         for pfn in faulted:
             self.ram.ensure(pfn)
         hdr_hva = self.kernel.alloc(len(header))
@@ -277,11 +278,46 @@ class SevVm:
             self.kernel.free(base)
 
     def dbg_encrypt(self, gpa: int, data: bytes) -> None:
-        """Write plaintext into guest memory with its key: exactly one KVM_SEV_DBG_ENCRYPT ioctl.
-        Note the classic kernel's RMW bug: an unaligned write may silently drop its last bytes."""
+        """Write plaintext into guest memory with its key, exactly, on every released kernel; all or nothing.
+
+        Released kernels' ``__sev_dbg_encrypt_user`` mishandle anything but one shape of request (sev-api.md §2.1):
+        an unaligned destination or length is read-modify-written with ``round_up(len, 16)`` bytes from the
+        rounded-down destination, silently dropping the last bytes (bug (b)); a chunk is cut only at *source* page
+        boundaries, so a destination at a larger page offset makes the PSP write past the pinned page (bug (c)).
+        So sevmon asks only for that one shape: 16-byte aligned, source and destination at the same page offset,
+        within one page on both sides, one KVM_SEV_DBG_ENCRYPT ioctl per page. The partial 16-byte blocks at
+        either end are read first (one DBG_DECRYPT over the aligned span) and merged here, sevmon's own
+        read-modify-write. The same read keeps what was there: if a page fails, the pages already written get
+        their old plaintext back, so a failed write leaves the guest as it was (the error is the first failure's).
+        A single aligned page needs no read.
+        """
         if not data:
             return
         self._check_span(gpa, len(data))
+        lo, hi = gpa & ~15, (gpa + len(data) + 15) & ~15
+        multi_page = (lo >> PAGE_SHIFT) != ((hi - 1) >> PAGE_SHIFT)
+        if (gpa | len(data)) & 15 or multi_page:
+            old = self.dbg_decrypt(lo, hi - lo)
+            new = old[:gpa - lo] + bytes(data) + old[gpa - lo + len(data):]
+        else:
+            old, new = None, bytes(data)
+        done = []
+        try:
+            a = lo
+            while a < hi:
+                n = min(hi - a, PAGE_SIZE - (a & (PAGE_SIZE - 1)))
+                self._dbg_encrypt_page(a, new[a - lo:a - lo + n])
+                done.append((a, n))
+                a += n
+        except SevError:
+            for a, n in reversed(done):
+                with contextlib.suppress(SevError):
+                    self._dbg_encrypt_page(a, old[a - lo:a - lo + n])
+            raise
+
+    def _dbg_encrypt_page(self, gpa: int, data: bytes) -> None:
+        """One KVM_SEV_DBG_ENCRYPT of 16-byte aligned ``data`` within one guest page, from a buffer at the same
+        page offset: the one request shape every released kernel executes exactly and inside its pinned pages."""
         base, buf = self._dbg_buffer(gpa, len(data))
         try:
             self.kernel.write(buf, data)
@@ -314,6 +350,11 @@ class SevVm:
             self.kernel.guest_store(gpa, data, c_bit=private)
         except LookupError as e:
             raise SevError(f"SEV: guest write at {gpa:#x} impossible: {e}") from None
+
+    def guest_zero_page(self, gpa: int) -> bytes:
+        """The bytes at rest of a page of zeros the guest wrote privately at ``gpa`` (the RAM store's ``blank``
+        for a guest whose every frame is RAM). Simulated kernel only: it models the memory controller."""
+        return self.kernel.guest_zero_page(gpa)
 
     def guest_read(self, gpa: int, n: int, private: bool = True) -> bytes:
         """A load by the guest itself (see :meth:`guest_write`)."""

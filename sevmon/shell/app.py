@@ -16,7 +16,7 @@ watching a running dump), Ctrl-D leaves.
 
 ``-c LINE`` (repeatable) runs lines without a prompt, as does a standard input that is
 not a terminal (``sevmon shell SOCK < script``); the exit status is 0, or 1 if a line
-got a QMP error. Whatever the mode, a missing socket or a lost connection ends the
+failed: a QMP error, or an HMP reply that says so (:func:`hmp_failed`). Whatever the mode, a missing socket or a lost connection ends the
 shell with one sentence on stderr and status 1.
 """
 
@@ -46,6 +46,15 @@ __all__ = ["PROMPT", "ConnectionLost", "Monitor", "Shell", "history_path", "run_
 PROMPT = "(qemu) "
 CONNECT_TIMEOUT = 15.0  # seconds for the socket to answer with a QMP greeting
 QUIT_WAIT = 2.0  # seconds to let the daemon close the socket after ``quit``
+
+
+def hmp_failed(out: str) -> bool:
+    """Whether an HMP reply says the command failed. ``human-monitor-command`` succeeds whatever the command did
+    (QEMU's HMP has no status), so the reply's words are all there is: QEMU's ``Error: ...`` (hmp_handle_error),
+    ``unknown command: ...``, and an argument error's ``Try "help CMD" for more information``."""
+    lines = out.replace("\r\n", "\n").split("\n")
+    return (out.startswith(("Error: ", "unknown command: "))
+            or any(x.startswith('Try "help ') and x.endswith('" for more information') for x in lines))
 
 
 class ShellExit(Exception):
@@ -143,6 +152,7 @@ class Shell:
         self.mon = monitor
         self.interactive = interactive
         self._status: str | None = None  # the progress line currently drawn, if any
+        self._held: list[str] | None = None  # DUMP_COMPLETED lines kept while a dump's bar is drawn
         self._current: asyncio.Task | None = None
         quit_entry = next((e for e in monitor.commands if e.name == "quit"), None)
         self.quit_names = set(quit_entry.names) if quit_entry else {"quit", "q"}
@@ -200,8 +210,9 @@ class Shell:
                     self.show(await self.mon.hmp(line))
                 await self.mon.wait_closed(QUIT_WAIT)
                 raise _Quit()
-            self.show(await self.mon.hmp(line))
-            return True
+            out = await self.mon.hmp(line)
+            self.show(out)
+            return not hmp_failed(out)
         except ExecuteError as e:
             self.error(f"Error: {e} ({e.error_class})")
             return False
@@ -244,13 +255,18 @@ class Shell:
         if out.strip():  # an HMP error: the dump did not start
             self.show(out)
             return True
+        self._held = []
         try:
             st = await watch_dump(lambda: self.mon.qmp("query-dump"), self._draw_status)
         except asyncio.CancelledError:  # Ctrl-C: stop watching; the caller ends the line
             self._status = None
             self._write("\ndump-guest-memory: still running in the daemon (query-dump shows its progress)")
+            for text in self._held or []:
+                self._write("\n" + text)
+            self._held = None
             raise
         self._end_status()
+        self._release_held()
         if st.get("status") == "failed":
             self.show("dump-guest-memory: the dump failed\n")
         return True
@@ -317,7 +333,15 @@ class Shell:
 
     async def _print_events(self) -> None:
         async for event in self.mon.client.events:
+            if self._held is not None and event.get("event") == "DUMP_COMPLETED":
+                self._held.append(format_event(event))  # after the bar's 100%, not above a bar still at 96%
+                continue
             self.notice(format_event(event))
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for text in held:
+            self.notice(text)
 
     async def _watch_link(self, session) -> None:
         """When the connection drops while the prompt waits, end the prompt."""

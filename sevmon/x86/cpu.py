@@ -38,6 +38,18 @@ _ALIASES = {
 }
 
 
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr")
+#: Every register name sevmon reads from a ``CpuState`` (``info registers``, dumps, the gdb stub, ``$reg``), in
+#: canonical form: a ``cpu.json`` key outside these (and their aliases) would be silently unused.
+KNOWN_REGISTERS = frozenset(
+    [*GPRS64, "rip", "rflags", "cr0", "cr2", "cr3", "cr4", "cr8", "efer", "xcr0", "cpl", "kernel_gs_base",
+     "fcw", "fsw", "fpstt", "ftw", "mxcsr", "fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop"]
+    + [f"{s}{suffix}" for s in _SEGMENTS for suffix in ("", "_base", "_limit", "_flags")]
+    + [f"{t}_{f}" for t in ("gdt", "idt") for f in ("base", "limit")]
+    + [f"dr{i}" for i in range(8)] + [f"fpr{i}" for i in range(8)] + [f"xmm{i}" for i in range(32)]
+    + [f"opmask{i}" for i in range(8)])
+
+
 #: Why an SEV-ES guest's registers are not shown: the one sentence every front end reports.
 VMSA_ENCRYPTED = ("the vCPU register state of this SEV-ES guest is encrypted in its VMSA: neither KVM nor QEMU can "
                   "read it, so sevmon knows no register values (nor the page tables CR3 would point to)")

@@ -24,6 +24,7 @@ QEMU bugs deliberately not copied: the PAE ``info tlb`` physical-address column 
 
 from __future__ import annotations
 
+import operator
 import re
 import struct
 from collections.abc import Iterable, Iterator
@@ -319,6 +320,26 @@ def _low_digits(span_base: int, n: int) -> list[str]:
     return low
 
 
+_PROT_TEXT = tuple(f"{'u' if p & PG_USER else '-'}r{'w' if p & PG_RW else '-'}" for p in range(8))
+_PRE = "\x00" * 10   # stands for a table's top 10 VA digits in a cached template
+_SINGLES: dict[tuple[int, int], str] = {}
+
+
+def _singles_template(span_base: int, n: int) -> str:
+    """The lines of entries 1..n-2 of a table of one-page ranges, up to their prot, ``\n``-separated, with
+    ``_PRE`` for the table's top VA digits (cached per span)."""
+    key = (span_base, n)
+    text = _SINGLES.get(key)
+    if text is None:
+        low = _low_digits(span_base, n)
+        text = _SINGLES[key] = "\n".join(f"{_PRE}{low[k]}-{_PRE}{low[k + 1]} {_SIZE_TEXT[1]} " for k in range(1, n - 1))
+    return text
+
+
+# ``%016x`` of n 4 KiB pages, for the sizes a leaf table's ranges can have (at most 1024 entries)
+_SIZE_TEXT = tuple(f"{n << 12:016x}" for n in range(1025))
+
+
 def info_tlb(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[str]:
     """``info tlb``: one ``%016x: %016x XGPDACTUW`` line per leaf (no line terminators), or ``PG disabled``."""
     t = _tables(mem, cpu, me_mask)
@@ -381,6 +402,7 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
         return (f"{_canon(mode, start):016x}-{_canon(mode, end):016x} {_canon(mode, end - start):016x} "
                 f"{'u' if prot & PG_USER else '-'}r{'w' if prot & PG_RW else '-'}")
 
+    cbit = mode.canon_bit
     start = -1
     end = 0
     cur = 0
@@ -416,13 +438,47 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
         # translate give every entry's prot (0 when absent), and a regex finds the equal runs.
         base = item.base
         codes = item.raw[::esize].translate(_PROT_CODES[item.pprot & PROT_MASK])
-        for run in _PROT_RUNS.finditer(codes):
-            va, prot = base + (run.start() << 12), codes[run.start()]
-            if va != end or prot != cur:
-                if start >= 0:
-                    yield line(start, end, cur)
-                start, cur = va, prot
-            end = base + (run.end() << 12)
+        n = len(codes)
+        # every entry present and each unlike the next (one range per page): the neighbours' XOR, one
+        # big-int operation in C, has no zero byte; then the runs need no regex at all
+        singles = n > 1 and b"\x00" not in codes and b"\x00" not in (
+            int.from_bytes(codes[1:], "big") ^ int.from_bytes(codes[:-1], "big")).to_bytes(n - 1, "big")
+        if singles:
+            runs = [(0, 1), (n - 1, n)]
+        else:
+            runs = [m.span() for m in _PROT_RUNS.finditer(codes)]
+            if not runs:
+                continue
+        # the first run may continue the open range; the last stays open (the next table may continue it)
+        first, stop = runs[0]
+        va, prot = base + (first << 12), codes[first]
+        if va != end or prot != cur:
+            if start >= 0:
+                yield line(start, end, cur)
+            start, cur = va, prot
+        end = base + (stop << 12)
+        if len(runs) == 1:
+            continue
+        yield line(start, end, cur)
+        middle = runs[1:-1] if not singles else None
+        if middle or (singles and n > 2):
+            # every middle run is a whole range of its own: a million one-page ranges are a million lines,
+            # built from cached digit strings (no hex formatting per line) where no address needs
+            # canonicalizing
+            if not cbit or (base + (n << 12)) >> cbit == 0:
+                pre = f"{base:016x}"[:10]
+                if singles:  # every line but its prot is the span's template: built by C loops alone
+                    heads = _singles_template(base & 0xFFFFFF, n).replace(_PRE, pre).split("\n")
+                    yield from map(operator.add, heads, map(_PROT_TEXT.__getitem__, codes[1:n - 1]))
+                else:
+                    low = _low_digits(base & 0xFFFFFF, n)
+                    sizes, ptext = _SIZE_TEXT, _PROT_TEXT
+                    yield from [f"{pre}{low[a]}-{pre}{low[b]} {sizes[b - a]} {ptext[codes[a]]}" for a, b in middle]
+            else:
+                pairs = middle if middle is not None else [(k, k + 1) for k in range(1, n - 1)]
+                yield from [line(base + (a << 12), base + (b << 12), codes[a]) for a, b in pairs]
+        first, stop = runs[-1]
+        start, cur, end = base + (first << 12), codes[first], base + (stop << 12)
     if start >= 0:
         yield line(start, end, cur)
 

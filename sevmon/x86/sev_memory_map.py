@@ -23,7 +23,7 @@ from sevmon.x86 import paging
 from sevmon.x86.cpu import CR4_PSE, CpuState
 from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE, PG_RW, PG_USER
 
-__all__ = ["VirtualRange", "Alias", "SevMemoryMap", "build_map", "PAGE"]
+__all__ = ["VirtualRange", "Alias", "FrameCounts", "SevMemoryMap", "build_map", "frames_text", "PAGE"]
 
 PAGE = 4096
 _PRIVATE = 8    # added to a U|W|P prot code when the leaf had the C-bit
@@ -80,6 +80,59 @@ class SevMemoryMap:
     @staticmethod
     def frames(ranges: Iterable[tuple[int, int]]) -> int:
         return sum(size for _gpa, size in ranges) // PAGE
+
+    def frame_counts(self, ram: Sequence[tuple[int, int]], top: int) -> FrameCounts:
+        """The mapped frames split as the picture draws them (see :class:`FrameCounts`); ``ram`` is the guest's
+        RAM (or the image's frames) as sorted ``(gpa, size)`` runs, ``top`` where the picture ends."""
+        inside = _clip(ram, top)
+        aliased = _overlap(self.aliased, inside)
+        private = _overlap(self.private, inside) - aliased
+        shared = _overlap(self.shared, inside) - aliased
+        beyond = [(top, (1 << 64) - top)]
+        past = _overlap(self.private, beyond) + _overlap(self.shared, beyond) - _overlap(self.aliased, beyond)
+        hole = self.mapped_frames * PAGE - private - shared - aliased - past
+        return FrameCounts(private // PAGE, shared // PAGE, aliased // PAGE, hole // PAGE, past // PAGE)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameCounts:
+    """Every mapped frame in exactly one class, the classes the picture colours (aliased > shared > private):
+    ``private``/``shared``/``aliased`` frames of RAM; ``hole``: below the end of RAM but not RAM (a device, or a
+    frame a sparse image lacks); ``past``: past the end of RAM (not drawn). They add up to ``mapped_frames``."""
+
+    private: int
+    shared: int
+    aliased: int
+    hole: int
+    past: int
+
+
+def frames_text(m: SevMemoryMap, counts: FrameCounts, hole: str) -> str:
+    """``frames mapped: N (P private, S shared, A aliased[; H not RAM][; X past the end of RAM])``: the classes
+    add up to N and are the picture's (its legend gives the same numbers)."""
+    extra = [f"{n} {what}" for n, what in ((counts.hole, hole), (counts.past, "past the end of RAM")) if n]
+    return (f"frames mapped: {m.mapped_frames} ({counts.private} private, {counts.shared} shared, "
+            f"{counts.aliased} aliased{''.join('; ' + e for e in extra)})")
+
+
+def _clip(ranges: Sequence[tuple[int, int]], top: int) -> list[tuple[int, int]]:
+    return [(g, min(s, top - g)) for g, s in ranges if g < top]
+
+
+def _overlap(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> int:
+    """Bytes in both of two sorted lists of disjoint ``(start, size)`` ranges."""
+    i = j = total = 0
+    while i < len(a) and j < len(b):
+        lo = max(a[i][0], b[j][0])
+        a_end, b_end = a[i][0] + a[i][1], b[j][0] + b[j][1]
+        hi = min(a_end, b_end)
+        if lo < hi:
+            total += hi - lo
+        if a_end <= b_end:
+            i += 1
+        else:
+            j += 1
+    return total
 
 
 # -- one vCPU's walk -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ another table (a walk that starts from a kernel's own page tables rather than a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -64,8 +65,21 @@ def read_virtual(mem, cpu: CpuState, va: int, length: int, me_mask: int = 0, *, 
 
 
 def write_virtual(mem, cpu: CpuState, va: int, data: bytes, me_mask: int = 0, *, root: int | None = None) -> None:
-    """Write ``data`` at guest-virtual ``va``: every page translated first, then one ``mem.write`` per run."""
-    pos = 0
-    for r in physical_runs(mem, cpu, va, len(data), me_mask, root=root):
-        mem.write(r.gpa, data[pos:pos + r.size], private=r.private)
-        pos += r.size
+    """Write ``data`` at guest-virtual ``va``: every page translated first, then one ``mem.write`` per run.
+
+    Each run's write is all-or-nothing (``SevVm.dbg_encrypt``); if a later run fails, the earlier ones get back what
+    they held (read before writing, only when there is more than one run), so a failed write leaves the guest as
+    it was."""
+    runs = physical_runs(mem, cpu, va, len(data), me_mask, root=root)
+    done, pos = [], 0
+    try:
+        for r in runs:
+            old = mem.read(r.gpa, r.size, private=r.private) if len(runs) > 1 else b""
+            mem.write(r.gpa, data[pos:pos + r.size], private=r.private)
+            done.append((r, old))
+            pos += r.size
+    except MemoryAccessError:
+        for r, old in reversed(done):
+            with contextlib.suppress(MemoryAccessError):
+                mem.write(r.gpa, old, private=r.private)
+        raise

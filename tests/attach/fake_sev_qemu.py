@@ -1,6 +1,8 @@
 """A stand-in for QEMU running an SEV guest under KVM, as far as sevmon's attach asks: QMP on a UNIX socket, a
 16 MiB memfd RAM backend (share=on), query-sev enabled with policy 0x0, query-sev-capabilities C-bit 51. It has no
-KVM VM; on a host without SEV sevmon stops before looking for one. Usage: python fake_sev_qemu.py SOCKET"""
+KVM VM; on a host without SEV sevmon stops before looking for one. Usage: python fake_sev_qemu.py SOCKET [snp]
+(``snp``: query-sev answers as QEMU 9.1+ does for an SEV-SNP guest, with ``sev-type`` and ``snp-policy``; ``es``:
+as QEMU 7.2 does for an SEV-ES guest, policy 0x5)."""
 
 import json
 import os
@@ -23,7 +25,15 @@ REPLIES = {
 }
 
 
-def main(path: str) -> None:
+SNP_SEV = {"enabled": True, "api-major": 1, "api-minor": 55, "build-id": 21, "sev-type": "sev-snp",
+           "snp-policy": 0x30000, "state": "running", "handle": 1}
+
+
+def main(path: str, kind: str = "sev") -> None:
+    if kind == "snp":
+        REPLIES["query-sev"] = SNP_SEV
+    elif kind == "es":   # QEMU 7.2's answer for an SEV-ES guest: no sev-type, the policy's ES bit (0x4)
+        REPLIES["query-sev"] = {**REPLIES["query-sev"], "policy": 0x5}
     fd = os.memfd_create("memory-backend-memfd")
     os.ftruncate(fd, SIZE)
     srv = socket.socket(socket.AF_UNIX)
@@ -64,4 +74,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -61,6 +61,21 @@ def test_open_mirror_failures_are_one_sentence():
     assert "no SO_PEERCRED" in str(ei.value)
 
 
+def test_a_host_without_the_cpuid_driver_is_one_sentence():
+    """The C-bit and reduced-phys-bits come from CPUID Fn8000_001F, which Python reads through the cpuid driver:
+    without /dev/cpu/N/cpuid, attaching ends in one sentence (no traceback), and the mirror VM is closed."""
+    from sevmon.sev.linux import host_cpuid
+    qemu = SimulatedQemu(SimulatedHost(), RAM(16 << 20), [(0x100000, IMAGE)])
+    kernel, procs, segs = _sevmon_side(qemu)
+    kernel.cpuid = lambda: host_cpuid("/nonexistent/cpu/0/cpuid")
+    with pytest.raises(AttachError) as ei:
+        open_mirror(qemu.pid, qemu.vm.ram, segs, qemu.query_sev(), {"cbitpos": 47}, kernel=kernel, procs=procs)
+    assert str(ei.value) == ("QEMU runs an SEV guest but sevmon cannot reach it: cannot read CPUID Fn8000_001F: "
+                             "/nonexistent/cpu/0/cpuid: No such file or directory (load the cpuid module: "
+                             "modprobe cpuid)")
+    assert "anon_inode:kvm-vm" not in kernel.task.fd_links().values()  # the mirror VM went with it
+
+
 def test_segments_follow_the_backend_offsets_around_the_pci_hole():
     m = mmap.mmap(-1, 4 << 20)
     ram = MappedRAM([RamRange(0, 3 << 20, "ram0", 0), RamRange(1 << 32, 1 << 20, "ram0", 3 << 20)], {"ram0": m},
@@ -104,6 +119,30 @@ def test_serve_attach_to_an_sev_qemu_on_a_host_without_sev_is_one_sentence(tmp_p
             "/dev/sev does not exist (needs an AMD EPYC host with SEV enabled in the BIOS and the kvm_amd.sev=1 "
             "module parameter)"]
         fake.wait(10)  # sevmon closed its link: the fake QEMU's monitor loop ended
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_attach_refuses_an_snp_guest_in_one_sentence(tmp_path):
+    """QEMU 9.1+ names an SNP guest in query-sev (sev-type, snp-policy): upstream KVM refuses the debug commands
+    for it, so serve --attach says so before opening anything, exit 1."""
+    sock = tmp_path / "qemu.sock"
+    fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_sev_qemu.py")), str(sock), "snp"])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        r = subprocess.run([sys.executable, "-m", "sevmon", "serve", "--attach", str(sock),
+                            "--qmp", str(tmp_path / "sevmon.sock")], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == [
+            "sevmon: the guest is an SEV-SNP guest: upstream KVM refuses the SEV debug commands (DBG_DECRYPT, "
+            "DBG_ENCRYPT) for SNP guests (-EPERM), so live debugging needs a patched kernel"]
+        assert not (tmp_path / "sevmon.sock").exists()
+        fake.wait(10)
     finally:
         fake.kill()
         fake.wait()

@@ -10,12 +10,13 @@ import sys
 from tests.conftest import FIXTURES
 
 
-def test_bench_json_on_the_32bit_fixture():
+def test_bench_json_on_the_32bit_fixture(capsys):
     fx = FIXTURES / "linux-32bit"
     out = subprocess.run([sys.executable, "-m", "sevmon", "bench", "--json", "--repeat", "1",
                           "--core", str(fx / "core.elf"), "--cpu-state", str(fx / "cpu.json")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
+    assert "gdb stub listening" not in out.stderr  # the bench's own stubs are not the user's business
     report = json.loads(out.stdout)
     bound = report["level-batched lower bound"]
     assert bound == {"table-pages": 15, "round-trips": 11, "achieved-round-trips": 11}
@@ -34,6 +35,13 @@ def test_bench_json_on_the_32bit_fixture():
     assert gdb["naive"]["round-trips"] >= 2 * gdb["packets"]     # >= 1 table level + the bytes, per packet
     for key in ("query-status x1", "query-status x32", "info mem x1", "info mem x32"):
         assert report["latency"][key]["p50-ms"] <= report["latency"][key]["p99-ms"]
+    # the same report as text fits a 120-column terminal, counts included
+    from sevmon.bench.run import _print_table
+    _print_table(report)
+    text = capsys.readouterr().out
+    assert max(map(len, text.splitlines())) <= 120, text
+    line = next(ln for ln in text.splitlines() if ln.startswith("info tlb") and "cold" in ln)
+    assert line.split()[3:5] == [str(tlb["cold"]["round-trips"]), str(tlb["cold"]["firmware-calls"])]
 
 
 def test_bench_scale_reports_both_sizes():

@@ -3,6 +3,7 @@ QEMU (a real QEMU with a shared memfd backend, and a sevmon daemon standing in f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -130,3 +131,125 @@ def test_real_qemu_with_a_shared_memfd_backend(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- issue 19, finding 5: sevmon check tells the truth ------------------------------------------------------
+@pytest.mark.parametrize("release,status,words", [
+    ("6.8.0-45-generic", "ok", "mirror VMs can issue debug commands (5.15 and later)"),
+    ("5.15.0", "ok", "(5.15 and later)"),
+    ("5.14.10-300.fc35.x86_64", "ok", "5.14.10+ stable carries 5.15's fixes"),
+    ("5.14.9", "fail", "mirror VMs exist (5.13) but copy only the ASID, not the guest's handle and /dev/sev fd: "
+                       "every command on a mirror fails with EINVAL"),
+    ("5.13.0", "fail", "every command on a mirror fails with EINVAL"),
+    ("5.10.0-28-amd64", "fail", "no mirror VMs before 5.13"),
+])
+def test_the_running_kernel_is_judged_by_what_mirror_vms_need(tmp_path, release, status, words):
+    f = tmp_path / "osrelease"
+    f.write_text(release + "\n")
+    item = check.check_kernel(check.Paths(osrelease=str(f)))
+    assert item.status == status and item.detail.startswith(f"Linux {release}: ") and words in item.detail
+    if status == "fail":
+        assert item.fix.startswith("Linux 5.15 or later, or a 5.14 stable from 5.14.10")
+
+
+def test_this_machine_s_kernel_and_the_capability_probe_say_what_they_are():
+    r = run_check("--json")
+    by = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert by["running kernel"]["detail"].startswith(f"Linux {os.uname().release}: ")
+    cap = by["KVM_CAP_VM_COPY_ENC_CONTEXT_FROM"]
+    if cap["status"] == "ok":   # every x86 KVM of 5.13+ says 1, with or without SEV
+        assert "this kernel knows mirror VMs (5.13 and later)" in cap["detail"]
+        assert "it says nothing about SEV" in cap["detail"]
+    assert by["memlock for --kvm"]["status"] == "ok" and "serve --kvm" in by["memlock for --kvm"]["detail"]
+
+
+def test_memlock_for_kvm_without_cap_ipc_lock_gives_the_room_in_mib(tmp_path):
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "status").write_text("Name:\tx\nCapEff:\t0000000000000000\n")
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = 4 << 20 if hard == resource.RLIM_INFINITY else min(hard, 4 << 20)
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, hard))
+    try:
+        item = check.check_kvm_memlock(check.Paths(proc=str(tmp_path)))
+    finally:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
+    assert item.detail == (f"serve --kvm pins all of an image's RAM: under this limit ({limit >> 10} KiB, no "
+                           f"CAP_IPC_LOCK) images of up to {(limit - 8192) >> 20} MiB of RAM fit; raise it with "
+                           "ulimit -l")
+
+
+def test_shm_and_hugetlbfs_file_backends_are_shared_memory(tmp_path):
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "42").mkdir()
+    (proc / "self" / "mounts").write_text("hugetlbfs /dev/hugepages1G hugetlbfs rw,pagesize=1024M 0 0\n")
+    for path in ("/dev/shm/vm1-ram", "/dev/hugepages1G/libvirt/qemu/ram0"):
+        (proc / "42" / "maps").write_text(
+            "7f0000000000-7f0000100000 rw-p 00000000 00:00 0 \n"
+            f"7f1000000000-7f1040000000 rw-s 00000000 00:1a 123 {path}\n")
+        item = check._backend_item(check.Paths(proc=str(proc)), 42, {})
+        assert (item.status, item.detail) == ("ok", f"shared mapping of 1024 MiB: {path}")
+    (proc / "42" / "maps").write_text("7f1000000000-7f1040000000 rw-s 00000000 00:05 9 /dev/dri/card0\n")
+    assert check._backend_item(check.Paths(proc=str(proc)), 42, {}).status == "fail"   # a device is not RAM
+
+
+@needs_qemu
+def test_real_qemu_with_a_dev_shm_file_backend(tmp_path):
+    sock = tmp_path / "qmp.sock"
+    shm = f"/dev/shm/sevmon-check-{os.getpid()}"
+    proc = subprocess.Popen([QEMU, "-M", "pc", "-m", "16", "-S", "-display", "none", "-nodefaults",
+                             "-object", f"memory-backend-file,id=ram0,size=16M,mem-path={shm},share=on",
+                             "-machine", "memory-backend=ram0", "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        r = run_check("--json", "--qemu-pid", str(proc.pid), "--qemu-qmp", str(sock))
+        by = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+        assert (by["QEMU RAM backend"]["status"], by["QEMU RAM backend"]["detail"]) == (
+            "ok", f"shared mapping of 16 MiB: {shm}")
+        assert (by["QEMU guest type"]["status"], by["QEMU guest type"]["detail"]) == ("fail", "not an SEV guest")
+    finally:
+        proc.kill()
+        proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shm)
+
+
+def _fake_qemu_guest_items(tmp_path, kind: str) -> list:
+    """check's guest items against the stand-in QEMU (tests/attach/fake_sev_qemu.py) answering for ``kind``."""
+    sock = tmp_path / f"qemu-{kind}.sock"
+    fake = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "..", "attach",
+                                                          "fake_sev_qemu.py"), str(sock), kind])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        return check._guest_items(str(sock))
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+def test_guest_type_sev_and_sev_es_from_the_policy_bits(make_daemon, tmp_path):
+    """QEMU 7.2 has no sev-type: the type comes from the policy's ES bit (sevmon's daemon stands in for SEV)."""
+    sev = check._guest_items(make_daemon().qmp)
+    assert [(i.name, i.status, i.detail) for i in sev] == [
+        ("QEMU guest type", "ok", "SEV (policy 0x0, no ES bit)"),
+        ("QEMU guest policy", "ok", "policy 0x0: debugging allowed")]
+    es = _fake_qemu_guest_items(tmp_path, "es")[0]
+    assert es.status == "fail" and es.detail.startswith("SEV-ES (policy 0x5, ES bit set): its registers are in "
+                                                        "the encrypted VMSA")
+
+
+def test_an_snp_guest_is_named_with_why_it_cannot_be_debugged(tmp_path):
+    kind, policy = _fake_qemu_guest_items(tmp_path, "snp")
+    assert (kind.status, kind.detail) == ("fail", "SEV-SNP (sev-type sev-snp): the guest is an SEV-SNP guest: "
+                                                  "upstream KVM refuses the SEV debug commands (DBG_DECRYPT, "
+                                                  "DBG_ENCRYPT) for SNP guests (-EPERM), so live debugging needs a "
+                                                  "patched kernel")
+    assert (policy.status, policy.detail) == ("skip", "snp-policy 0x30000: an SNP guest, see QEMU guest type")

@@ -45,6 +45,7 @@ def assert_usage_error(out: subprocess.CompletedProcess, *words: str) -> str:
     (["--memory", "1"], ["--memory", "32..16384"]),
     (["--memory", "8192", "--paging", "32"], ["--memory", "--paging 32", "32..4096"]),
     (["--debug-cache-mb", "-1"], ["--debug-cache-mb", "0..1048576"]),
+    (["--cpu-state", "cpu.json"], ["--cpu-state", "only with --core or --raw"]),  # else silently unused
 ])
 def test_bad_guest_option_is_one_line_exit_2(sub, args, words, tmp_path):
     line = assert_usage_error(sevmon(sub, "--qmp" if sub == "serve" else "--repeat",
@@ -73,6 +74,16 @@ def test_cbitpos_is_free_without_sev(make_daemon):
 ])
 def test_other_bad_options_are_one_line_exit_2(args, words):
     assert_usage_error(sevmon(*args), *words)
+
+
+def test_shell_verbose_help_says_what_the_shell_logs():
+    """``shell -v`` logs the shell's own QMP client, not the daemon's commands (that is ``serve -v``)."""
+    help_text = " ".join(sevmon("shell", "--help").stdout.split())
+    assert "-v, --verbose log the QMP traffic and the client library's debug lines to stderr" in help_text
+    assert "exit 1 if a line fails: a QMP error, or HMP's 'Error: ...', 'unknown command' or a bad argument" \
+        in help_text
+    serve_help = " ".join(sevmon("serve", "--help").stdout.split())
+    assert "-v, --verbose log each command the daemon runs, with its duration" in serve_help
 
 
 def _parsers():
@@ -123,6 +134,24 @@ def test_raw_cpu_state_must_name_the_paging_registers(make_daemon, tmp_path, reg
                                                "from 4- and 5-level paging)"]
 
 
+@pytest.mark.parametrize("source", ["--raw", "--core"])
+def test_unknown_cpu_state_key_is_one_line_not_ignored(tmp_path, source):
+    """A typo in cpu.json (``cr_3``) is named: read as nothing, it would leave CR3 at 0 and walk garbage."""
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"cr0": "0x80050033", "cr_3": "0x1000", "cr4": "0x20", "efer": "0xd01"}))
+    if source == "--raw":
+        image = tmp_path / "ram.bin"
+        image.write_bytes(bytes(0x4000))
+    else:
+        image = FIXTURES / "linux-4level" / "core.elf"
+    out = sevmon("serve", "--qmp", str(tmp_path / "q.sock"), source, str(image), "--cpu-state", str(cpu))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"sevmon: {cpu}: unknown register 'cr_3': expected QEMU's info registers names "
+        "(rax..r15, rip, rflags, cr0, cr2, cr3, cr4, efer, cs, cs_base...)"]
+    assert not (tmp_path / "q.sock").exists()
+
+
 @pytest.mark.parametrize("sev", [["--sev"], ["--no-sev"]], ids=["sev", "plain"])
 def test_raw_image_of_any_size_is_padded_to_whole_pages(make_daemon, tmp_path, sev):
     img, cpu = tmp_path / "ram.bin", tmp_path / "cpu.json"
@@ -153,3 +182,4 @@ def test_verbose_logs_each_command_with_its_duration(make_daemon):
     assert re.search(r"^sevmon: QMP human-monitor-command: info mem: \d+\.\d ms$", log, re.M), log
     assert re.search(r"^sevmon: QMP query-status: \d+\.\d ms$", log, re.M), log
     assert re.search(r"^sevmon: HMP info tlb: \d+\.\d ms$", log, re.M), log
+    assert "Using selector" not in log  # asyncio's own debug line says nothing to a user

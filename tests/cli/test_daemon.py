@@ -34,6 +34,8 @@ def test_sigint_sends_shutdown_and_removes_sockets(make_daemon):
     assert ev["event"] == "SHUTDOWN" and ev["data"] == {"guest": False, "reason": "host-signal"}
     assert d.proc.wait(10) == 0
     assert not os.path.exists(d.qmp)
+    # Ctrl-C is answered: the daemon says what it does
+    assert d.output().splitlines()[-1] == "sevmon: SIGINT: stopping: clients get SHUTDOWN, the sockets are removed"
 
 
 def test_refuses_a_path_held_by_a_live_server(make_daemon, tmp_path):

@@ -115,11 +115,54 @@ def test_debug_write_goes_through_dbg_encrypt_and_keeps_the_cache_coherent():
     before = mem.read(gpa, 16)                       # now cached
     at_rest = bytes(m.ram.frame(gpa >> 12))
     stats = sev.stats
-    mem.write(gpa + 3, b"patched by the debugger")   # unaligned: the kernel's RMW path
+    mem.write(gpa + 3, b"patched by the debugger")   # unaligned: sevmon's own read-modify-write
     after = sev.stats
-    assert after.round_trips - stats.round_trips == 1 and after.bytes_encrypted > stats.bytes_encrypted
+    # one DBG_DECRYPT of the two 16-byte blocks it touches, one aligned DBG_ENCRYPT of both
+    assert after.round_trips - stats.round_trips == 2
+    assert (after.bytes_decrypted - stats.bytes_decrypted, after.bytes_encrypted - stats.bytes_encrypted) == (32, 32)
     assert mem.read(gpa, 26) == before[:3] + b"patched by the debugger"  # served from the patched cache
     assert sev.stats.round_trips == after.round_trips
     assert bytes(m.ram.frame(gpa >> 12)) != at_rest and b"patched" not in bytes(m.ram.frame(gpa >> 12))
     mem.invalidate()                                 # and the firmware agrees after a fresh decrypt
     assert mem.read(gpa + 3, 23) == b"patched by the debugger"
+
+
+def test_a_failed_debug_write_leaves_guest_and_cache_as_they_were():
+    import pytest
+
+    from sevmon.debug.ops import DebugFailed
+    from sevmon.machine.builder import build_machine
+    from sevmon.machine.spec import GuestSpec
+
+    m = build_machine(GuestSpec(workload=False))
+    mem = m.memory
+    gpa = 0x1000000 + 0xFF8                          # 2 pages: DBG_DECRYPT (2 commands), ENC page 0, ENC page 1
+    before = mem.read(gpa, 32)                        # cached
+    m.sev.kernel.fail_firmware_call(4, 0x10)          # the second page's DBG_ENCRYPT fails
+    with pytest.raises(DebugFailed) as ei:
+        mem.write(gpa, b"\xee" * 32)
+    assert "DBG_ENCRYPT failed" in ei.value.reason
+    assert mem.read(gpa, 32) == before                # what the cache holds now...
+    mem.invalidate()
+    assert mem.read(gpa, 32) == before                # ...is what the firmware decrypts
+
+
+def test_a_virtual_write_whose_second_run_fails_puts_the_first_back():
+    """gdb's M/X over two pages in different frames: two runs; the second fails, the first is restored."""
+    import pytest
+
+    from sevmon.debug.ops import DebugFailed
+    from sevmon.debug.refusal import cbit_mask
+    from sevmon.machine.builder import build_machine
+    from sevmon.machine.spec import GuestSpec
+    from sevmon.x86.translation import physical_runs, read_virtual, write_virtual
+
+    m = build_machine(GuestSpec(workload=False))
+    cpu, mask, va = m.cpus[0], cbit_mask(m), 0x400FF8
+    assert len(physical_runs(m.memory, cpu, va, 16, mask)) == 2
+    before = read_virtual(m.memory, cpu, va, 16, mask)       # the pages are cached now
+    m.sev.kernel.fail_firmware_call(4, 0x10)                 # run 1: DEC + ENC; run 2: DEC + ENC <- fails
+    with pytest.raises(DebugFailed):
+        write_virtual(m.memory, cpu, va, b"\xee" * 16, mask)
+    m.memory.invalidate()
+    assert read_virtual(m.memory, cpu, va, 16, mask) == before

@@ -32,8 +32,12 @@ def test_cbit_mask_is_zero_without_sev():
     assert cbit_mask(SimpleNamespace(sev=SimpleNamespace(me_mask=1 << 47))) == 1 << 47
 
 
-def test_sev_es_is_debuggable_unless_nodbg_and_snp_is_not():
-    from sevmon.debug.refusal import sev_type
-    assert sev_type(SimpleNamespace(policy=0x4)) == "sev-es" and debug_refusal(SimpleNamespace(policy=0x4)) is None
-    assert sev_type(SimpleNamespace(policy=0x1)) == "sev"
-    assert debug_refusal(SimpleNamespace(policy=0x4, snp=True)).startswith("an SEV-SNP guest's memory")
+def test_guest_type_from_query_sev_and_the_snp_refusal():
+    from sevmon.debug.refusal import TYPE_REFUSALS, sev_type
+
+    assert sev_type({"enabled": True, "policy": 0x1}) == "sev"
+    assert sev_type({"enabled": True, "policy": 0x5}) == "sev-es"          # QEMU 7.2: the policy's ES bit
+    assert sev_type({"enabled": True, "sev-type": "sev-snp", "snp-policy": 0x30000}) == "sev-snp"
+    snp = SimpleNamespace(policy=0, sev_type="sev-snp")
+    assert debug_refusal(snp) == TYPE_REFUSALS["sev-snp"] and "-EPERM" in debug_refusal(snp)
+    assert debug_refusal(snp, security_allowed=False) == SECURITY_POLICY

@@ -32,7 +32,7 @@ def test_banner_prompt_and_commands(daemon):
     c = HmpClient(daemon.hmp)
     assert c.until_prompt() == f"sevmon {__version__} monitor - type 'help' for more information\r\n"
     assert c.run("info status").startswith("VM status: ")
-    assert c.run("stop") == ""
+    assert c.run("stop") == ""  # no echo of the line (README, Differences from QEMU 7.2)
     assert c.run("info status") == "VM status: paused\r\n"
     assert c.run("nosuch") == "unknown command: 'nosuch'\r\n"
 

@@ -104,12 +104,14 @@ class Qemu:
 
 
 class Attached:
-    """``sevmon serve --attach`` on QEMU's monitor ``a``."""
+    """``sevmon serve --attach`` on QEMU's monitor ``a`` (``qemu_socket`` None: ``extra`` says where, e.g.
+    ``--libvirt DOMAIN``)."""
 
-    def __init__(self, tmp: Path, qemu_socket: str, *, hmp: bool = True, extra: list[str] | None = None):
+    def __init__(self, tmp: Path, qemu_socket: str | None, *, hmp: bool = True, extra: list[str] | None = None):
         self.qmp_path = str(tmp / "sevmon-qmp.sock")
         self.hmp_path = str(tmp / "sevmon-hmp.sock") if hmp else None
-        cmd = [sys.executable, "-m", "sevmon", "serve", "--attach", qemu_socket, "--qmp", self.qmp_path,
+        where = ["--attach", qemu_socket] if qemu_socket is not None else []
+        cmd = [sys.executable, "-m", "sevmon", "serve", *where, "--qmp", self.qmp_path,
                *(["--hmp", self.hmp_path] if hmp else []), *(extra or [])]
         self.log = open(tmp / "sevmon.log", "w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)

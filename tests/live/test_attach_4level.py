@@ -18,7 +18,9 @@ from tests.live.conftest import Attached, Qemu, hmp
 
 @pytest.fixture(scope="module")
 def live(module_tmp):
-    qemu = Qemu(module_tmp, mem="4G")
+    # QEMU traces every QMP command and HMP line it runs: what sevmon asks of QEMU, seen from QEMU's side
+    qemu = Qemu(module_tmp, mem="4G", extra=["-trace", "qmp_enter_*", "-trace", "handle_hmp_command",
+                                             "-D", str(module_tmp / "trace.log")])
     sevmon = Attached(module_tmp, qemu.a)
     assert sevmon.proc.poll() is None, sevmon.output()
     theirs, ours = qemu.qmp("b"), sevmon.qmp()
@@ -84,8 +86,10 @@ def test_memory_commands_equal_qemus_on_the_paused_guest(live):
     assert any(int(ln.split(": ")[1].split()[0], 16) >= 1 << 32
                for ln in hmp(theirs, "info tlb").split("\r\n") if ln), "no mapping of RAM above 4 GiB"
     assert _oracle(theirs, ours) >= 25
-    # devices stay outside RAM, as for cores (QEMU itself reads the device registers)
-    assert hmp(ours, "xp /2xg 0xfec00000") == "00000000fec00000: Cannot access memory\r\n"
+    # device memory (the IOAPIC, the local APIC) is read by QEMU itself: QEMU's bytes
+    for line in ("xp /2xg 0xfec00000", "xp /4xw 0xfee00020"):
+        assert "Cannot access memory" not in hmp(ours, line)
+        assert hmp(ours, line) == hmp(theirs, line), line
     stats = ours.cmd("query-sev-debug-stats")
     assert stats["cache-hits"] > 0  # the second walk on the paused guest came from the cache
 
@@ -103,12 +107,42 @@ def test_after_the_guest_ran_and_was_paused_again(live):
     del before
 
 
+def _asked_of_qemu(qemu, fn) -> str:
+    """What QEMU ran (its trace) while ``fn`` ran: sevmon is QEMU's only other client meanwhile."""
+    log = qemu.tmp / "trace.log"
+    start = log.stat().st_size
+    fn()
+    with open(log) as f:
+        f.seek(start)
+        return f.read()
+
+
+def test_trips_to_qemu_only_where_needed(live, tmp_path):
+    """No registers needed (xp, pmemsave, info sev-debug): no trip to QEMU at all. A guest that stayed
+    paused: one query-status, not info registers. After another client's cont + stop: info registers again,
+    and the answer is the guest's new one."""
+    qemu, sevmon, theirs, ours = live
+    theirs.cmd("stop")
+    hmp(ours, "info mem")
+    asked = _asked_of_qemu(qemu, lambda: [hmp(ours, "xp /2xg 0x1000"), hmp(ours, "info sev-debug"),
+                                          hmp(ours, f"pmemsave 0x100000 0x10000 {tmp_path / 'p.bin'}")])
+    assert asked == ""
+    asked = _asked_of_qemu(qemu, lambda: hmp(ours, "info mem"))
+    assert "qmp_enter_query_status" in asked and "info registers" not in asked, asked
+    assert asked.count("qmp_enter_") == 1, asked
+    theirs.cmd("cont")
+    theirs.cmd("stop")
+    asked = _asked_of_qemu(qemu, lambda: hmp(ours, "info tlb"))
+    assert "info registers" in asked, asked
+    assert hmp(ours, "info tlb") == hmp(theirs, "info tlb")
+
+
 def test_forwarded_commands_are_qemus(live):
     qemu, sevmon, theirs, ours = live
     for name in ("query-pci", "query-block", "query-status", "query-version", "query-cpus-fast", "query-kvm"):
         assert ours.cmd(name) == theirs.cmd(name), name
-    for line in ("info pci", "info mtree", "info registers", "info status", "info qtree", "help info",
-                 "nosuchcommand 1", "info nosuchitem"):
+    for line in ("info pci", "info mtree", "info registers", "info status", "info qtree", "help x",
+                 "help info pci", "nosuchcommand 1", "info nosuchitem", "help nosuchcommand", ""):
         assert hmp(ours, line) == hmp(theirs, line), line
     # errors come back under the client's own id, QEMU's class and text
     for msg in ({"execute": "nosuch", "id": "mine"},
@@ -139,7 +173,9 @@ def test_pmemsave_memsave_and_dump_equal_qemus_including_above_4g(live, tmp_path
         assert ours.cmd_raw("pmemsave", {"val": addr, "size": 0x20000, "filename": str(mine)}) == {"return": {}}
         assert theirs.cmd_raw("pmemsave", {"val": addr, "size": 0x20000, "filename": str(qemus)}) == {"return": {}}
         assert mine.read_bytes() == qemus.read_bytes()
-    va = int(hmp(theirs, "info tlb").split(":")[0], 16)
+    # three mapped pages in a row (the lowest mapping may be a stack page right below the non-canonical hole)
+    pages = {int(ln.split(":")[0], 16) for ln in hmp(theirs, "info tlb").split("\r\n") if ln}
+    va = next(v for v in sorted(pages) if v + 0x1000 in pages and v + 0x2000 in pages)
     for q, path in ((ours, mine), (theirs, qemus)):
         assert q.cmd_raw("memsave", {"val": va, "size": 0x3000, "filename": str(path)}) == {"return": {}}
     assert mine.read_bytes() == qemus.read_bytes()
@@ -161,10 +197,118 @@ def test_hmp_socket_serves_sevmons_lines_and_qemus(live):
             data += s.recv(65536)
         return data
 
-    assert until_prompt().startswith(b"sevmon ")
+    # QEMU's banner, as sevmon shell greets with it (sevmon stands in for QEMU's monitor)
+    greeting = until_prompt().decode()
+    shell = _in_thread(_shell_view(sevmon.qmp_path))
+    assert greeting == shell["banner"] + "\r\n(qemu) "
+    assert greeting.startswith("QEMU 7.2.")
     for line in ("info pci", "info mem", "info status", "gva2gpa 0x400000"):
         s.sendall(line.encode() + b"\n")
         assert until_prompt() == hmp(theirs, line).encode() + b"(qemu) ", line
+    s.close()
+
+
+async def _shell_view(path: str) -> dict:
+    """What ``sevmon shell`` learns at connect time: its banner and its Tab completions."""
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+
+    from sevmon.shell.app import Monitor
+    from sevmon.shell.banner import banner
+    from sevmon.shell.completion import MonitorCompleter
+    mon = Monitor(path)
+    await mon.connect()
+    try:
+        completer = MonitorCompleter(mon.commands, mon.info)
+
+        def tab(text: str) -> set[str]:
+            return {c.text for c in completer.get_completions(Document(text), CompleteEvent(completion_requested=True))}
+        return {"banner": banner(mon.client.greeting), "tab": {t: tab(t) for t in ("sev-m", "info sev-", "x", "info pc",
+                                                                                  "help sev")}}
+    finally:
+        await mon.close()
+
+
+def _in_thread(coro):
+    """Run ``coro`` on a thread of its own: the legacy clients own this thread's event loop."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(asyncio.run(coro)))
+    t.start()
+    t.join(60)
+    return out[0]
+
+
+def _without(text: str, lines: list[str]) -> str:
+    kept = text.split("\r\n")
+    for line in lines:
+        kept.remove(line)
+    return "\r\n".join(kept)
+
+
+SEV_MEM_MAP_HELP = "sev-mem-map filename -- draw the guest-physical memory as private/shared/aliased into the SVG file 'filename'"
+INFO_SEV_HELP = ["info sev-debug  -- show SEV debug-access statistics (round trips, cache)",
+                 "info sev-mem  -- show the active virtual memory mappings as private (C-bit set) or shared, and the "
+                 "frames mapped both ways"]
+
+
+def test_help_and_completion_list_qemus_commands_and_sevmons(live):
+    qemu, sevmon, theirs, ours = live
+    # QEMU's own lines, in QEMU's (sorted) order, with sevmon's own commands among them
+    mine = hmp(ours, "help")
+    assert SEV_MEM_MAP_HELP in mine.split("\r\n")
+    assert _without(mine, [SEV_MEM_MAP_HELP]) == hmp(theirs, "help")
+    lines = [ln for ln in mine.split("\r\n") if ln[:1].isalnum()]  # not the continuation lines
+    assert lines == sorted(lines, key=lambda ln: ln.split(" ")[0])
+    info = hmp(ours, "help info")
+    assert _without(info, INFO_SEV_HELP) == hmp(theirs, "help info")
+    assert hmp(theirs, "info") == hmp(theirs, "help info")  # bare info lists the items, in QEMU ...
+    assert hmp(ours, "info") == info                          # ... and here, sevmon's among them
+    assert hmp(ours, "help sev-mem-map") == SEV_MEM_MAP_HELP + "\r\n"
+    assert hmp(ours, "help info sev-mem") == INFO_SEV_HELP[1] + "\r\n"
+    assert hmp(ours, "? info sev-debug") == INFO_SEV_HELP[0] + "\r\n"
+    tab = _in_thread(_shell_view(sevmon.qmp_path))["tab"]
+    assert tab["sev-m"] == {"sev-mem-map "}
+    assert tab["info sev-"] == {"sev-debug ", "sev-mem "}
+    assert tab["sev-m"] == tab["help sev"] == {"sev-mem-map "}
+    assert tab["info sev-"] == {"sev-debug ", "sev-mem "}
+    assert {"x ", "xp "} <= tab["x"] and tab["info pc"] == {"pci "}
+
+
+def test_register_expressions_are_sevmons_in_every_command(live):
+    qemu, sevmon, theirs, ours = live
+    theirs.cmd("stop")
+    regs = hmp(theirs, "info registers", 0)
+    value = {k: int(v, 16) for k, v in (f.split("=") for f in regs.split() if f.count("=") == 1)
+             if k in ("RSP", "RIP", "CR3") and v}
+    assert hmp(theirs, "print $rsp", 0).startswith("unknown register")  # QEMU knows only its 32-bit names
+    assert hmp(ours, "print /x $rsp") == f"{value['RSP']:#x}\r\n"
+    assert hmp(ours, "p /d $cr3 + 8") == f"{value['CR3'] + 8}\r\n"
+    # QEMU's commands that take expressions get the values sevmon computed
+    cr3 = value["CR3"] & ~0xfff
+    assert hmp(ours, "sum $cr3 & ~0xfff 4096") == hmp(theirs, f"sum {cr3:#x} 4096")
+    assert hmp(ours, "gpa2hva $cr3 & ~0xfff") == hmp(theirs, f"gpa2hva {cr3:#x}")
+    assert hmp(ours, "x /3i $rip") == hmp(theirs, f"x /3i {value['RIP']:#x}", 0)
+    assert hmp(ours, "xp /2i $cr3 & ~0xfff") == hmp(theirs, f"xp /2i {cr3:#x}")
+    assert hmp(ours, "x /2xg $rsp") == hmp(theirs, f"x /2xg {value['RSP']:#x}", 0)
+
+
+def test_hmp_migrate_without_d_waits_for_the_end(live):
+    """On sevmon's HMP socket, as on QEMU's interactive monitor, the prompt comes back when the migration has
+    ended (QEMU's human-monitor-command would continue detached)."""
+    qemu, sevmon, theirs, ours = live
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sevmon.hmp_path)
+
+    def until_prompt(data: bytes = b"") -> bytes:
+        while not data.endswith(b"(qemu) "):
+            data += s.recv(65536)
+        return data
+
+    until_prompt()
+    s.sendall(b'migrate "exec:cat > /dev/null"\n')
+    assert until_prompt() == b"(qemu) "
+    assert theirs.cmd_raw("query-migrate")["return"]["status"] == "completed"
+    assert hmp(ours, "info status") == "VM status: paused (postmigrate)\r\n"
     s.close()
 
 

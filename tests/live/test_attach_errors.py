@@ -86,6 +86,9 @@ def test_qemu_killed_is_one_sentence_and_a_signal_detaches(tmp_path):
         assert q.cmd("query-status")["status"] == "prelaunch"
         s.proc.send_signal(signal.SIGTERM)  # sevmon goes, QEMU stays, its monitor is free again
         assert s.wait(30) == 0
+        said = s.output().strip().splitlines()[-2:]  # and it says so
+        assert said == ["sevmon: SIGTERM: detaching from QEMU, which keeps running",
+                        f"sevmon: detached from QEMU ({qemu.a}): QEMU keeps running the guest"], said
         q.close()
         assert qemu.proc.poll() is None
         qemu.qmp("a").close()

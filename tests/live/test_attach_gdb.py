@@ -72,6 +72,18 @@ def test_ctrl_c_and_continue_drive_qemus_guest(live):
         rsp.close()
 
 
+def test_gdb_stepi_on_a_live_qemu_gives_the_attached_reason(live):
+    qemu, sevmon, theirs, ours, gdb_path = live
+    theirs.cmd("stop")
+    rip = int(hmp(theirs, "info registers").split("RIP=")[1].split()[0], 16)
+    out = run_gdb(gdb_path, "stepi", "p/x $pc")
+    assert ("sevmon: single-step is not supported: QEMU runs this guest, and QEMU's monitor has no command to "
+            "single-step it (use QEMU's own -gdb for stepping)") in out, out
+    assert "executes no instructions" not in out
+    assert int(gdb_values(out)["$1"], 16) == rip, out  # nothing moved
+    assert hmp(theirs, "info status") == "VM status: paused\r\n"
+
+
 def test_the_c_bit_map_on_a_live_plain_guest(live):
     qemu, sevmon, theirs, ours, gdb_path = live
     assert hmp(ours, "info sev-mem") == "Error: the guest is not an SEV guest: no page has a C-bit\r\n"

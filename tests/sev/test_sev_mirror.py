@@ -109,3 +109,19 @@ def test_the_dev_sev_catch_is_handled():
     qemu_sev = next(fd for fd, link in qemu.task.fd_links().items() if link == "/dev/sev")
     assert qemu_sev != m.kernel.sev_fd and m.kernel.task.fd_links()[qemu_sev] == "/dev/sev"
     assert m.dbg_decrypt(0x100000, 4) == b"xxxx"
+
+
+def test_detaching_closes_every_fd_the_mirror_opened():
+    """QEMU's VM fd (taken to name the source), the mirror VM, /dev/sev and its copy at QEMU's number: after close()
+    sevmon's process holds none of them (QEMU's guest lives on)."""
+    host = SimulatedHost()
+    qemu = SimulatedQemu(host, RAM(16 << 20), [(0x100000, b"x" * 4096)])
+    m = attach_simulated(qemu)
+    me = m.kernel.task
+    qemu_sev = next(fd for fd, link in qemu.task.fd_links().items() if link == "/dev/sev")
+    held = me.fd_links()
+    assert held[qemu_sev] == "/dev/sev" and list(held.values()).count("anon_inode:kvm-vm") == 1  # its own VM only
+    m.close()
+    left = me.fd_links()
+    assert not {fd: link for fd, link in left.items() if link in ("/dev/sev", "anon_inode:kvm-vm")}, left
+    assert qemu.query_sev()["state"] == "running"

@@ -91,13 +91,26 @@ def test_dec_both_unaligned_inside_a_block_is_one_command(image):
     assert [(src - guest_pa(vm, A), n) for _, src, _, n, _ in spy.calls] == [(0x0, 16)]
 
 
-def test_enc_unaligned_is_read_modify_write_with_the_classic_lost_byte(image):
-    """ENC 9 bytes to B+8: DBG_DECRYPT(32) then DBG_ENCRYPT(16) — byte 9 never reaches memory."""
+def classic_encrypt(vm: SevVm, gpa: int, data: bytes, *, dst_off: int | None = None) -> int:
+    """One raw KVM_SEV_DBG_ENCRYPT as a naive caller would issue it: the whole request at once, the source buffer at
+    page offset ``dst_off`` (default: the destination's). Returns the errno (0)."""
+    k = vm.kernel
+    off = (gpa & 4095) if dst_off is None else dst_off
+    base = k.alloc(off + len(data))
+    k.write(base + off, data)
+    err, cmd, _ = raw_op(k, SevCmdId.DBG_ENCRYPT, KvmSevDbg,
+                         dict(src_uaddr=base + off, dst_uaddr=GUEST_HVA_BASE + gpa, len=len(data)))
+    k.free(base)
+    return err
+
+
+def test_the_simulated_kernel_drops_bytes_as_the_classic_rmw_does(image):
+    """Bug (b): ENC 9 bytes to B+8 is DBG_DECRYPT(32) then DBG_ENCRYPT(16): byte 9 never reaches memory."""
     vm = new_vm(image)
     spy, s0 = Spy(vm), vm.stats
-    vm.dbg_encrypt(A + 8, b"ABCDEFGHI")
+    assert classic_encrypt(vm, A + 8, b"ABCDEFGHI") == 0
     d = vm.stats - s0
-    assert (d.round_trips, d.firmware_calls, d.bytes_decrypted, d.bytes_encrypted) == (1, 2, 32, 16)
+    assert (d.firmware_calls, d.bytes_decrypted, d.bytes_encrypted) == (2, 32, 16)
     assert [(k, n) for k, _, _, n, _ in spy.calls] == [("DEC", 32), ("ENC", 16)]
     assert spy.calls[0][1] == spy.calls[1][2] == guest_pa(vm, A)
     got = vm.dbg_decrypt(A, 32)
@@ -106,30 +119,50 @@ def test_enc_unaligned_is_read_modify_write_with_the_classic_lost_byte(image):
     assert got[:8] == image[:8] and got[17:] == image[17:32]
 
 
-def classic_encrypt_reference(old: bytes, gpa: int, data: bytes) -> bytes:
-    """What the classic kernel leaves in guest memory after sevmon's DBG_ENCRYPT: its source buffer sits at
-    the destination's page offset, so the kernel's chunks (cut at source pages) end at the guest's pages."""
-    mem = bytearray(old)
-    off = 0
-    while off < len(data):
-        d = gpa + off
-        n = min(4096 - (d & 4095), len(data) - off)
-        chunk = data[off:off + n]
-        if d % 16 or n % 16:
-            keep = (d & ~15) + ((n + 15) & ~15) - d   # bytes the RMW actually re-encrypts
-            chunk = chunk[:max(0, keep)]
-        mem[d:d + len(chunk)] = chunk
-        off += n
-    return bytes(mem)
+def test_the_simulated_kernel_overruns_the_pinned_page_as_the_classic_one_does(image):
+    """Bug (c) (the 2026 stable fix "Fix page overflow in sev_dbg_crypt() for ENCRYPT path"): chunks are cut at
+    source pages only, so a destination at a larger page offset than its source is written past its pinned page."""
+    vm = new_vm(image)
+    host = vm.kernel.host
+    assert classic_encrypt(vm, A + 0x800, bytes(0x1000), dst_off=0) == 0    # aligned: one command of 4 KiB
+    assert host.dbg_overruns == [(GUEST_HVA_BASE + A + 0x800, 0x800)]
+    host.dbg_overruns.clear()
+    assert classic_encrypt(vm, A + 0xFF8, b"x" * 20, dst_off=0x10) == 0     # the RMW runs into the next page too
+    assert host.dbg_overruns == [(GUEST_HVA_BASE + A + 0xFF8, 0x10)]
 
 
-@settings(max_examples=40, deadline=None)
+def test_sevmon_writes_exactly_with_its_own_read_modify_write(image):
+    """The same 9 bytes through SevVm: one DBG_DECRYPT of the covering blocks, one aligned DBG_ENCRYPT of them."""
+    vm = new_vm(image)
+    spy, s0 = Spy(vm), vm.stats
+    vm.dbg_encrypt(A + 8, b"ABCDEFGHI")
+    d = vm.stats - s0
+    assert (d.round_trips, d.firmware_calls, d.bytes_decrypted, d.bytes_encrypted) == (2, 2, 32, 32)
+    assert [(k, n) for k, _, _, n, _ in spy.calls] == [("DEC", 32), ("ENC", 32)]
+    assert vm.dbg_decrypt(A, 32) == image[:8] + b"ABCDEFGHI" + image[17:32]
+    assert vm.kernel.host.dbg_overruns == []
+
+
+@settings(max_examples=60, deadline=None)
 @given(off=st.integers(0, 0x6000), data=st.binary(min_size=1, max_size=0x2400))
-def test_encrypt_matches_the_classic_reference(off, data):
+def test_every_sevmon_encrypt_is_exact_and_stays_inside_its_pages(off, data):
+    """Any offset, any length up to 9 KiB, across pages: exactly the bytes written, nothing around them changed,
+    and no request the classic kernel would let overrun a pinned page."""
     image = bytes(range(256)) * 256
     vm = new_vm(image)
     vm.dbg_encrypt(A + off, data)
-    assert vm.dbg_decrypt(A, len(image)) == classic_encrypt_reference(image, off, data)
+    assert vm.dbg_decrypt(A, len(image)) == image[:off] + data + image[off + len(data):]
+    assert vm.kernel.host.dbg_overruns == []
+
+
+def test_a_failed_write_leaves_the_guest_as_it_was(image):
+    """The third page's DBG_ENCRYPT fails: the two pages already written get their old plaintext back."""
+    vm = new_vm(image)
+    vm.kernel.fail_firmware_call(6, SevRet.INVALID_GUEST)   # DEC (3 pages: 3 commands), ENC p0, p1, p2 <- fails
+    with pytest.raises(SevError) as ei:
+        vm.dbg_encrypt(A + 8, b"\xee" * 0x2100)
+    assert "DBG_ENCRYPT failed" in str(ei.value)
+    assert vm.dbg_decrypt(A, len(image)) == image
 
 
 @settings(max_examples=40, deadline=None)

@@ -27,6 +27,24 @@ def frames(runs) -> set[int]:
     return {f for r in runs for f in range(r["gpa"] >> 12, (r["gpa"] + r["size"]) >> 12)}
 
 
+def frames_line(m: dict, hole: str = "not RAM") -> str:
+    """What info sev-mem's summary and the picture's title must say, from query-sev-memory-map's physical view:
+    every mapped frame in one class (aliased > shared > private in RAM, a hole below the end of RAM, past it)."""
+    phys = m["physical"]
+    top = max(r["gpa"] + r["size"] for r in phys["ram"]) >> 12
+    ram = frames(phys["ram"])
+    aliased = frames(phys["aliased"]) & ram
+    shared = frames(phys["shared"]) & ram - aliased
+    private = frames(phys["private"]) & ram - aliased - shared
+    mapped = frames(phys["private"]) | frames(phys["shared"])
+    assert len(mapped) == m["mapped-frames"]
+    past = {f for f in mapped if f >= top}
+    holes = mapped - ram - past
+    extra = "".join(f"; {len(n)} {what}" for n, what in ((holes, hole), (past, "past the end of RAM")) if n)
+    return (f"frames mapped: {m['mapped-frames']} ({len(private)} private, {len(shared)} shared, "
+            f"{len(aliased)} aliased{extra})")
+
+
 def gva2gpa(q, va: int) -> int:
     return int(hmp(q, f"gva2gpa {va:#x}").split()[1], 16)
 
@@ -65,10 +83,13 @@ def test_builtin_guest_bounce_buffer_is_the_one_shared_page(make_daemon, tmp_pat
         else:
             merged.append([r["start"], r["end"], r["prot"]])
     assert [f"{a:016x}-{b:016x} {b - a:016x} {p}" for a, b, p in merged] == hmp(q, "info mem").split("\r\n")[:-1]
+    # frames counted as the picture counts them: the direct map's 1 GiB maps 768 MiB past the 256 MiB of RAM
+    line = frames_line(m)
+    assert line == (f"frames mapped: {m['mapped-frames']} (65535 private, 1 shared, 0 aliased; "
+                    f"{m['mapped-frames'] - 65536} past the end of RAM)")
+    assert m["mapped-frames"] - 65536 >= (768 << 20) >> 12
     assert text[len(m["ranges"]):] == [
-        f"private: {m['private-bytes']} bytes, shared: 8192 bytes, frames mapped: {m['mapped-frames']} "
-        f"({len(frames(phys['private']))} private, 1 shared)",
-        "0 aliased frames", ""]
+        f"private: {m['private-bytes']} bytes, shared: 8192 bytes, {line}", "0 aliased frames", ""]
     q.close()
 
 
@@ -109,9 +130,16 @@ def test_svg_parses_has_a_legend_and_draws_the_map(make_daemon, tmp_path, guest)
     m = sev_map(q, physical=True)["physical"]
     root = ET.parse(out).getroot()
     assert root.tag == SVG + "svg"
-    assert "legend:" in [t.text for t in root.iter(SVG + "text")]
+    texts = [t.text for t in root.iter(SVG + "text")]
+    assert "legend:" in texts
     legend = [r.get("data-legend") for r in root.iter(SVG + "rect") if r.get("data-legend")]
-    assert legend == ["not RAM", "not mapped", "private", "shared", "aliased"]
+    hole = "not in the image" if guest == "alias" else "not RAM"  # a raw image, or the built-in guest's RAM
+    assert legend == [hole, "not mapped", "private", "shared", "aliased"]
+    # the title says what info sev-mem's summary says, and the legend counts the same frames
+    full = sev_map(q, physical=True)
+    line = frames_line(full, hole)
+    assert any(t.endswith(f"; {line}") for t in texts)
+    assert line in hmp(q, "info sev-mem")
     drawn: dict[str, set[int]] = {}
     for r in root.iter(SVG + "rect"):
         if r.get("data-category"):
@@ -128,8 +156,11 @@ def test_svg_parses_has_a_legend_and_draws_the_map(make_daemon, tmp_path, guest)
     assert len(shared) == (guest == "builtin")
     assert drawn.get("shared", set()) == shared
     assert drawn["private"] == private
+    for cat, got in (("private", private), ("shared", shared), ("aliased", aliased)):
+        n = len(got)
+        assert any(t.startswith(f"{cat}: {n} frame{'' if n == 1 else 's'} (") for t in texts)
     assert drawn.get("not mapped", set()) == ram - private - shared - aliased
-    assert drawn.get("not RAM", set()) == everything - ram
+    assert drawn.get(hole, set()) == everything - ram
     # QMP twin: the same picture
     assert q.cmd("sev-mem-map", filename=str(tmp_path / "qmp.svg")) == {}
     assert (tmp_path / "qmp.svg").read_text() == out.read_text()
@@ -137,19 +168,28 @@ def test_svg_parses_has_a_legend_and_draws_the_map(make_daemon, tmp_path, guest)
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
-def test_fixtures_as_sev_guests_are_all_private_and_plain_are_not_sev(make_daemon, name):
+def test_fixtures_as_sev_guests_are_all_private_and_plain_are_not_sev(make_daemon, tmp_path, name):
     d = FIXTURES / name
     args = ["--core", str(d / "core.elf"), "--cpu-state", str(d / "cpu.json")]
     q = qmp_connect(make_daemon(*args, "--sev", "--cbitpos", "47", "--policy", "0", hmp=False))
     m = sev_map(q, physical=True)
     assert m["ranges"] and all(r["attribute"] == "private" for r in m["ranges"])
+    line = frames_line(m, "not in the image")
     assert m["shared-bytes"] == 0 and m["aliases"] == [] and m["physical"]["shared"] == []
     lines = hmp(q, "info sev-mem").split("\r\n")
     expected = json.loads((d / "hmp.json").read_text())["info mem"].split("\r\n")[:-1]
     assert lines[:len(expected)] == [f"{line} private" for line in expected]
-    assert lines[len(expected):] == [f"private: {m['private-bytes']} bytes, shared: 0 bytes, frames mapped: "
-                                     f"{m['mapped-frames']} ({m['mapped-frames']} private, 0 shared)",
+    assert lines[len(expected):] == [f"private: {m['private-bytes']} bytes, shared: 0 bytes, {line}",
                                      "0 aliased frames", ""]
+    if name == "linux-4level":  # the case a user met: 65509 frames mapped, but the sparse dump holds 120 of them
+        assert line == "frames mapped: 65509 (120 private, 0 shared, 0 aliased; 65083 not in the image; " \
+                       "306 past the end of RAM)"
+    # the picture says the same: its title, and "not in the image" where the dump has no frame
+    assert q.cmd("sev-mem-map", filename=str(tmp_path / "core.svg")) == {}
+    root = ET.parse(tmp_path / "core.svg").getroot()
+    assert any(t.text.endswith(f"; {line}") for t in root.iter(SVG + "text"))
+    legend = [r.get("data-legend") for r in root.iter(SVG + "rect") if r.get("data-legend")]
+    assert legend == ["not in the image", "not mapped", "private", "shared", "aliased"]
     q.close()
     plain = qmp_connect(make_daemon(*args, hmp=False))
     assert hmp(plain, "info sev-mem") == f"Error: {NOT_SEV}\r\n"
@@ -241,7 +281,7 @@ def test_guest_image_aliasing_one_frame_reports_that_frame(make_daemon, tmp_path
                              "shared": [{"cpu-index": 0, "va": 0x401000}]}]
     assert (m["mapped-frames"], m["aliased-frames"]) == (2, 1)
     assert hmp(q, "info sev-mem").split("\r\n")[-4:] == [
-        "private: 8192 bytes, shared: 4096 bytes, frames mapped: 2 (2 private, 1 shared)",
+        "private: 8192 bytes, shared: 4096 bytes, frames mapped: 2 (1 private, 0 shared, 1 aliased)",
         f"aliased {FRAME:016x}-{FRAME + 0xfff:016x}: private cpu 0 0000000000400000, shared cpu 0 0000000000401000",
         "1 aliased frame", ""]
     # the two views really differ: plaintext through the private one, ciphertext through the shared one

@@ -279,8 +279,8 @@ def test_dump_guest_memory_runs_detached_with_a_progress_bar(daemon, raw, termin
     t.type(f"dump-guest-memory {core}\r")
     t.expect("dump-guest-memory [")
     t.expect("100%")
+    t.expect("[event] DUMP_COMPLETED")  # after the bar's 100%, never above a bar still short of it
     t.expect("(qemu)")
-    assert "[event] DUMP_COMPLETED" in t.text
     assert core.read_bytes()[:4] == b"\x7fELF"
     assert raw().cmd("query-dump")["return"]["status"] == "completed"
 
@@ -288,12 +288,25 @@ def test_dump_guest_memory_runs_detached_with_a_progress_bar(daemon, raw, termin
 # -- --command mode ------------------------------------------------------------------------
 def test_command_mode_prints_the_outputs_and_exits_0(daemon, raw):
     c = raw()
-    lines = ["info kvm", "info version", "no-such-command"]
+    lines = ["info kvm", "info version", "xp /1xg 0x7ff00000000"]  # Cannot access memory is an answer, as in QEMU
     expected = "".join(hmp(c, line) for line in lines).replace("\r\n", "\n")
     p = run_shell(daemon.qmp, *(a for line in lines for a in ("-c", line)))
     assert (p.returncode, p.stderr) == (0, "")
-    assert p.stdout == expected  # an HMP error is an answer, like in QEMU
-    assert "unknown command: 'no-such-command'" in p.stdout
+    assert p.stdout == expected
+
+
+@pytest.mark.parametrize("line, words", [
+    ("no-such-command", "unknown command: 'no-such-command'"),
+    ("info no-such-thing", "unknown command: 'info no-such-thing'"),
+    ('memsave 0x400000 4096 "/nonexistent/dir/x"', "Error: "),          # a failed memsave
+    ("pmemsave 0 4096 /tmp/x", 'Try "help pmemsave" for more information'),  # a bad argument
+])
+def test_command_mode_hmp_failure_gives_status_1(daemon, raw, line, words):
+    version = hmp(raw(), "info version").replace("\r\n", "\n")
+    p = run_shell(daemon.qmp, "-c", line, "-c", "info version")
+    assert p.returncode == 1, p.stdout
+    assert words in p.stdout
+    assert p.stdout.endswith(version)  # later lines still run
 
 
 def test_command_mode_qmp_error_gives_status_1(daemon, raw):
