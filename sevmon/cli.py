@@ -53,6 +53,11 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sev-platform", metavar="FILE",
                    help="simulated platform's persistent keys (OCA/PEK/PDH/CEK): created on first use, then "
                         "reused, so an owner can fetch the PDH and launch later on the same 'machine'")
+    g.add_argument("--smp", metavar="N", type=ranged(1, 64), default=1,
+                   help="QEMU's -smp: the number of vCPUs, 1..64 (default 1); an SEV-ES guest launches a VMSA for each")
+    g.add_argument("--cpu", metavar="MODEL", default="qemu64",
+                   help="QEMU's -cpu: the CPU model (qemu64, EPYC, EPYC-Rome, EPYC-Milan...), whose CPUID "
+                        "signature an SEV-ES guest's VMSAs carry (default qemu64)")
     g.add_argument("--paging", choices=["4", "5", "pae", "32"], default="4", help="built-in guest paging mode")
     g.add_argument("--memory", metavar="MIB", type=ranged(MEMORY_MIN_MIB, MEMORY_MAX_MIB, what="MiB"), default=256,
                    help=f"built-in guest RAM size in MiB, {MEMORY_MIN_MIB}..{MEMORY_MAX_MIB} (default 256)")
@@ -95,7 +100,7 @@ def guest_spec(args: argparse.Namespace) -> GuestSpec:
                   platform_file=args.sev_platform) if sev_on else None
     return GuestSpec(source=source, image=args.core or args.raw, cpu_state=args.cpu_state, sev=sev,
                      bios=args.bios, pflash=tuple(args.pflash), paging=CLI_NAMES[args.paging],
-                     memory_mib=args.memory, debug_policy=args.debug_policy == "on",
+                     memory_mib=args.memory, smp=args.smp, cpu_model=args.cpu, debug_policy=args.debug_policy == "on",
                      debug_cache_mb=args.debug_cache_mb, prelaunch=args.prelaunch, workload=args.workload,
                      incoming=getattr(args, "incoming", None))
 

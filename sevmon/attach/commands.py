@@ -6,7 +6,8 @@ registered (``attached=`` in ``sevmon.commands``, see ``sevmon.hmp.table``): sev
 memory for it: ``x /i``, ``sum``, ``migrate``, ``savevm``). Every command of the modules
 that touch guest memory must declare one: an undeclared one stops the attached build, so a
 new memory command cannot silently go to QEMU. Anything sevmon's table does not hold is
-QEMU's, forwarded as it came.
+QEMU's, forwarded as it came. For an SEV-ES guest ``info registers`` is sevmon's too: QEMU would answer it from its
+stale reset state.
 
 Added here: ``help`` and a bare ``info`` (QEMU's text with sevmon's commands merged in),
 ``info kvm`` (QEMU's text plus the ``memory encryption:`` line), ``human-monitor-command``,
@@ -15,6 +16,8 @@ that take expressions (so sevmon evaluates ``$reg`` in them) or read guest memor
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from sevmon.attach.forward import AttachedMonitor, QmpForwarder
 from sevmon.debug.refusal import machine_refusal
@@ -71,6 +74,9 @@ def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
                 hmp.add(c)
         for c in info_all.commands:
             if c.attached is not None:
+                if c.names[0] == "registers" and getattr(machine, "registers_encrypted", False):
+                    # SEV-ES: QEMU would print its stale reset state; sevmon says the state is encrypted
+                    c = dataclasses.replace(c, attached=OWN)
                 info.add(c)
     for c in QEMU_HMP:
         hmp.add(c)

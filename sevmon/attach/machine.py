@@ -20,7 +20,8 @@ from __future__ import annotations
 from sevmon.attach.info_registers_parser import parse_info_registers
 from sevmon.attach.qemu_link import QemuMonitorLink
 from sevmon.machine.interface import Capabilities, MachineConfig, RunState, RunStateMachine
-from sevmon.x86.cpu import CpuState
+from sevmon.sev.abi import Policy
+from sevmon.x86.cpu import QEMU_DUMP_STALE, CpuState
 
 _INVALIDATING = ("RESUME", "RESET", "SHUTDOWN")
 
@@ -28,7 +29,10 @@ _INVALIDATING = ("RESUME", "RESET", "SHUTDOWN")
 class LiveCpus:
     """The vCPUs of QEMU, registers read with ``info registers`` on first use after a sync that dropped them."""
 
-    def __init__(self, link: QemuMonitorLink, count: int, sync=lambda: None):
+    def __init__(self, link: QemuMonitorLink, count: int, sync=lambda: None, *, encrypted: bool = False):
+        """``encrypted``: an SEV-ES guest, whose registers QEMU cannot read (it prints its stale reset state):
+        never asked, never used."""
+        self.encrypted = encrypted
         self._link = link
         self._count = count
         self._fresh: dict[int, CpuState] = {}
@@ -55,6 +59,8 @@ class LiveCpus:
         i %= self._count
         self.last_used = i
         self._sync()
+        if self.encrypted:
+            return CpuState(index=i, unavailable=QEMU_DUMP_STALE)
         cpu = self._fresh.get(i)
         if cpu is None:
             cpu = self._fresh[i] = parse_info_registers(self.fetch(i), i)
@@ -80,7 +86,9 @@ class AttachedMachine(RunStateMachine):
         self.sev = sev
         self.ram = ram
         self.memory = memory
-        self.cpus = LiveCpus(link, cpu_count, self._sync)
+        #: SEV-ES (query-sev policy bit 2): the vCPUs' state is in encrypted VMSAs; QEMU's dump of it is stale
+        self.registers_encrypted = sev is not None and bool(sev.policy & Policy.ES)
+        self.cpus = LiveCpus(link, cpu_count, self._sync, encrypted=self.registers_encrypted)
         self._synced = False
         memory.coherent = lambda: self._synced  # before a sync the page cache may be stale: RAM as it is
         self.config = MachineConfig(kvm_enabled=bool(kvm and kvm.get("enabled")),

@@ -422,6 +422,9 @@ def migrate(runner, uri: str) -> None:
     kind, target = _parse_uri(uri)
     if not machine.capabilities.migrate or machine.sev is None:
         raise CommandError("sevmon migrates SEV guests only (SEND/RECEIVE): this guest has no SEV context")
+    if getattr(machine.sev, "es", False):  # its vCPU state would travel as SEND_UPDATE_VMSA, which sevmon lacks
+        raise CommandError("sevmon does not migrate SEV-ES guests: their encrypted vCPU state (VMSAs) would need "
+                           "SEND_UPDATE_VMSA, which sevmon does not implement")
     state = machine.state
     if state in (RunState.INMIGRATE, RunState.POSTMIGRATE, RunState.PRELAUNCH) or machine.sev.state_name != "running":
         raise CommandError(f"cannot migrate the guest in state {state.value} (SEV {machine.sev.state_name}): "

@@ -28,8 +28,9 @@ from sevmon.commands.memory import virtual_reader
 from sevmon.debug.refusal import cbit_mask
 from sevmon.errors import CommandError
 from sevmon.gdb.packets import PACKET_SIZE, Interrupt, Nack, PacketReader, escape, frame, unescape
-from sevmon.gdb.target import target_for
+from sevmon.gdb.target import X86_64, target_for
 from sevmon.memory.ram import MemoryAccessError
+from sevmon.x86.cpu import RegistersUnavailable
 from sevmon.x86.translation import write_virtual
 
 log = logging.getLogger("sevmon.gdb")
@@ -136,7 +137,8 @@ class GdbSession:
             def attach():
                 was = self.machine.running
                 self.machine.stop()
-                return was, target_for(self.machine.cpus[0])
+                cpu = self.machine.cpus[0]  # an SEV-ES guest (registers unknown) is a 64-bit guest
+                return was, target_for(cpu) if cpu.registers_known else X86_64
             self.resume_on_detach, self.target = await self.call(attach)
             while not self.done:
                 data = await self.reader.read(65536)
@@ -176,7 +178,7 @@ class GdbSession:
     async def _handle(self, pkt: bytes) -> bytes | str | None:
         try:
             return await self._dispatch(pkt)
-        except MemoryAccessError:
+        except (MemoryAccessError, RegistersUnavailable):  # no CR3 to walk from: gdb says it cannot access it
             return E_FAULT
         except ValueError:  # BadRequest, bad hex, not ASCII
             return E_INVAL
@@ -192,6 +194,8 @@ class GdbSession:
         cmd, args = pkt[:1], pkt[1:]
         if cmd == b"?":
             return f"T{SIGTRAP:02x}thread:{self._tid()};"
+        if cmd in (b"g", b"p", b"G", b"P") and not await self.call(lambda: self.cpu.registers_known):
+            return self._unavailable(cmd, args)
         if cmd == b"g":
             return (await self.call(lambda: self.target.read_all(self.cpu))).hex()
         if cmd in (b"G", b"P") and not self.machine.capabilities.write_registers:
@@ -256,6 +260,16 @@ class GdbSession:
         return ""  # Z/z (breakpoints) and anything else: unsupported
 
     # -- memory ------------------------------------------------------------------------------
+    def _unavailable(self, cmd: bytes, args: bytes) -> str:
+        """Registers no one can know (an SEV-ES vCPU's, encrypted in its VMSA): RSP's ``xx`` per byte, so gdb
+        prints ``<unavailable>`` instead of a value; writes are refused."""
+        if cmd == b"g":
+            return "xx" * sum(self.target.size(n) for n in range(len(self.target.regs)))
+        if cmd == b"p":
+            n = _int(args)
+            return E_FAULT if n >= len(self.target.regs) else "xx" * self.target.size(n)
+        return E_INVAL
+
     def _read(self, addr: int, length: int) -> bytes:
         if self.phys:
             return self.machine.memory.read(addr, length)

@@ -11,9 +11,10 @@ import logging
 
 from sevmon.debug.access import DebugMemory
 from sevmon.debug.ops import PlainOps, SevOps
+from sevmon.machine.cpu_models import CpuModelError, cpuid_signature
 from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_raw
 from sevmon.machine.interface import MachineConfig
-from sevmon.machine.launch import PlatformFileError, launch_sev
+from sevmon.machine.launch import EsLaunchError, PlatformFileError, es_vmsas, launch_sev
 from sevmon.machine.local import LocalMachine
 from sevmon.machine.pflash import FlashError
 from sevmon.machine.required_registers import paging_registers_error
@@ -22,6 +23,7 @@ from sevmon.machine.spec import GuestSpec
 from sevmon.memory.ram import PAGE_SHIFT
 from sevmon.sev.linux import SevUnavailable
 from sevmon.sev.vm import SevError
+from sevmon.x86.cpu import CpuState
 
 log = logging.getLogger("sevmon")
 
@@ -34,7 +36,7 @@ def build_machine(spec: GuestSpec) -> LocalMachine:
     """The machine ``spec`` describes; GuestError (one sentence) when it cannot be built."""
     try:
         return _build(spec)
-    except (ImageError, FlashError, PlatformFileError) as e:
+    except (ImageError, FlashError, PlatformFileError, CpuModelError, EsLaunchError) as e:
         raise GuestError(str(e)) from None
     except OSError as e:  # --bios/--pflash and friends
         raise GuestError(f"{e.filename}: {e.strerror.lower() if e.strerror else e}") from None
@@ -54,6 +56,7 @@ def _debug_memory(spec: GuestSpec):
 
 
 def _build(spec: GuestSpec) -> LocalMachine:
+    cpuid_signature(spec.cpu_model)  # QEMU refuses an unknown -cpu before anything else
     if spec.source == "builtin" and spec.sev is not None and spec.sev.kvm:
         raise GuestError("--kvm needs a guest image (--core or --raw): the built-in guest runs only on the SEV "
                          "platform model, it has no vCPU on real KVM")
@@ -83,7 +86,10 @@ def _build(spec: GuestSpec) -> LocalMachine:
     if spec.sev is not None:
         set_cbit(ram, cpus[0], spec.sev.cbitpos)
         runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
-        sev = launch_sev(ram, runs, spec.sev)
+        vmsas = es_vmsas(spec.sev, len(cpus), spec.cpu_model, None)
+        sev = launch_sev(ram, runs, spec.sev, vmsas)
+        if sev.es:  # launched as SEV-ES: the image's registers are now sealed in VMSAs, and shown nowhere
+            cpus = [CpuState.encrypted(i) for i in range(len(cpus))]
     config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source=spec.source, debug_policy=spec.debug_policy)
     return LocalMachine(ram, cpus, _debug_memory(spec)(ram, sev), config=config, sev=sev,
                         prelaunch=spec.prelaunch, running=False)

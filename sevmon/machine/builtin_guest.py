@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from sevmon.machine.interface import MachineConfig
-from sevmon.machine.launch import launch_sev
+from sevmon.machine.launch import es_vmsas, launch_sev
 from sevmon.machine.local import LocalMachine
 from sevmon.machine.ovmf_table import parse_ovmf_table
 from sevmon.machine.pflash import FOUR_GIB, ISA_BIOS_MAX, FlashError, isa_bios_copy, map_flash
@@ -275,7 +275,8 @@ def build_builtin(spec: GuestSpec, memory_for) -> LocalMachine:
     ram = RAM(FOUR_GIB if spec.pflash else mem_top, dense_top=mem_top)  # all of --memory is RAM, as in QEMU
     mode = MODES[spec.paging]
     if spec.sev is not None:
-        sev = launch_sev(ram, measured, spec.sev)
+        vmsas = es_vmsas(spec.sev, spec.smp, spec.cpu_model, ovmf if spec.pflash else None)
+        sev = launch_sev(ram, measured, spec.sev, vmsas)
         ram.blank = lambda pfn: sev.guest_zero_page(pfn << PAGE_SHIFT)
         for gpa, blob in plain:  # later pflash units and the ISA BIOS copy: plain, unmeasured ROMs
             ram.write(gpa, blob)
@@ -289,7 +290,10 @@ def build_builtin(spec: GuestSpec, memory_for) -> LocalMachine:
                         mem_top=mem_top)
     config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source="builtin",
                            debug_policy=spec.debug_policy, ovmf_table=ovmf)
-    # Under -S the vCPU sits at the reset vector (paging off) and the launch is not finished.
-    cpu = CpuState(0, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})
-    return LocalMachine(ram, [cpu], memory_for(ram, sev), config=config, sev=sev, program=guest,
+    if sev is not None and sev.es:  # their state is in encrypted VMSAs: nothing of it is known, ever
+        cpus = [CpuState.encrypted(i) for i in range(spec.smp)]
+    else:  # under -S every vCPU sits at the reset vector (paging off) and the launch is not finished
+        cpus = [CpuState(i, {"cr0": 0x60000010, "rip": 0xFFF0, "cs": 0xF000, "cs_base": 0xFFFF0000})
+                for i in range(spec.smp)]
+    return LocalMachine(ram, cpus, memory_for(ram, sev), config=config, sev=sev, program=guest,
                         prelaunch=spec.prelaunch, running=not spec.prelaunch)

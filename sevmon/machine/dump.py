@@ -122,7 +122,9 @@ def qemu_cpustate(cpu: CpuState) -> bytes:
 
 
 def build_notes(cpus: Sequence[CpuState], long_mode: bool) -> bytes:
-    """The whole PT_NOTE payload: every vCPU's NT_PRSTATUS, then every vCPU's QEMU note."""
+    """The whole PT_NOTE payload: every vCPU's NT_PRSTATUS, then every vCPU's QEMU note. A vCPU whose registers
+    are unknown (SEV-ES: encrypted in its VMSA) gets no note: a core carries no made-up register values."""
+    cpus = [c for c in cpus if c.registers_known]
     out = bytearray()
     for cpu in cpus:
         pid = cpu.index + 1
@@ -208,7 +210,9 @@ def dump_layout(cpus: Sequence[CpuState], ram_runs: Iterable[tuple[int, int]], *
     if (begin is None) != (length is None):
         raise ValueError(f"Parameter '{'length' if length is None else 'begin'}' is missing")
     runs = _merge_runs(ram_runs)
-    long_mode = bool(cpus) and bool(cpus[0].efer & EFER_LMA)
+    known = [c for c in cpus if c.registers_known]
+    # an SEV-ES guest (registers unknown) is a 64-bit guest: its core is ELF64 with no register notes
+    long_mode = bool(known[0].efer & EFER_LMA) if known else bool(cpus)
     if elf_class is None:
         elf_class = 64 if long_mode or any(g + s > _U32 for g, s in runs) else 32
     if elf_class not in (32, 64) or (elf_class == 32 and long_mode):

@@ -100,7 +100,9 @@ class LocalMachine(RunStateMachine):
         if self.sev is not None and self.sev.state_name == "launch-secret":
             self.sev.finish()
         if self.program is not None:
-            self.cpus[0].regs = self.program.boot().regs
+            regs = self.program.boot().regs
+            if self.cpus[0].registers_known:  # an SEV-ES vCPU's state stays in its VMSA
+                self.cpus[0].regs = regs
 
     def _invalidate(self) -> None:
         self.memory.invalidate()

@@ -7,8 +7,8 @@ footer's 18 bytes. Entries are read *backwards* from the footer, each
 ``data || u16 len || GUID`` with ``len`` counting all three. For a legacy SEV (not ES)
 guest QEMU only parses it: the measured data is the flash content, whatever the table says.
 What sevmon uses it for, as QEMU 7.2 does: the secret area (``sev-inject-launch-secret``
-without ``gpa``). The SEV-ES reset block and the kernel-hashes table are listed but unused
-(no SEV-ES, no ``-kernel``).
+without ``gpa``) and, for an SEV-ES guest, the reset block: the first u32 of its data is where the APs start
+(``sevmon.machine.launch.es_vmsas``). The kernel-hashes table is listed but unused (no ``-kernel``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Literal
 class SevSpec:
     """The SEV guest options (QEMU's ``sev-guest`` object) and which kernel runs them."""
 
-    policy: int = 0x0                 #: guest policy; bit 0 (NODBG) forbids debug access
+    policy: int = 0x0                 #: guest policy; bit 0 (NODBG) forbids debug access, bit 2 (ES) SEV-ES
     cbitpos: int = 47                 #: CPUID 0x8000001F EBX[5:0]
     reduced_phys_bits: int = 1        #: CPUID 0x8000001F EBX[11:6]
     kvm: bool = False                 #: the real /dev/kvm + /dev/sev instead of the platform model
@@ -35,6 +35,8 @@ class GuestSpec:
     pflash: tuple[str, ...] = ()      #: pflash units 0, 1...: unit 0 replaces the BIOS and alone is measured
     paging: str = "4level"            #: built-in guest paging mode, a :data:`sevmon.x86.modes.MODES` name
     memory_mib: int = 256             #: built-in guest RAM
+    smp: int = 1                      #: QEMU's -smp: vCPUs (an SEV-ES guest launches one VMSA each)
+    cpu_model: str = "qemu64"         #: QEMU's -cpu: the CPUID signature in an SEV-ES guest's VMSAs
     debug_policy: bool = True         #: the security-policy object: may debug access happen at all
     debug_cache_mb: int = 64          #: debug page cache size
     prelaunch: bool = False           #: QEMU's -S: the SEV launch finishes on the first cont

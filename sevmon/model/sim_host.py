@@ -11,8 +11,8 @@ import errno as E
 import threading
 
 from sevmon.memory.ram import RAM
-from sevmon.sev.abi import PAGE_SHIFT, FwCmd, SevDataInit
-from sevmon.sev.cpuid import SevCpuid
+from sevmon.sev.abi import PAGE_SHIFT, SEV_INIT_FLAGS_SEV_ES, FwCmd, SevDataInit
+from sevmon.sev.cpuid import SEV, SEV_ES, SME, VM_PAGE_FLUSH, SevCpuid
 
 from .engine import MemoryController
 from .firmware import SevFirmware
@@ -42,14 +42,18 @@ class SimulatedHost:
     """
 
     def __init__(self, *, cbitpos: int = 47, reduced_phys_bits: int = 1, max_asid: int = 509,
-                 min_asid: int = 1, sev_enabled: bool = True):
+                 min_asid: int = 1, sev_enabled: bool = True, sev_es: bool = False):
+        """``sev_es``: the CPU has SEV-ES (CPUID 0x8000001F EAX bit 3); KVM enables it only when ``min_asid`` > 1
+        leaves ASIDs for it. The ccp driver then INITs the platform with CONFIG.ES (Linux allocates the SEV-ES
+        TMR and sets ``SEV_INIT_FLAGS_SEV_ES``)."""
+        features = SME | SEV | VM_PAGE_FLUSH | (SEV_ES if sev_es else 0)
         self.cpuid = SevCpuid.make(cbitpos=cbitpos, reduced_phys_bits=reduced_phys_bits,
-                                   max_asid=max_asid, min_asid=min_asid)
+                                   max_asid=max_asid, min_asid=min_asid, features=features)
         self.sev_enabled = sev_enabled
         self.dram = HostMemory()
         self.mc = MemoryController(self.dram)
         self.psp = SevFirmware(self.mc, max_asid=max_asid)
-        self.psp.call(FwCmd.INIT, bytearray(SevDataInit.build({})))
+        self.psp.call(FwCmd.INIT, bytearray(SevDataInit.build({"flags": SEV_INIT_FLAGS_SEV_ES if sev_es else 0})))
         self.psp.call(FwCmd.DF_FLUSH)
         self._kernel_phys = Extents(KERNEL_HPA_BASE, USER_HPA_BASE)
         self._asid_used: set[int] = set()      # KVM sev_asid_bitmap

@@ -53,7 +53,9 @@ from sevmon.sev.abi import (
     PAGE_SHIFT,
     PAGE_SIZE,
     SEV_FW_BLOB_MAX_SIZE,
+    SEV_INIT_FLAGS_SEV_ES,
     SEV_ISSUE_CMD,
+    VMSA_SIZE,
     FwCmd,
     KvmEnableCap,
     KvmEncRegion,
@@ -92,6 +94,14 @@ MIRROR_ALLOWED = frozenset({SevCmdId.LAUNCH_UPDATE_VMSA, SevCmdId.GUEST_STATUS, 
                             SevCmdId.DBG_ENCRYPT})
 
 
+class _Vcpu:
+    """One vCPU of the VM: its reset save area, then (SEV-ES, after LAUNCH_UPDATE_VMSA) its encrypted VMSA page."""
+
+    def __init__(self, save_area: bytes):
+        self.save_area = save_area
+        self.vmsa_hpa: int | None = None
+
+
 class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
     """One VM fd (plus the process's ``/dev/sev`` fd) of a VMM process on a simulated host.
 
@@ -125,6 +135,8 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         self._mirror_of: SimulatedKvm | None = None  # set by KVM_CAP_VM_COPY_ENC_CONTEXT_FROM
         self._mirrors = 0                           # mirrors holding a reference to this VM
         self._kvm_lock = threading.Lock()   # kvm->lock: one SEV command per VM at a time
+        self._es = False                    # sev->es_active (KVM_SEV_ES_INIT)
+        self.vcpus: list[_Vcpu] = []        # KVM_CREATE_VCPU, in creation order
 
     # -- process memory (what the VMM does in its own address space) ------------------------
     def alloc(self, n: int) -> int:
@@ -163,6 +175,10 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
             return
         self._closed = True
         self._regions.clear()
+        for vcpu in self.vcpus:  # kvm_destroy_vcpus: each vCPU's VMSA page goes back
+            if vcpu.vmsa_hpa is not None:
+                self.host.kfree(vcpu.vmsa_hpa)
+                vcpu.vmsa_hpa = None
         for fd in (self.vm_fd, self.sev_fd):  # as LinuxSevTransport.close: the VM fd and /dev/sev are closed
             self.task.files.pop(fd, None)
         src = self._mirror_of
@@ -382,23 +398,27 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         if not self._active:
             raise KernelError(E.ENOTTY)
 
-    def _op_init(self, cmd: Container) -> int:
+    def _op_init(self, cmd: Container, es: bool = False) -> int:
         if self._active:
             raise KernelError(E.EINVAL)
-        asid = self._asid_new(cmd)
+        asid = self._asid_new(cmd, es)
         if self.host.platform_state == PlatformState.UNINIT:  # sev_platform_init: INIT + DF_FLUSH
-            r = self._fw(FwCmd.INIT, bytearray(SevDataInit.build({})), cmd)
+            flags = SEV_INIT_FLAGS_SEV_ES if self.host.cpuid.sev_es else 0
+            r = self._fw(FwCmd.INIT, bytearray(SevDataInit.build({"flags": flags})), cmd)
             if not r:
                 r = self._fw(FwCmd.DF_FLUSH, bytearray(), cmd)
             if r:
                 self.host.asid_release(asid)
                 return r
-        self._active, self._asid = True, asid
+        self._active, self._asid, self._es = True, asid, es
         return 0
 
-    def _asid_new(self, cmd: Container) -> int:
+    def _asid_new(self, cmd: Container, es: bool = False) -> int:
+        """``sev_asid_new``: an SEV-ES guest takes an ASID below ``min_sev_asid``, a plain SEV guest one from it."""
         cpuid = self.host.cpuid
         lo, hi = cpuid.min_sev_asid, cpuid.num_encrypted_guests
+        if es:
+            lo, hi = 1, cpuid.min_sev_asid - 1
         if lo > hi:
             raise KernelError(E.ENOTTY)
         return self.host.asid_take(lo, hi, flush=lambda: not self._fw(FwCmd.DF_FLUSH, bytearray()))
@@ -555,6 +575,34 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
         return self._blob_to_user(cmd, params, KvmSevAttestationReport, FwCmd.ATTESTATION_REPORT,
                                   SevDataAttestationReport, mnonce=bytes(params.mnonce))
 
+    # -- vCPUs (SEV-ES) ----------------------------------------------------------------------------
+    def create_vcpu(self, save_area: bytes) -> int:
+        """KVM_CREATE_VCPU then KVM_SET_{REGS,SREGS,FPU,XCRS}: the VMM's reset state of a new vCPU, here given as the
+        VMCB save area it becomes (what ``sev_es_sync_vmsa`` copies into the VMSA page). Returns its index."""
+        if len(save_area) != VMSA_SIZE:
+            raise ValueError("a vCPU's save area is one 4 KiB VMSA page")
+        self.vcpus.append(_Vcpu(bytes(save_area)))
+        return len(self.vcpus) - 1
+
+    def _op_launch_update_vmsa(self, cmd: Container) -> int:
+        """``sev_launch_update_vmsa``: for each vCPU in order, sync its state into its VMSA page and have the PSP
+        encrypt and measure that page (LAUNCH_UPDATE_VMSA); from then on its state is protected."""
+        self._require_sev()
+        if not self._es:
+            raise KernelError(E.ENOTTY)  # not an SEV-ES guest
+        for vcpu in self.vcpus:
+            if vcpu.vmsa_hpa is not None:
+                continue  # already encrypted (a second call skips it, as vcpu->arch.guest_state_protected)
+            hpa, page = self.host.kalloc(VMSA_SIZE)
+            page[:] = vcpu.save_area
+            buf = bytearray(SevDataLaunchUpdate.build(dict(handle=self._handle, address=hpa, len=VMSA_SIZE)))
+            r = self._sev_issue(FwCmd.LAUNCH_UPDATE_VMSA, buf, cmd)
+            if r:
+                self.host.kfree(hpa)
+                return r
+            vcpu.vmsa_hpa = hpa
+        return 0
+
     def _op_enotty(self, cmd: Container) -> int:
         raise KernelError(E.ENOTTY)  # LAUNCH_UPDATE_VMSA on a non-ES VM; SNP commands on a non-SNP VM
 
@@ -563,11 +611,11 @@ class SimulatedKvm(SevDeviceIoctls, DebugCrypt, MigrationOps):
 
     _dispatch = {
         SevCmdId.INIT: _op_init,
-        SevCmdId.ES_INIT: _op_init,
+        SevCmdId.ES_INIT: lambda self, cmd: self._op_init(cmd, es=True),
         SevCmdId.INIT2: _op_einval,
         SevCmdId.LAUNCH_START: _op_launch_start,
         SevCmdId.LAUNCH_UPDATE_DATA: _op_launch_update_data,
-        SevCmdId.LAUNCH_UPDATE_VMSA: _op_enotty,
+        SevCmdId.LAUNCH_UPDATE_VMSA: _op_launch_update_vmsa,
         SevCmdId.LAUNCH_SECRET: _op_launch_secret,
         SevCmdId.LAUNCH_MEASURE: _op_launch_measure,
         SevCmdId.LAUNCH_FINISH: _op_launch_finish,

@@ -57,11 +57,12 @@ class SimulatedQemu:
     """QEMU with one SEV guest: ``vm`` (its SevVm), ``pid``, and the memfd backend of its RAM."""
 
     def __init__(self, host: SimulatedHost, ram: RAM, images: list[tuple[int, bytes]], *, policy: int = 0,
-                 uid: int = 1000, finish: bool = True):
+                 uid: int = 1000, finish: bool = True, vmsas: list[bytes] = ()):
+        """``vmsas``: an SEV-ES guest's vCPUs (policy bit 2), BSP first, as QEMU has KVM encrypt them."""
         self.host = host
         self.task = Task(host, uid=uid)
         self.vm = SevVm(ram, policy=policy, cbitpos=host.cpuid.cbitpos, kernel=SimulatedKvm(host, task=self.task))
-        self.vm.launch(images)
+        self.vm.launch(images, list(vmsas))
         if finish:
             self.vm.finish()
         self.memfd = MemFd("memory-backend-memfd", ram, self.vm.kernel.mem.guest_hpa)

@@ -238,6 +238,7 @@ class FwCmd(enum.IntEnum):
     DBG_ENCRYPT = 0x61
 
 
+SEV_INIT_FLAGS_SEV_ES = 0x1  # sev_data_init.flags bit 0: CONFIG.ES (the platform may run SEV-ES guests)
 SevDataInit = Struct(_u32("flags"), _u32("reserved"), _u64("tmr_address"), _u32("tmr_len"))
 SevDataDbg = Struct(_u32("handle"), _u32("reserved"), _u64("src_addr"), _u64("dst_addr"), _u32("len"))
 SevDataGuestStatus = Struct(_u32("handle"), _u32("policy"), _u32("asid"), _u8("state"))

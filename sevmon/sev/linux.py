@@ -175,6 +175,10 @@ class LinuxSevTransport:
     def guest_load(self, gpa: int, n: int, *, c_bit: bool = True) -> bytes:
         raise SevUnavailable("the guest's own CPU accesses exist only in the simulation")
 
+    def create_vcpu(self, save_area: bytes) -> int:
+        raise SevUnavailable("sevmon creates no vCPUs on real KVM, so it cannot launch an SEV-ES guest there "
+                             "(LAUNCH_UPDATE_VMSA encrypts the vCPUs' state)")
+
     def close(self) -> None:
         for m in self._bufs.values():
             m.close()

@@ -45,4 +45,7 @@ class KernelTransport(Protocol):
 
     def guest_load(self, gpa: int, n: int, *, c_bit: bool = True) -> bytes: ...
 
+    def create_vcpu(self, save_area: bytes) -> int:
+        """A new vCPU whose reset state is this VMCB save area (SEV-ES: what LAUNCH_UPDATE_VMSA encrypts)."""
+
     def close(self) -> None: ...

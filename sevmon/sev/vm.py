@@ -30,6 +30,7 @@ from .abi import (
     KvmSevLaunchSecret,
     KvmSevLaunchStart,
     KvmSevLaunchUpdateData,
+    Policy,
     SevCmdId,
     SevIssueCmd,
     SevRet,
@@ -76,6 +77,7 @@ class SevVm:
         self.kernel = kernel
         self.ram = ram
         self.policy = policy
+        self.es = bool(policy & Policy.ES)  #: an SEV-ES guest: KVM_SEV_ES_INIT, vCPU state in encrypted VMSAs
         self.cpuid: SevCpuid = kernel.cpuid()
         if cbitpos != self.cpuid.cbitpos:
             raise SevError(f"SEV: cbitpos check failed, host '{self.cpuid.cbitpos}' requested '{cbitpos}'",
@@ -89,7 +91,7 @@ class SevVm:
         self.measurement: bytes | None = None
         self._state = GuestState.UNINIT
         self.api_major, self.api_minor, self.build_id = self._platform_status()
-        self._op(SevCmdId.INIT, "INIT")
+        self._op(SevCmdId.ES_INIT if self.es else SevCmdId.INIT, "ES_INIT" if self.es else "INIT")
         self._ram_hva = kernel.map_guest_ram(ram)
         self._ioctl_struct(KVM_MEMORY_ENCRYPT_REG_REGION, KvmEncRegion,
                            dict(addr=self._ram_hva, size=ram.size), "REG_REGION")
@@ -115,11 +117,14 @@ class SevVm:
         return self.kernel.stats.snapshot()
 
     # -- launch ---------------------------------------------------------------------------------
-    def launch(self, images: list[tuple[int, bytes]]) -> bytes:
+    def launch(self, images: list[tuple[int, bytes]], vmsas: list[bytes] = ()) -> bytes:
         """LAUNCH_START(policy) -> LAUNCH_UPDATE_DATA over each (gpa, plaintext) image in order
         (writing plaintext into RAM first, then encrypt in place via the ioctl, as QEMU does with
-        the BIOS/pflash) -> LAUNCH_MEASURE (stored; returns the 48-byte blob). Leaves the guest
-        in launch-secret."""
+        the BIOS/pflash) -> for an SEV-ES guest, one vCPU per VMSA in ``vmsas`` (BSP first) and
+        LAUNCH_UPDATE_VMSA (QEMU 7.2's ``sev_launch_get_measure``, before measuring) -> LAUNCH_MEASURE
+        (stored; returns the 48-byte blob). Leaves the guest in launch-secret."""
+        if self.es and not vmsas:
+            raise SevError("SEV: an SEV-ES guest needs at least one vCPU", errno=E.EINVAL)
         if self._state != GuestState.UNINIT:
             raise SevError(f"SEV: launch already started (state {self.state_name})")
         out = self._launch_start()
@@ -134,6 +139,10 @@ class SevVm:
             self.kernel.write(self._ram_hva + gpa, image)  # plaintext, through the VMM's own mapping
             self._op(SevCmdId.LAUNCH_UPDATE_DATA, "LAUNCH_UPDATE_DATA", KvmSevLaunchUpdateData,
                      dict(uaddr=self._ram_hva + gpa, len=len(image)), span=(gpa, len(image)))
+        if self.es:
+            for vmsa in vmsas:
+                self.kernel.create_vcpu(vmsa)
+            self._op(SevCmdId.LAUNCH_UPDATE_VMSA, "LAUNCH_UPDATE_VMSA")
         # QEMU asks for the length first (the PSP answers INVALID_LEN and 48), then measures.
         probe = self._op(SevCmdId.LAUNCH_MEASURE, "LAUNCH_MEASURE", KvmSevLaunchMeasure, dict(uaddr=0, len=0),
                          check=False)

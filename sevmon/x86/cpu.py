@@ -55,6 +55,11 @@ VMSA_ENCRYPTED = ("the vCPU register state of this SEV-ES guest is encrypted in 
                   "read it, so sevmon knows no register values (nor the page tables CR3 would point to)")
 
 
+#: The same, attached to a live QEMU: QEMU skips the register sync of such a guest, so its own dump is stale.
+QEMU_DUMP_STALE = (VMSA_ENCRYPTED + "; QEMU's own 'info registers' shows its cached reset state instead, and "
+                   "sevmon never uses it")
+
+
 class RegistersUnavailable(CommandError):
     """A register was asked of a vCPU whose registers are unknown (:attr:`CpuState.unavailable`): a monitor
     error (QMP GenericError, HMP ``Error: ...``) with the sentence that says why."""

@@ -103,7 +103,11 @@ def _default_xcr0(cpu: CpuState) -> int:
 
 
 def info_registers(cpu: CpuState) -> str:
-    """QEMU 7.2's ``info registers`` text for one vCPU (``"\\n"`` line ends)."""
+    """QEMU 7.2's ``info registers`` text for one vCPU (``"\\n"`` line ends). A vCPU whose registers are unknown
+    (an SEV-ES guest's, encrypted in its VMSA) gets its header and the sentence that says why, and no value:
+    QEMU 7.2 prints its cached reset state there, with no warning, which would be a silently wrong answer."""
+    if not cpu.registers_known:
+        return f"\nCPU#{cpu.index}\n{cpu.unavailable}\n"
     g = cpu.get
     efer = cpu.efer
     lma = bool(efer & EFER_LMA)
