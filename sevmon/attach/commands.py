@@ -18,19 +18,19 @@ from sevmon.qmp.errors import QMPError
 from sevmon.qmp.schema import BUILTINS, Schema
 
 OWNED_QMP = ("memsave", "pmemsave", "dump-guest-memory", "query-dump", "query-sev-debug-stats",
-             "query-sev-memory-map", "sev-mem-map")
+             "query-sev-memory-map", "sev-mem-map", "query-guest-kernel")
 OWNED_HMP = ("x", "xp", "gva2gpa", "memsave", "pmemsave", "dump-guest-memory", "sev-mem-map")
-OWNED_INFO = ("mem", "tlb", "sev-debug", "dump", "sev-mem")
+OWNED_INFO = ("mem", "tlb", "sev-debug", "dump", "sev-mem", "guest-kernel")
 _TYPE_KEYS = ("arg-type", "ret-type", "element-type", "type")
 
 
 def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
     machine = runner.machine
-    from sevmon.commands import dump, memory, sev_memory_map
+    from sevmon.commands import dump, guest_kernel, memory, sev_memory_map
 
     full = CommandRegistry(Schema())
     all_hmp, all_info = CommandTable(), CommandTable()
-    for module in (memory, dump, sev_memory_map):
+    for module in (memory, dump, sev_memory_map, guest_kernel):
         module.register(full, all_hmp, all_info)
     registry = CommandRegistry(full.schema)
     for name in OWNED_QMP:

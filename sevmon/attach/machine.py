@@ -15,6 +15,7 @@ from sevmon.attach.info_registers_parser import parse_info_registers
 from sevmon.attach.qemu_link import QemuMonitorLink
 from sevmon.machine.interface import Capabilities, MachineConfig, RunState, RunStateMachine
 from sevmon.x86.cpu import CpuState
+from sevmon.x86.vmcoreinfo import KernelCache
 
 _INVALIDATING = ("RESUME", "RESET", "SHUTDOWN")
 
@@ -68,6 +69,7 @@ class AttachedMachine(RunStateMachine):
                                     kvm_present=bool(kvm and kvm.get("present")), source="attach",
                                     memory_encryption=memory_encryption)
         self.reset_required = False
+        self.kernel_cache = KernelCache()
         self.shutdown_seen = False
         self._dirty = self.running
         link.on_event = self._on_qemu_event
@@ -86,6 +88,8 @@ class AttachedMachine(RunStateMachine):
             self._dirty = True
         if name == "SHUTDOWN":
             self.shutdown_seen = True
+        if name in ("RESET", "RESUME"):
+            self.kernel_cache.forget()  # a reset or running guest may boot another kernel (another KASLR offset)
         self.emit(name, msg.get("data"), timestamp=msg.get("timestamp"))
 
     def _call(self, name: str, args: dict | None = None):

@@ -11,6 +11,7 @@ import os
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.hmp.memory_dump import _printc, memory_dump
+from sevmon.machine.kernel_root import check_address, walk_cpu
 from sevmon.memory.ram import MemoryAccessError
 from sevmon.qmp.errors import QMPError
 from sevmon.x86 import paging
@@ -23,9 +24,18 @@ U64 = (1 << 64) - 1
 
 def virtual_reader(machine, cpu):
     """``read(va, n)`` through the vCPU's page tables (x, memsave, the gdb stub): the range translated to
-    physical runs first, each run read private or shared as its leaves say (:mod:`sevmon.x86.translation`)."""
+    physical runs first, each run read private or shared as its leaves say (:mod:`sevmon.x86.translation`).
+    A vCPU whose registers cannot be read walks the kernel's own tables (:func:`walk_cpu`; DebugError when none
+    is known), where a user address is refused in one sentence."""
     mem, mask = machine.memory, cbit_mask(machine)
-    return lambda va, n: read_virtual(mem, cpu, va, n, mask)
+    walk = walk_cpu(machine, cpu)
+    if walk is cpu:
+        return lambda va, n: read_virtual(mem, cpu, va, n, mask)
+
+    def read(va: int, n: int) -> bytes:
+        check_address(machine, cpu, va)
+        return read_virtual(mem, walk, va, n, mask)
+    return read
 
 
 def _open_for_write(filename: str):
@@ -39,7 +49,12 @@ def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) 
     idx = 0 if cpu_index is None else cpu_index
     if not 0 <= idx < len(machine.cpus):
         raise QMPError("Parameter 'cpu-index' expects a CPU number")
-    read = virtual_reader(machine, machine.cpus[idx])
+    try:
+        read = virtual_reader(machine, machine.cpus[idx])
+        if size > 0:
+            check_address(machine, machine.cpus[idx], val)
+    except DebugError as e:
+        raise QMPError(e.reason) from None
     addr, left = val & U64, size
     with _open_for_write(filename) as f:
         if size < 0:
@@ -97,7 +112,7 @@ def register(registry, hmp, info) -> None:
     registry.register("query-sev-debug-stats")(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
-        lines = fn(ctx.machine.memory, ctx.cpu, cbit_mask(ctx.machine))
+        lines = fn(ctx.machine.memory, walk_cpu(ctx.machine, ctx.cpu), cbit_mask(ctx.machine))
         while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
             ctx.print("\n".join(batch))
 
@@ -124,6 +139,9 @@ def register(registry, hmp, info) -> None:
         else:
             chosen = [ctx.cpu]
         for cpu in chosen:
+            if cpu.unavailable:  # never print made-up values
+                ctx.print(f"CPU#{cpu.index}: registers not available: {cpu.unavailable}")
+                continue
             ctx.print(info_registers(cpu), end="")
 
     @info.command("sev-debug", "", "", "show SEV debug-access statistics (round trips, cache)")
@@ -134,11 +152,14 @@ def register(registry, hmp, info) -> None:
     @hmp.command("gva2gpa", "addr:l", "addr",
                  "print the guest physical address corresponding to a guest virtual address")
     def hmp_gva2gpa(ctx, addr):
-        ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, cbit_mask(ctx.machine)))
+        check_address(ctx.machine, ctx.cpu, addr)
+        walk = walk_cpu(ctx.machine, ctx.cpu)
+        ctx.print(paging.gva2gpa_text(ctx.machine.memory, walk, addr & U64, cbit_mask(ctx.machine)))
 
     @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'")
     def hmp_x(ctx, count, format, size, addr):
         read = virtual_reader(ctx.machine, ctx.cpu)
+        check_address(ctx.machine, ctx.cpu, addr)
         for line in memory_dump(read, addr, count, format, size, virtual=True, span=COPY_CHUNK):
             ctx.print(line, end="")
 

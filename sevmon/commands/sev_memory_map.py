@@ -12,6 +12,7 @@ import json
 from sevmon.commands.memory import _open_for_write, _write
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
+from sevmon.machine.kernel_root import walk_cpu
 from sevmon.qmp.errors import QMPError
 from sevmon.x86.sev_memory_map import PAGE, SevMemoryMap, build_map
 
@@ -27,7 +28,8 @@ def memory_map(machine, cpu_index: int) -> SevMemoryMap:
     if not 0 <= cpu_index < len(machine.cpus):
         raise QMPError("Parameter 'cpu-index' expects a CPU number")
     try:
-        return build_map(machine.memory, machine.cpus, cpu_index, cbit_mask(machine))
+        cpus = [walk_cpu(machine, c) for c in machine.cpus]  # the kernel's root where a vCPU cannot be read
+        return build_map(machine.memory, cpus, cpu_index, cbit_mask(machine))
     except DebugError as e:
         raise QMPError(e.reason) from None
 

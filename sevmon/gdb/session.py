@@ -28,6 +28,7 @@ from sevmon.commands.memory import virtual_reader
 from sevmon.debug.refusal import cbit_mask
 from sevmon.gdb.packets import PACKET_SIZE, Interrupt, Nack, PacketReader, escape, frame, unescape
 from sevmon.gdb.target import target_for
+from sevmon.machine.kernel_root import check_address, walk_cpu
 from sevmon.memory.ram import MemoryAccessError
 from sevmon.qmp.errors import QMPError
 from sevmon.x86.translation import write_virtual
@@ -267,7 +268,9 @@ class GdbSession:
             mem.write(addr, data)
             return
         # every page translated first (a write that would fault half-way writes nothing), one write per run
-        write_virtual(mem, self.cpu, addr & U64, data, cbit_mask(self.machine))
+        # (from the kernel's own tables when the vCPU cannot be read, as reads do)
+        check_address(self.machine, self.cpu, addr)
+        write_virtual(mem, walk_cpu(self.machine, self.cpu), addr & U64, data, cbit_mask(self.machine))
 
     # -- run control -------------------------------------------------------------------------
     async def _resume(self) -> str | None:

@@ -41,6 +41,8 @@ class CpuState:
     index: int = 0
     regs: dict[str, int] = field(default_factory=dict)
     halted: bool = True
+    #: why these registers cannot be used (a raw image without --cpu-state; SEV-ES: encrypted in the VMSA), or None
+    unavailable: str | None = None
 
     def get(self, name: str) -> int:
         return self.regs.get(canonical_reg(name), 0)
