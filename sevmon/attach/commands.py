@@ -2,10 +2,10 @@
 is QEMU's (forwarded).
 
 Owned, QMP: ``memsave``, ``pmemsave``, ``dump-guest-memory`` (and its ``query-dump``),
-``query-sev-debug-stats``, ``query-commands``/``query-qmp-schema`` (QEMU's list plus
+``query-sev-debug-stats``, ``query-guest-kernel``, ``query-commands``/``query-qmp-schema`` (QEMU's list plus
 sevmon's), and ``human-monitor-command`` for owned lines. Owned, HMP: ``x``, ``xp``,
 ``gva2gpa``, ``memsave``, ``pmemsave``, ``dump-guest-memory``, ``info mem``, ``info tlb``,
-``info sev-debug``, ``info dump``, and ``info kvm`` (QEMU's text plus the
+``info sev-debug``, ``info dump``, ``info guest-kernel``, and ``info kvm`` (QEMU's text plus the
 ``memory encryption:`` line). Everything else goes to QEMU.
 """
 
