@@ -55,9 +55,9 @@ def _workloads(machine, cpu):
     }
 
 
-def _measure(machine, kind: str, fn, repeat: int) -> dict:
+def _measure(machine, cpu, kind: str, fn, repeat: int) -> dict:
     ops = machine.memory.ops
-    reader = make_reader(kind, machine.ram, ops, entry_size=8 if machine.cpus[0].paging_mode() != "32" else 4)
+    reader = make_reader(kind, machine.ram, ops, entry_size=8 if cpu.paging_mode() != "32" else 4)
     out = {}
     for phase in ("cold", "warm"):
         times = []
@@ -84,9 +84,9 @@ def _side_by_side(machine, repeat: int) -> dict:
     cpu = walk_cpu(machine, machine.cpus[0])
     machine.memory.invalidate()
     for name, fn in _workloads(machine, cpu).items():
-        built = _measure(machine, "sevmon", fn, repeat)
-        per_page = _measure(machine, "per-page", fn, repeat)
-        naive = _measure(machine, "naive", fn, 1)
+        built = _measure(machine, cpu, "sevmon", fn, repeat)
+        per_page = _measure(machine, cpu, "per-page", fn, repeat)
+        naive = _measure(machine, cpu, "naive", fn, 1)
         for phase in ("cold", "warm"):
             built[phase]["per-page-round-trips"] = per_page[phase]["round-trips"]
             built[phase]["per-page-wall-ms"] = per_page[phase]["wall-ms"]

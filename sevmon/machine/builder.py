@@ -82,7 +82,9 @@ def _build(spec: GuestSpec) -> LocalMachine:
     ram, cpus = image.ram, image.cpus
     sev = None
     if spec.sev is not None:
-        set_cbit(ram, _tables_cpu(ram, cpus[0]), spec.sev.cbitpos)
+        tables = _tables_cpu(ram, cpus[0])
+        if tables is not None:
+            set_cbit(ram, tables, spec.sev.cbitpos)
         runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
         sev = launch_sev(ram, runs, spec.sev)
     config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source=spec.source, debug_policy=spec.debug_policy)
@@ -93,8 +95,8 @@ def _build(spec: GuestSpec) -> LocalMachine:
 def _tables_cpu(ram, cpu):
     """The vCPU whose tables get the C-bit: the image's own, or, without registers, one at the Linux kernel's
     root (found in the plaintext image as it will be found through DBG_DECRYPT after launch), so that the kernel's
-    tables carry the C-bit as a Linux SEV guest's do. No Linux found: no table is touched."""
+    tables carry the C-bit as a Linux SEV guest's do. No Linux found: None, no table is touched."""
     if cpu.unavailable is None:
         return cpu
     kernel = find_kernel(DebugMemory(ram, PlainOps(ram), cache_pages=0), ram.runs())
-    return kernel.walk_cpu() if kernel is not None else cpu
+    return kernel.walk_cpu() if kernel is not None else None

@@ -138,7 +138,9 @@ class Machine(Protocol):
     ``memory`` is the debug-access layer (:class:`sevmon.debug.MachineMemory`, implemented by
     :class:`sevmon.debug.access.DebugMemory`): the only way to guest memory. ``sev`` is the SEV guest
     (:class:`sevmon.sev.vm.SevVm`, or its :class:`~sevmon.sev.mirror.MirrorSev` when attached) or None. ``ram_runs`` lists the guest-physical RAM
-    as ``(first frame, count)`` runs (what a dump covers).
+    as ``(first frame, count)`` runs (what a dump covers). ``cpus`` may hold vCPUs whose registers are unknown
+    (``CpuState.registers_known`` False, an SEV-ES guest): every register read of them raises
+    :class:`sevmon.x86.cpu.RegistersUnavailable`, and a walk must take its root from elsewhere.
     """
 
     config: MachineConfig

@@ -4,12 +4,21 @@ Registers are plain ints keyed by QEMU's lower-case names (``rax``.. ``r15``, ``
 ``rflags``, ``cr0``..``cr4``, ``efer``, segment selectors/bases, ``gdt_base``...). 32-bit
 guests use the same keys (``eax`` is an alias of ``rax``; ``eip`` of ``rip``; ``efl``/``rfl``
 of ``rflags``). Loaded from QEMU's ELF notes or from a ``cpu.json`` of hex strings.
+
+A vCPU whose registers cannot be known (an SEV-ES guest: its state is encrypted in its VMSA, and neither KVM nor
+QEMU can read it) is a :class:`CpuState` with ``unavailable`` set to the one sentence that says why. Its ``regs``
+stay empty and every read through :meth:`CpuState.get` (so every CR3-based walk, ``$reg`` expression and register
+dump) raises :class:`RegistersUnavailable` with that sentence: no code path can print a stale or made-up value. A
+walk of such a guest must start from another root (``root=`` in :mod:`sevmon.x86.translation`, with the paging
+registers of the kernel whose tables it walks), never from this CpuState's CR3.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+
+from sevmon.qmp.errors import QMPError
 
 CR0_PG = 1 << 31
 CR0_PE = 1 << 0
@@ -29,6 +38,16 @@ _ALIASES = {
 }
 
 
+#: Why an SEV-ES guest's registers are not shown: the one sentence every front end reports.
+VMSA_ENCRYPTED = ("the vCPU register state of this SEV-ES guest is encrypted in its VMSA: neither KVM nor QEMU can "
+                  "read it, so sevmon knows no register values (nor the page tables CR3 would point to)")
+
+
+class RegistersUnavailable(QMPError):
+    """A register was asked of a vCPU whose registers are unknown (:attr:`CpuState.unavailable`): a monitor
+    error (QMP GenericError, HMP ``Error: ...``) with the sentence that says why."""
+
+
 def canonical_reg(name: str) -> str:
     n = name.lower()
     return _ALIASES.get(n, n)
@@ -36,18 +55,33 @@ def canonical_reg(name: str) -> str:
 
 @dataclass
 class CpuState:
-    """One vCPU. ``regs`` maps canonical names to ints; missing registers read as 0."""
+    """One vCPU. ``regs`` maps canonical names to ints; missing registers read as 0. ``unavailable``: why this
+    vCPU's registers are unknown (None: they are known), see the module docstring."""
 
     index: int = 0
     regs: dict[str, int] = field(default_factory=dict)
     halted: bool = True
-    #: why these registers cannot be used (a raw image without --cpu-state; SEV-ES: encrypted in the VMSA), or None
+    #: why these registers cannot be used (SEV-ES: encrypted in the VMSA; a raw image without --cpu-state), or None
     unavailable: str | None = None
 
+    @classmethod
+    def encrypted(cls, index: int = 0) -> CpuState:
+        """An SEV-ES vCPU: its registers live in its encrypted VMSA."""
+        return cls(index=index, unavailable=VMSA_ENCRYPTED)
+
+    @property
+    def registers_known(self) -> bool:
+        """False when no register value may be shown or used (an SEV-ES guest's vCPU)."""
+        return self.unavailable is None
+
     def get(self, name: str) -> int:
+        if self.unavailable is not None:
+            raise RegistersUnavailable(self.unavailable)
         return self.regs.get(canonical_reg(name), 0)
 
     def set(self, name: str, value: int) -> None:
+        if self.unavailable is not None:
+            raise RegistersUnavailable(self.unavailable)
         self.regs[canonical_reg(name)] = value
 
     def update(self, values: dict[str, int]) -> None:
