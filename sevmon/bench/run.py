@@ -275,7 +275,8 @@ def run_bench(args, spec) -> int:
     machine.stop()  # a paused guest: warm runs keep their cache
     report = _side_by_side(machine, args.repeat)
     from sevmon.bench.gdb_session import gdb_session
-    report["gdb session"] = gdb_session(machine)
+    report["gdb session"] = (gdb_session(machine) if machine.cpus[0].unavailable is None else
+                             {"skipped": "gdb reads registers, and this guest's are not available"})
     report["latency"] = _latency(_guest_argv(args))
     if args.scale:
         report["scale"] = _scale(args.scale)
