@@ -165,3 +165,20 @@ def test_scan_goes_up_in_batches_passes_over_unusable_texts_and_stops_at_the_fir
     assert k.gpa == 700 << 12 and k.release == "6.1.0-13-cloud-amd64"
     assert mem.requests == [(0, 512), (512, 512)]
     assert find(Pages({}), [(0, 10), (100, 3)]) is None
+
+
+def test_gdb_stub_memory_walks_the_kernels_tables(builtin_and_image, make_daemon):
+    """The gdb stub's ``m`` packets on a guest without CPU state: kernel addresses through init_top_pgt (the same
+    bytes ``x`` shows), a user address refused (an error packet, nothing read)."""
+    from tests.gdb.gdb_support import RspClient
+    _, want, image = builtin_and_image
+    d = make_daemon("--raw", str(image), "--sev", "--gdb", "unix:./gdb.sock", hmp=False)
+    rsp = RspClient(d.qmp.replace("qmp.sock", "gdb.sock"))
+    try:
+        data = bytes.fromhex(rsp.ask("mffffffff81000000,20"))
+        words = [int.from_bytes(data[i:i + 8], "little") for i in range(0, 32, 8)]
+        x = want["x /4xg 0xffffffff81000000"]  # "ffffffff81000000: 0x... 0x...\r\n" twice
+        assert words == [int(w, 16) for w in re.findall(r"0x([0-9a-f]{16})", x)]
+        assert rsp.ask("m400000,8").startswith("E")
+    finally:
+        rsp.close()
