@@ -18,7 +18,7 @@ PKG = Path(sevmon.__file__).parent
 #: Floor of each package (or top-level module) under sevmon/, bottom (0) to top.
 RANKS = {
     # 0: the package's own facts and small OS helpers
-    "sevmon": 0, "sevmon.pidfd": 0, "sevmon.unixsock": 0, "sevmon.cmdlog": 0,
+    "sevmon": 0, "sevmon.errors": 0, "sevmon.pidfd": 0, "sevmon.unixsock": 0, "sevmon.cmdlog": 0,
     # 1: guest memory at rest; the QMP wire (a library: JSON stream, sessions, dispatch, schema)
     "sevmon.memory": 1, "sevmon.qmp": 1,
     # 2: the real SEV path (VMM over a kernel transport, /dev/kvm, mirror VM, ABI)

@@ -12,9 +12,9 @@ sevmon's), and ``human-monitor-command`` for owned lines. Owned, HMP: ``x``, ``x
 from __future__ import annotations
 
 from sevmon.attach.forward import AttachedMonitor, QmpForwarder
+from sevmon.errors import CommandError
 from sevmon.hmp.table import CommandTable, HmpCommand
 from sevmon.qmp.dispatch import CommandRegistry
-from sevmon.qmp.errors import QMPError
 from sevmon.qmp.schema import BUILTINS, Schema
 
 OWNED_QMP = ("memsave", "pmemsave", "dump-guest-memory", "query-dump", "query-sev-debug-stats",
@@ -83,7 +83,7 @@ def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
 def _qemu(link, name: str):
     reply = link.call_sync(link.raw({"execute": name}))
     if "error" in reply:
-        raise QMPError(reply["error"]["desc"], reply["error"]["class"])
+        raise CommandError(reply["error"]["desc"], reply["error"]["class"])
     return reply["return"]
 
 

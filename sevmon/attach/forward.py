@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 
 from sevmon.attach.errors import AttachError
+from sevmon.errors import CommandError
 from sevmon.hmp.monitor import HumanMonitor
-from sevmon.qmp.errors import QMPError
 
 _OWNED_HMP_ARGS = {"command-line", "cpu-index"}
 
@@ -76,7 +76,7 @@ class QmpForwarder:
         reply = await self.link.raw(msg)
         if "error" in reply:
             err = reply["error"]
-            raise QMPError(err.get("desc", ""), err.get("class", "GenericError"))
+            raise CommandError(err.get("desc", ""), err.get("class", "GenericError"))
         return reply.get("return")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sevmon import PACKAGE, QEMU_VERSION
-from sevmon.qmp.errors import QMPError
+from sevmon.errors import CommandError
 
 
 def register(registry, hmp, info) -> None:
@@ -30,7 +30,7 @@ def register(registry, hmp, info) -> None:
     @registry.register("human-monitor-command")
     def human_monitor_command(ctx, command_line, cpu_index=None):
         if cpu_index is not None and not 0 <= cpu_index < len(ctx.machine.cpus):
-            raise QMPError("Parameter 'cpu-index' expects a CPU number")
+            raise CommandError("Parameter 'cpu-index' expects a CPU number")
         out = ctx.server.hmp.run(command_line, cpu_index or 0)
         return out.replace("\n", "\r\n")
 

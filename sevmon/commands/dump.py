@@ -12,11 +12,11 @@ import os
 import threading
 
 from sevmon.debug.ops import DebugError
+from sevmon.errors import CommandError
 from sevmon.machine.cbit_note import cbit_note
 from sevmon.machine.dump import write_core
 from sevmon.machine.interface import RunState
 from sevmon.memory.ram import PAGE_SHIFT
-from sevmon.qmp.errors import QMPError
 
 UNSUPPORTED_FORMATS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp")
 
@@ -96,26 +96,26 @@ class DumpJob:
 def start_dump(runner, paging: bool, protocol: str, detach: bool | None, begin, length, format) -> DumpJob:
     machine = runner.machine
     if runner.busy(JOB):
-        raise QMPError("There is a dump in process, please wait.")
+        raise CommandError("There is a dump in process, please wait.")
     if begin is not None and length is None:
-        raise QMPError("Parameter 'length' is missing")
+        raise CommandError("Parameter 'length' is missing")
     if begin is None and length is not None:
-        raise QMPError("Parameter 'begin' is missing")
+        raise CommandError("Parameter 'begin' is missing")
     if format in UNSUPPORTED_FORMATS:
-        raise QMPError(f"{format} is not available now")
+        raise CommandError(f"{format} is not available now")
     if paging:
-        raise QMPError("dump-guest-memory with paging=true is not supported by sevmon; use paging=false")
+        raise CommandError("dump-guest-memory with paging=true is not supported by sevmon; use paging=false")
     if protocol.startswith("fd:"):
-        raise QMPError(f"File descriptor named '{protocol[3:]}' has not been found")
+        raise CommandError(f"File descriptor named '{protocol[3:]}' has not been found")
     if not protocol.startswith("file:"):
-        raise QMPError("Invalid parameter 'protocol'")
+        raise CommandError("Invalid parameter 'protocol'")
     if length is not None and length == 0:
-        raise QMPError("Invalid parameter 'length'")
+        raise CommandError("Invalid parameter 'length'")
     path = protocol[5:]
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
     except OSError as e:
-        raise QMPError(f"Could not open '{path}': {os.strerror(e.errno)}") from None
+        raise CommandError(f"Could not open '{path}': {os.strerror(e.errno)}") from None
     job = DumpJob(runner, path, fd, begin, length)
     runner.add_job(JOB, job)
     if machine.running:  # QEMU stops the VM for the dump and resumes it afterwards
@@ -127,7 +127,7 @@ def start_dump(runner, paging: bool, protocol: str, detach: bool | None, begin, 
     else:
         job.run()
         if job.status == "failed":
-            raise QMPError(job.error or "dump failed")
+            raise CommandError(job.error or "dump failed")
     return job
 
 

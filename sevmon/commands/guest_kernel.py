@@ -8,20 +8,20 @@ finding it cost, and the VMCOREINFO text itself (what ``crash`` and ``drgn`` nee
 from __future__ import annotations
 
 from sevmon.debug.ops import DebugError
+from sevmon.errors import CommandError
 from sevmon.machine.kernel_root import guest_kernel, kernel_cache
-from sevmon.qmp.errors import QMPError
 
 NOT_FOUND = "no 64-bit Linux kernel was found in guest memory (no page starts with a usable VMCOREINFO text)"
 
 
 def query(machine) -> dict:
-    """``query-guest-kernel``'s answer; QMPError (one sentence) when debug is refused or no Linux is found."""
+    """``query-guest-kernel``'s answer; CommandError (one sentence) when debug is refused or no Linux is found."""
     try:
         kernel = guest_kernel(machine)
     except DebugError as e:
-        raise QMPError(e.reason) from None
+        raise CommandError(e.reason) from None
     if kernel is None:
-        raise QMPError(NOT_FOUND)
+        raise CommandError(NOT_FOUND)
     cost = kernel_cache(machine).last_cost
     return {**kernel.to_qmp(), "scanned-pages": cost.pages if cost else 0,
             "scan-requests": cost.requests if cost else 0}

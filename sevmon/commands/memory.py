@@ -10,10 +10,10 @@ import os
 
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
+from sevmon.errors import CommandError
 from sevmon.hmp.memory_dump import _printc, memory_dump
 from sevmon.machine.kernel_root import check_address, walk_cpu
 from sevmon.memory.ram import MemoryAccessError
-from sevmon.qmp.errors import QMPError
 from sevmon.x86 import paging
 from sevmon.x86.info_registers import info_registers
 from sevmon.x86.translation import read_virtual
@@ -42,31 +42,31 @@ def _open_for_write(filename: str):
     try:
         return open(filename, "wb")
     except OSError as e:
-        raise QMPError(f"Could not open '{filename}': {os.strerror(e.errno)}") from None
+        raise CommandError(f"Could not open '{filename}': {os.strerror(e.errno)}") from None
 
 
 def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) -> None:
     idx = 0 if cpu_index is None else cpu_index
     if not 0 <= idx < len(machine.cpus):
-        raise QMPError("Parameter 'cpu-index' expects a CPU number")
+        raise CommandError("Parameter 'cpu-index' expects a CPU number")
     try:
         read = virtual_reader(machine, machine.cpus[idx])
         if size > 0:
             check_address(machine, machine.cpus[idx], val)
     except DebugError as e:
-        raise QMPError(e.reason) from None
+        raise CommandError(e.reason) from None
     addr, left = val & U64, size
     with _open_for_write(filename) as f:
         if size < 0:
-            raise QMPError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
+            raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
         while left > 0:
             n = min(left, COPY_CHUNK)
             try:
                 data = read(addr, n)
             except DebugError as e:
-                raise QMPError(e.reason) from None
+                raise CommandError(e.reason) from None
             except MemoryAccessError:
-                raise QMPError(f"Invalid addr 0x{val & U64:016x}/size {size} specified") from None
+                raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified") from None
             _write(f, data)
             addr = (addr + n) & U64
             left -= n
@@ -80,7 +80,7 @@ def pmemsave(machine, val: int, size: int, filename: str) -> None:
             try:
                 data = machine.memory.read_zero_filled(addr, n)
             except DebugError as e:
-                raise QMPError(e.reason) from None
+                raise CommandError(e.reason) from None
             _write(f, data)
             addr = (addr + n) & U64
             left -= n
@@ -90,7 +90,7 @@ def _write(f, data: bytes) -> None:
     try:
         f.write(data)
     except OSError:
-        raise QMPError("An IO error has occurred") from None
+        raise CommandError("An IO error has occurred") from None
 
 
 def debug_stats(machine) -> dict:

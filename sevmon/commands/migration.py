@@ -39,11 +39,11 @@ import time
 import weakref
 
 from sevmon.commands.sev import g_base64_decode
+from sevmon.errors import CommandError
 from sevmon.machine import migration_stream as ms
 from sevmon.machine.incoming import IncomingMachine
 from sevmon.machine.interface import RunState
 from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE
-from sevmon.qmp.errors import QMPError
 from sevmon.x86.cpu import CpuState
 
 log = logging.getLogger("sevmon")
@@ -86,9 +86,9 @@ class _Transport:
 def _parse_uri(uri: str) -> tuple[str, str]:
     kind, sep, rest = uri.partition(":")
     if not sep or kind not in ("unix", "exec", "tcp", "fd", "rdma", "file") or not rest:
-        raise QMPError("Parameter 'uri' expects a valid migration protocol")
+        raise CommandError("Parameter 'uri' expects a valid migration protocol")
     if kind not in ("unix", "exec"):
-        raise QMPError(f"sevmon migrates over unix: and exec: only, not {kind}:")
+        raise CommandError(f"sevmon migrates over unix: and exec: only, not {kind}:")
     return kind, rest
 
 
@@ -417,17 +417,17 @@ def _params(runner) -> dict:
 def migrate(runner, uri: str) -> None:
     machine = runner.machine
     if runner.busy(JOB):
-        raise QMPError("There's a migration process in progress")
+        raise CommandError("There's a migration process in progress")
     kind, target = _parse_uri(uri)
     if not machine.capabilities.migrate or machine.sev is None:
-        raise QMPError("sevmon migrates SEV guests only (SEND/RECEIVE): this guest has no SEV context")
+        raise CommandError("sevmon migrates SEV guests only (SEND/RECEIVE): this guest has no SEV context")
     state = machine.state
     if state in (RunState.INMIGRATE, RunState.POSTMIGRATE, RunState.PRELAUNCH) or machine.sev.state_name != "running":
-        raise QMPError(f"cannot migrate the guest in state {state.value} (SEV {machine.sev.state_name}): "
+        raise CommandError(f"cannot migrate the guest in state {state.value} (SEV {machine.sev.state_name}): "
                        "its launch must be finished and it must not have left already")
     params = _params(runner)
     if not params.get("sev-pdh") or not params.get("sev-plat-cert"):
-        raise QMPError("SEV migration needs the target's PDH and platform certificates: set sev-pdh and "
+        raise CommandError("SEV migration needs the target's PDH and platform certificates: set sev-pdh and "
                        "sev-plat-cert with migrate-set-parameters first")
     job = MigrationJob(runner, kind, target, dict(params))
     runner.add_job(JOB, job)
@@ -468,7 +468,7 @@ def register(registry, hmp, info) -> None:
                  "storage with full copy of disk\n\t\t\t -i for migration without shared storage with incremental "
                  "copy of disk (base image shared between src and destination)\n\t\t\t -r to resume a paused migration")
     def hmp_migrate(ctx, uri, detach=False, blk=False, inc=False, resume=False):
-        migrate(ctx.runner, uri)  # a QMPError is printed as QEMU's "Error: ..." line by the monitor
+        migrate(ctx.runner, uri)  # a CommandError is printed as QEMU's "Error: ..." line by the monitor
 
     @info.command("migrate", "", "", "show migration status")
     def info_migrate(ctx):

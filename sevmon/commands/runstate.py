@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from sevmon.commands import dump
-from sevmon.qmp.errors import QMPError
+from sevmon.errors import CommandError
 
 
 def query_status(machine) -> dict:
@@ -14,9 +14,9 @@ def query_status(machine) -> dict:
 
 def cont(runner) -> None:
     if runner.machine.reset_required:
-        raise QMPError("Resetting the Virtual Machine is required")
+        raise CommandError("Resetting the Virtual Machine is required")
     if runner.busy(dump.JOB):
-        raise QMPError("There is a dump in process, please wait.")
+        raise CommandError("There is a dump in process, please wait.")
     runner.machine.cont()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 
 from sevmon.debug.refusal import policy_forbids_debug
-from sevmon.qmp.errors import QMPError
+from sevmon.errors import CommandError
 from sevmon.sev.owner_files import g_base64_decode
 
 SEV_MIGRATION_BLOCKER = "SEV: Migration is not implemented"
@@ -27,16 +27,16 @@ def query_sev(machine) -> dict:
 def launch_measure(machine) -> dict:
     sev = machine.sev
     if sev is None or sev.state_name in ("uninit", "launch-update") or sev.measurement is None:
-        raise QMPError("SEV launch measurement is not available")
+        raise CommandError("SEV launch measurement is not available")
     return {"data": base64.b64encode(sev.measurement).decode()}
 
 
 def capabilities(machine) -> dict:
     sev = machine.sev
     if not machine.config.kvm_enabled:
-        raise QMPError("KVM not enabled")
+        raise CommandError("KVM not enabled")
     if sev is None:
-        raise QMPError("SEV is not enabled in KVM")
+        raise CommandError("SEV is not enabled in KVM")
     pdh, chain, cpu0_id = sev.platform_certificates()
     return {"pdh": base64.b64encode(pdh).decode(), "cert-chain": base64.b64encode(chain).decode(),
             "cpu0-id": base64.b64encode(cpu0_id).decode(), "cbitpos": sev.cpuid.cbitpos,
@@ -46,40 +46,40 @@ def capabilities(machine) -> dict:
 def attestation_report(machine, mnonce: str) -> dict:
     sev = machine.sev
     if sev is None:
-        raise QMPError("SEV is not enabled")
+        raise CommandError("SEV is not enabled")
     nonce = g_base64_decode(mnonce)
     if len(nonce) != 16:
-        raise QMPError(f"SEV: mnonce must be 16 bytes (got {len(nonce)})")
+        raise CommandError(f"SEV: mnonce must be 16 bytes (got {len(nonce)})")
     return {"data": base64.b64encode(sev.attestation_report(nonce)).decode()}
 
 
 def inject_launch_secret(machine, packet_header: str, secret: str, gpa: int | None) -> None:
     sev = machine.sev
     if sev is None:
-        raise QMPError("SEV not enabled for guest")
+        raise CommandError("SEV not enabled for guest")
     if gpa is None:  # QEMU looks the area up in the OVMF table of pflash unit 0
         from sevmon.machine.ovmf_table import secret_area
         area = secret_area(machine.config.ovmf_table)
         if area is None:
-            raise QMPError("SEV: no secret area found in OVMF, gpa must be specified.")
+            raise CommandError("SEV: no secret area found in OVMF, gpa must be specified.")
         gpa = area[0]
     if sev.state_name != "launch-secret":
-        raise QMPError(f"SEV: Not in correct state. (LSECRET) {sev.state_number:x}")
+        raise CommandError(f"SEV: Not in correct state. (LSECRET) {sev.state_number:x}")
     hdr = g_base64_decode(packet_header)
     if not hdr:
-        raise QMPError("SEV: Failed to decode sequence header")
+        raise CommandError("SEV: Failed to decode sequence header")
     data = g_base64_decode(secret)
     if not data:
-        raise QMPError("SEV: Failed to decode data")
+        raise CommandError("SEV: Failed to decode data")
     for pfn in range(gpa >> 12, ((gpa + len(data) - 1) >> 12) + 1):
         if not sev.ram.has(pfn) and (pfn << 12) >= sev.ram.size:
-            raise QMPError(f"SEV: Failed to calculate guest address: No memory is mapped at address 0x{gpa:x}")
+            raise CommandError(f"SEV: Failed to calculate guest address: No memory is mapped at address 0x{gpa:x}")
     try:
         sev.inject_launch_secret(hdr, data, gpa)
     except Exception as e:  # SevError: "ret=%d fw_error=%d '%s'" as QEMU words it
         fw = getattr(e, "fw_error", None) or 0
         ret = -1
-        raise QMPError(f"SEV: failed to inject secret ret={ret} fw_error={fw} '{_fw_text(fw)}'") from None
+        raise CommandError(f"SEV: failed to inject secret ret={ret} fw_error={fw} '{_fw_text(fw)}'") from None
 
 
 def _fw_text(code: int) -> str:

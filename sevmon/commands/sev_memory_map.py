@@ -12,8 +12,8 @@ import json
 from sevmon.commands.memory import _open_for_write, _write
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
+from sevmon.errors import CommandError
 from sevmon.machine.kernel_root import walk_cpu
-from sevmon.qmp.errors import QMPError
 from sevmon.x86.sev_memory_map import PAGE, SevMemoryMap, build_map
 
 NOT_SEV = "the guest is not an SEV guest: no page has a C-bit"
@@ -22,16 +22,16 @@ MAX_REPLY = 8 << 20         # a QMP reply is one line; qemu.qmp clients drop lin
 
 
 def memory_map(machine, cpu_index: int) -> SevMemoryMap:
-    """The map for ``cpu_index``, or QMPError with one line (not SEV, bad vCPU, debug refused)."""
+    """The map for ``cpu_index``, or CommandError with one line (not SEV, bad vCPU, debug refused)."""
     if machine.sev is None:
-        raise QMPError(NOT_SEV)
+        raise CommandError(NOT_SEV)
     if not 0 <= cpu_index < len(machine.cpus):
-        raise QMPError("Parameter 'cpu-index' expects a CPU number")
+        raise CommandError("Parameter 'cpu-index' expects a CPU number")
     try:
         cpus = [walk_cpu(machine, c) for c in machine.cpus]  # the kernel's root where a vCPU cannot be read
         return build_map(machine.memory, cpus, cpu_index, cbit_mask(machine))
     except DebugError as e:
-        raise QMPError(e.reason) from None
+        raise CommandError(e.reason) from None
 
 
 def ram_runs(machine) -> list[tuple[int, int]]:
@@ -67,7 +67,7 @@ def to_qmp(m: SevMemoryMap, ram: list[tuple[int, int]] | None) -> dict:
         out["physical"] = {"ram": _ranges(ram), "private": _ranges(m.private), "shared": _ranges(m.shared),
                            "aliased": _ranges(m.aliased)}
     if len(json.dumps(out, separators=(",", ":"))) > MAX_REPLY:
-        raise QMPError(f"The map has {len(m.ranges)} ranges: more than one QMP reply may carry "
+        raise CommandError(f"The map has {len(m.ranges)} ranges: more than one QMP reply may carry "
                        f"({MAX_REPLY >> 20} MiB); use 'info sev-mem' or 'sev-mem-map'")
     return out
 

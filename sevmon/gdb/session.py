@@ -26,11 +26,11 @@ import re
 from sevmon.commands import runstate
 from sevmon.commands.memory import virtual_reader
 from sevmon.debug.refusal import cbit_mask
+from sevmon.errors import CommandError
 from sevmon.gdb.packets import PACKET_SIZE, Interrupt, Nack, PacketReader, escape, frame, unescape
 from sevmon.gdb.target import target_for
 from sevmon.machine.kernel_root import check_address, walk_cpu
 from sevmon.memory.ram import MemoryAccessError
-from sevmon.qmp.errors import QMPError
 from sevmon.x86.translation import write_virtual
 
 log = logging.getLogger("sevmon.gdb")
@@ -171,7 +171,7 @@ class GdbSession:
         """Resume after gdb leaves, unless the guest cannot run (reset required, dump running)."""
         try:
             await self.call(lambda: runstate.cont(self.server.runner))
-        except (QMPError, RuntimeError):
+        except (CommandError, RuntimeError):
             pass
 
     async def _handle(self, pkt: bytes) -> bytes | str | None:
@@ -277,7 +277,7 @@ class GdbSession:
         self.waiting = True
         try:
             await self.call(lambda: runstate.cont(self.server.runner))
-        except QMPError as e:
+        except CommandError as e:
             self.waiting = False
             self.send("O" + (e.desc + "\n").encode().hex())
             return "E01"

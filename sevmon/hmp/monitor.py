@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 
 from sevmon.debug.ops import DebugError
+from sevmon.errors import CommandError
 from sevmon.hmp.errors import HmpError
 from sevmon.hmp.expr_registers import register_lookup
 from sevmon.hmp.parser import FmtDefaults, parse_arguments
 from sevmon.hmp.table import CommandTable, HmpCommand
-from sevmon.qmp.errors import QMPError
 
 log = logging.getLogger("sevmon.hmp")
 
@@ -75,7 +75,7 @@ class HumanMonitor:
             self._dispatch(ctx, line)
         except OutputLimit:
             ctx._out.append(f"sevmon: output truncated: one command may print at most {limit >> 20} MiB\n")
-        except QMPError as e:  # QEMU's hmp_handle_error: what was printed stays, then the error
+        except CommandError as e:  # QEMU's hmp_handle_error: what was printed stays, then the error
             ctx.print(f"Error: {e.desc}")
         except DebugError as e:
             ctx.print(f"Error: {e.reason}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sevmon.qmp.errors import COMMAND_NOT_FOUND, QMPError
+from sevmon.errors import COMMAND_NOT_FOUND, CommandError
+from sevmon.qmp.errors import to_wire
 from sevmon.qmp.qdict_order import qdict_order
 from sevmon.qmp.schema import Schema
 
@@ -30,7 +31,7 @@ class Request:
 
 
 class CommandRegistry:
-    """name -> handler(ctx, **args). Handlers raise QMPError; return JSON-able values."""
+    """name -> handler(ctx, **args). Handlers raise CommandError; return JSON-able values."""
 
     def __init__(self, schema: Schema):
         self.schema = schema
@@ -71,26 +72,26 @@ class CommandRegistry:
 
 
 def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: CommandRegistry) -> Request:
-    """Turn a parsed message into a Request or raise (QMPError, id)."""
+    """Turn a parsed message into a Request or raise (CommandError, id)."""
     if not isinstance(msg, dict):
-        raise _Fail(QMPError("QMP input must be a JSON object"), NO_ID)
+        raise _Fail(CommandError("QMP input must be a JSON object"), NO_ID)
     rid = msg.get("id", NO_ID)
     exec_key = None
     for key in qdict_order(msg):  # QEMU reports the first failure in its QDict's order
         value = msg[key]
         if key == "execute" or (key == "exec-oob" and oob_enabled):
             if not isinstance(value, str):
-                raise _Fail(QMPError(f"QMP input member '{key}' must be a string"), rid)
+                raise _Fail(CommandError(f"QMP input member '{key}' must be a string"), rid)
             if exec_key is not None:
-                raise _Fail(QMPError(f"QMP input member '{key}' clashes with '{exec_key}'"), rid)
+                raise _Fail(CommandError(f"QMP input member '{key}' clashes with '{exec_key}'"), rid)
             exec_key = key
         elif key == "arguments":
             if not isinstance(value, dict):
-                raise _Fail(QMPError("QMP input member 'arguments' must be an object"), rid)
+                raise _Fail(CommandError("QMP input member 'arguments' must be an object"), rid)
         elif key != "id":
-            raise _Fail(QMPError(f"QMP input member '{key}' is unexpected"), rid)
+            raise _Fail(CommandError(f"QMP input member '{key}' is unexpected"), rid)
     if exec_key is None:
-        raise _Fail(QMPError("QMP input lacks member 'execute'"), rid)
+        raise _Fail(CommandError("QMP input lacks member 'execute'"), rid)
     name = msg[exec_key]
     oob = exec_key == "exec-oob"
     if negotiated and registry.forwarder is not None and registry.forwarder.wants(name, msg.get("arguments")):
@@ -98,20 +99,20 @@ def check_request(msg, *, negotiated: bool, oob_enabled: bool, registry: Command
     available = ("qmp_capabilities",) if not negotiated else registry
     if name not in available or name not in registry:
         if not negotiated:
-            raise _Fail(QMPError("Expecting capabilities negotiation with 'qmp_capabilities'",
+            raise _Fail(CommandError("Expecting capabilities negotiation with 'qmp_capabilities'",
                                  COMMAND_NOT_FOUND), rid)
-        raise _Fail(QMPError(f"The command {name} has not been found", COMMAND_NOT_FOUND), rid)
+        raise _Fail(CommandError(f"The command {name} has not been found", COMMAND_NOT_FOUND), rid)
     if oob and not registry.schema.commands[name].allow_oob:
-        raise _Fail(QMPError(f"The command {name} does not support OOB"), rid)
+        raise _Fail(CommandError(f"The command {name} does not support OOB"), rid)
     try:
         args = registry.schema.check_arguments(name, msg.get("arguments", {}))
-    except QMPError as e:
+    except CommandError as e:
         raise _Fail(e, rid) from None
     return Request(name, args, rid, oob)
 
 
 class _Fail(Exception):
-    def __init__(self, error: QMPError, rid):
+    def __init__(self, error: CommandError, rid):
         super().__init__(error.desc)
         self.error = error
         self.id = rid
@@ -120,11 +121,11 @@ class _Fail(Exception):
 CheckFailed = _Fail
 
 
-def reply(rid, *, result=NO_ID, error: QMPError | None = None) -> dict:
+def reply(rid, *, result=NO_ID, error: CommandError | None = None) -> dict:
     """A reply object in QEMU's member order (return first, or id first for errors)."""
     if error is not None:
         out = {} if rid is NO_ID else {"id": rid}
-        out["error"] = error.to_wire()
+        out["error"] = to_wire(error)
         return out
     out = {"return": result}
     if rid is not NO_ID:

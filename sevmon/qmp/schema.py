@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from sevmon.qmp.errors import QMPError
+from sevmon.errors import CommandError
 
 
 def _schema_dir():
@@ -101,7 +101,7 @@ class Schema:
     def check_arguments(self, command: str, args: dict) -> dict:
         """Validate ``args`` for ``command``; return them converted (uint64 wraps negatives).
 
-        Raises QMPError with QEMU's text for the first problem in QEMU's order.
+        Raises CommandError with QEMU's text for the first problem in QEMU's order.
         """
         return self._visit_struct(self.commands[command].members, args, "")
 
@@ -112,16 +112,16 @@ class Schema:
             if m.name not in obj:
                 if m.optional:
                     continue
-                raise QMPError(f"Parameter '{full}' is missing")
+                raise CommandError(f"Parameter '{full}' is missing")
             out[m.name] = self._visit(m.type, obj[m.name], m.name, full)
         for key in obj:
             if key not in out and not any(m.name == key for m in members):
-                raise QMPError(f"Parameter '{prefix}{key}' is unexpected")
+                raise CommandError(f"Parameter '{prefix}{key}' is unexpected")
         return out
 
     def _visit(self, typ, value, name: str | None, full: str):
         def type_error(expected: str):
-            return QMPError(f"Invalid parameter type for '{full}', expected: {expected}")
+            return CommandError(f"Invalid parameter type for '{full}', expected: {expected}")
 
         if isinstance(typ, list):
             if not isinstance(value, list):
@@ -152,22 +152,22 @@ class Schema:
                 raise type_error("integer")
             lo, hi = _INT_RANGES[typ]
             if not lo <= value <= hi:
-                raise QMPError(f"Parameter '{shown}' expects {typ}")
+                raise CommandError(f"Parameter '{shown}' expects {typ}")
             return value
         if typ in ("uint64", "size") or typ in _UINT_RANGES:
             base = "size" if typ == "size" else "uint64"
             if not is_int or not INT64_MIN <= value <= UINT64_MAX:
-                raise QMPError(f"Parameter '{full}' expects {base}")
+                raise CommandError(f"Parameter '{full}' expects {base}")
             value &= UINT64_MAX  # negative values are accepted for backward compatibility
             if typ in _UINT_RANGES and value >= _UINT_RANGES[typ]:
-                raise QMPError(f"Parameter '{shown}' expects {typ}")
+                raise CommandError(f"Parameter '{shown}' expects {typ}")
             return value
         d = self.types[typ]
         if d.kind == "enum":
             if not isinstance(value, str):
                 raise type_error("string")
             if value not in d.values:
-                raise QMPError(f"Parameter '{shown}' does not accept value '{value}'")
+                raise CommandError(f"Parameter '{shown}' does not accept value '{value}'")
             return value
         if not isinstance(value, dict):
             raise type_error("object")

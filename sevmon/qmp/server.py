@@ -12,8 +12,8 @@ import logging
 
 from sevmon import PACKAGE, QEMU_VERSION
 from sevmon.cmdlog import qmp_label, timed
+from sevmon.errors import CommandError
 from sevmon.qmp.dispatch import CommandRegistry, Request
-from sevmon.qmp.errors import QMPError
 from sevmon.qmp.session import QMPSession, event_message
 from sevmon.unixsock import listen_unix
 
@@ -114,8 +114,8 @@ class QMPServer:
 
         try:
             return await self.runner.command(lambda: handler(ctx, **kwargs))
-        except QMPError:
+        except CommandError:
             raise
         except Exception as e:  # never a traceback on the wire
             log.exception("command %s failed", req.name)
-            raise QMPError(f"{req.name}: internal error: {e}") from None
+            raise CommandError(f"{req.name}: internal error: {e}") from None

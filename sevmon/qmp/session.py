@@ -13,8 +13,8 @@ import asyncio
 import logging
 import time
 
+from sevmon.errors import CommandError
 from sevmon.qmp.dispatch import NO_ID, CheckFailed, check_request, reply
-from sevmon.qmp.errors import QMPError
 from sevmon.qmp.json_stream import JSONParseError, JSONStreamParser
 from sevmon.qmp.json_writer import to_qemu_json
 
@@ -114,7 +114,7 @@ class QMPSession:
 
     async def handle(self, msg) -> None:
         if isinstance(msg, JSONParseError):
-            self.send(reply(NO_ID, error=QMPError(msg.desc)))
+            self.send(reply(NO_ID, error=CommandError(msg.desc)))
             return
         try:
             req = check_request(msg, negotiated=self.negotiated, oob_enabled=self.oob_enabled,
@@ -127,19 +127,19 @@ class QMPSession:
             return
         try:
             result = await self.server.execute(req, self)
-        except QMPError as e:
+        except CommandError as e:
             self.send(reply(req.id, error=e))
             return
         self.send(reply(req.id, result=result))
 
     def _capabilities(self, req) -> dict:
         if self.negotiated:
-            return reply(req.id, error=QMPError(
+            return reply(req.id, error=CommandError(
                 "Capabilities negotiation is already complete, command ignored", "CommandNotFound"))
         enable = req.args.get("enable", [])
         bad = [c for c in enable if c != "oob"]
         if bad:
-            return reply(req.id, error=QMPError(f"Capability {', '.join(bad)} not available"))
+            return reply(req.id, error=CommandError(f"Capability {', '.join(bad)} not available"))
         self.oob_enabled = "oob" in enable
         self.negotiated = True
         return reply(req.id, result={})

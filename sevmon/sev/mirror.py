@@ -17,7 +17,8 @@ LAUNCH_UPDATE_VMSA allowed. The steps:
 4. DBG's ``src_uaddr``/``dst_uaddr`` are addresses in sevmon's own mapping of QEMU's shared RAM backend (the same
    physical pages the PSP must see), the destination buffer at the source's page offset (bug (c)).
 
-The same code drives the simulated kernel (:class:`sevmon.model.sim_qemu.SimProcessOps`) and a real host (:class:`LinuxProcessOps`).
+The same code drives the simulated kernel (:class:`sevmon.model.sim_qemu.SimProcessOps`) and a real host
+(:class:`LinuxProcessOps`).
 """
 
 from __future__ import annotations

@@ -150,12 +150,12 @@ def test_fragmented_map_is_drawn_to_the_pixel_and_stays_small():
 
 def test_a_map_too_big_for_one_qmp_reply_is_refused_in_one_line():
     from sevmon.commands.sev_memory_map import to_qmp
-    from sevmon.qmp.errors import QMPError
+    from sevmon.errors import CommandError
     from sevmon.x86.sev_memory_map import VirtualRange
 
     m = SevMemoryMap(0, True, ranges=[VirtualRange(i << 13, (i << 13) + 4096, 4096, 7, bool(i & 1))
                                       for i in range(200_000)])
-    with pytest.raises(QMPError) as e:
+    with pytest.raises(CommandError) as e:
         to_qmp(m, None)
     assert e.value.desc == ("The map has 200000 ranges: more than one QMP reply may carry (8 MiB); "
                             "use 'info sev-mem' or 'sev-mem-map'")
