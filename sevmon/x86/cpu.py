@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from sevmon.qmp.errors import QMPError
+from sevmon.errors import CommandError
 
 CR0_PG = 1 << 31
 CR0_PE = 1 << 0
@@ -43,7 +43,7 @@ VMSA_ENCRYPTED = ("the vCPU register state of this SEV-ES guest is encrypted in 
                   "read it, so sevmon knows no register values (nor the page tables CR3 would point to)")
 
 
-class RegistersUnavailable(QMPError):
+class RegistersUnavailable(CommandError):
     """A register was asked of a vCPU whose registers are unknown (:attr:`CpuState.unavailable`): a monitor
     error (QMP GenericError, HMP ``Error: ...``) with the sentence that says why."""
 
