@@ -29,7 +29,8 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--core", metavar="FILE", help="open a QEMU dump-guest-memory ELF core")
-    src.add_argument("--raw", metavar="FILE", help="open a raw RAM image (pmemsave); needs --cpu-state")
+    src.add_argument("--raw", metavar="FILE", help="open a raw RAM image (pmemsave); registers from --cpu-state, "
+                     "else the Linux kernel's own page tables are walked")
     g.add_argument("--cpu-state", metavar="FILE.json", help="vCPU registers as hex strings (cr0, cr3, cr4, efer, rip...)")
     sev = g.add_mutually_exclusive_group()
     sev.add_argument("--sev", dest="sev", action="store_true", default=None,

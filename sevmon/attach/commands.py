@@ -53,10 +53,10 @@ def check_declared(registry: CommandRegistry, hmp: CommandTable, info: CommandTa
 
 def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
     machine = runner.machine
-    from sevmon.commands import control, dump, memory, migration, runstate, sev, sev_memory_map
+    from sevmon.commands import control, dump, guest_kernel, memory, migration, runstate, sev, sev_memory_map
 
     schema = Schema()
-    memory_cmds = _collect(schema, (memory, dump, sev_memory_map))  # each of these must declare
+    memory_cmds = _collect(schema, (memory, dump, sev_memory_map, guest_kernel))  # each of these must declare
     other_cmds = _collect(schema, (control, runstate, sev, migration))  # these may (migrate, savevm)
     check_declared(*memory_cmds)
 

@@ -22,6 +22,7 @@ from sevmon.attach.qemu_link import QemuMonitorLink
 from sevmon.machine.interface import Capabilities, MachineConfig, RunState, RunStateMachine
 from sevmon.sev.abi import Policy
 from sevmon.x86.cpu import QEMU_DUMP_STALE, CpuState
+from sevmon.x86.vmcoreinfo import KernelCache
 
 _INVALIDATING = ("RESUME", "RESET", "SHUTDOWN")
 
@@ -95,6 +96,7 @@ class AttachedMachine(RunStateMachine):
                                     kvm_present=bool(kvm and kvm.get("present")), source="attach",
                                     memory_encryption=memory_encryption)
         self.reset_required = False
+        self.kernel_cache = KernelCache()
         self.shutdown_seen = False
         self._dirty = self.running
         link.on_event = self._on_qemu_event
@@ -113,6 +115,8 @@ class AttachedMachine(RunStateMachine):
             self._dirty = True
         if name == "SHUTDOWN":
             self.shutdown_seen = True
+        if name in ("RESET", "RESUME"):
+            self.kernel_cache.forget()  # a reset or running guest may boot another kernel (another KASLR offset)
         self.emit(name, msg.get("data"), timestamp=msg.get("timestamp"))
 
     def _call(self, name: str, args: dict | None = None):

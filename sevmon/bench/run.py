@@ -18,8 +18,10 @@ import time
 
 from sevmon.bench.readers import make_reader
 from sevmon.debug.refusal import cbit_mask
+from sevmon.machine.kernel_root import walk_cpu
 from sevmon.memory.ram import PAGE_SHIFT
 from sevmon.x86 import paging, sev_memory_map
+from sevmon.x86.vmcoreinfo import KernelCache
 
 PMEMSAVE_SIZE = 64 << 20
 CHUNK = 1 << 20
@@ -43,19 +45,19 @@ def _pmemsave(reader, ram) -> None:
                 [reader.read(p << PAGE_SHIFT, 1024) for p in pfns for _ in range(4)]
 
 
-def _workloads(machine):
-    cpu, mask = machine.cpus[0], cbit_mask(machine)
+def _workloads(machine, cpu):
+    mask = cbit_mask(machine)
     return {
         "info tlb": lambda mem: _consume(paging.info_tlb(mem, cpu, mask)),
         "info mem": lambda mem: _consume(paging.info_mem(mem, cpu, mask)),
-        "info sev-mem": lambda mem: sev_memory_map.build_map(mem, machine.cpus, 0, mask),
+        "info sev-mem": lambda mem: sev_memory_map.build_map(mem, [cpu], 0, mask),
         "pmemsave 64MiB": lambda mem: _pmemsave(mem, machine.ram),
     }
 
 
-def _measure(machine, kind: str, fn, repeat: int) -> dict:
+def _measure(machine, cpu, kind: str, fn, repeat: int) -> dict:
     ops = machine.memory.ops
-    reader = make_reader(kind, machine.ram, ops, entry_size=8 if machine.cpus[0].paging_mode() != "32" else 4)
+    reader = make_reader(kind, machine.ram, ops, entry_size=8 if cpu.paging_mode() != "32" else 4)
     out = {}
     for phase in ("cold", "warm"):
         times = []
@@ -78,10 +80,13 @@ def _measure(machine, kind: str, fn, repeat: int) -> dict:
 
 def _side_by_side(machine, repeat: int) -> dict:
     report = {}
-    for name, fn in _workloads(machine).items():
-        built = _measure(machine, "sevmon", fn, repeat)
-        per_page = _measure(machine, "per-page", fn, repeat)
-        naive = _measure(machine, "naive", fn, 1)
+    # a guest without readable registers (a raw image without --cpu-state) is walked from its kernel's root
+    cpu = walk_cpu(machine, machine.cpus[0])
+    machine.memory.invalidate()
+    for name, fn in _workloads(machine, cpu).items():
+        built = _measure(machine, cpu, "sevmon", fn, repeat)
+        per_page = _measure(machine, cpu, "per-page", fn, repeat)
+        naive = _measure(machine, cpu, "naive", fn, 1)
         for phase in ("cold", "warm"):
             built[phase]["per-page-round-trips"] = per_page[phase]["round-trips"]
             built[phase]["per-page-wall-ms"] = per_page[phase]["wall-ms"]
@@ -89,10 +94,40 @@ def _side_by_side(machine, repeat: int) -> dict:
             built[phase]["naive-wall-ms"] = naive["cold"]["wall-ms"]
         report[name] = built
     pages, runs = paging.count_table_reads(make_reader("sevmon", machine.ram, machine.memory.ops),
-                                           machine.cpus[0], cbit_mask(machine))
+                                           cpu, cbit_mask(machine))
     report["level-batched lower bound"] = {"table-pages": pages, "round-trips": runs,
                                            "achieved-round-trips": report["info tlb"]["cold"]["round-trips"]}
+    report["find guest kernel"] = find_kernel_cost(machine)
     return report
+
+
+def find_kernel_cost(machine) -> dict:
+    """What finding the guest's Linux kernel (its VMCOREINFO page, the walk root of a guest without readable
+    registers) costs: cold (a scan from address 0 up, batched), warm (the cached answer checked against its page,
+    still cached), and the same scan through a per-page reader (one request per page)."""
+    out: dict = {}
+    runs = list(machine.ram.runs())
+    for kind in ("sevmon", "per-page"):
+        ops = machine.memory.ops
+        reader = make_reader(kind, machine.ram, ops)
+        cache = KernelCache()
+        for phase in ("cold", "warm") if kind == "sevmon" else ("cold",):
+            before = dict(ops.stats())
+            t0 = time.perf_counter()
+            kernel = cache.get(reader, runs)
+            ms = (time.perf_counter() - t0) * 1000
+            after = ops.stats()
+            row = {k: after[k] - before[k] for k in ("round-trips", "firmware-calls", "bytes-decrypted")}
+            row["wall-ms"] = round(ms, 3)
+            if kind == "sevmon":
+                out[phase] = row
+            else:
+                out["per-page-cold"] = row
+    out["found"] = kernel is not None
+    if kernel is not None:
+        out.update({"release": kernel.release, "vmcoreinfo-gpa": kernel.gpa,
+                    "ram-pages": sum(n for _, n in runs), "scanned-pages": cache.last_cost.pages})
+    return out
 
 
 # -- scale ---------------------------------------------------------------------------------------
@@ -240,7 +275,8 @@ def run_bench(args, spec) -> int:
     machine.stop()  # a paused guest: warm runs keep their cache
     report = _side_by_side(machine, args.repeat)
     from sevmon.bench.gdb_session import gdb_session
-    report["gdb session"] = gdb_session(machine)
+    report["gdb session"] = (gdb_session(machine) if machine.cpus[0].unavailable is None else
+                             {"skipped": "gdb reads registers, and this guest's are not available"})
     report["latency"] = _latency(_guest_argv(args))
     if args.scale:
         report["scale"] = _scale(args.scale)
@@ -271,6 +307,15 @@ def _print_table(report: dict) -> None:
     for name, phase, row in rows:
         print(f"{name:14} {phase:5} " + " ".join(f"{row.get(k, ''):>{width[k]}}" for k in _COLUMNS))
     print(_LEGEND)
+    fk = report["find guest kernel"]
+    if fk["found"]:
+        print(f"\nfinding the guest kernel (VMCOREINFO at 0x{fk['vmcoreinfo-gpa']:x}, {fk['release']}; "
+              f"{fk['scanned-pages']} of {fk['ram-pages']} RAM pages scanned):")
+    else:
+        print(f"\nfinding the guest kernel: no Linux found ({fk['cold']['firmware-calls']} firmware calls)")
+    for name, r in (("cold", fk["cold"]), ("warm", fk["warm"]), ("per-page cold", fk["per-page-cold"])):
+        print(f"  {name:14} round trips {r['round-trips']:>8}  firmware calls {r['firmware-calls']:>8}  "
+              f"{r['wall-ms']:>9} ms")
     lb = report["level-batched lower bound"]
     print(f"\nlevel-batched lower bound for this guest: {lb['round-trips']} round trips over {lb['table-pages']} "
           f"table pages; sevmon achieved {lb['achieved-round-trips']}")

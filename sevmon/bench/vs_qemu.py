@@ -93,6 +93,8 @@ async def _compare(kernel: str, initrd: str, tmp: str, cpu_model: str) -> dict:
         s_tlb, s_tlb_ms = await _timed(client, "info tlb", REPEAT)
         s_mem, s_mem_ms = await _timed(client, "info mem", REPEAT)
         stats = await client.execute("query-sev-debug-stats")
+        kernel = await client.execute("query-guest-kernel")  # the scan for VMCOREINFO, on this real guest
+        after = await client.execute("query-sev-debug-stats")
         await client.disconnect()
     finally:
         sev.terminate()
@@ -111,6 +113,9 @@ async def _compare(kernel: str, initrd: str, tmp: str, cpu_model: str) -> dict:
                               "info tlb warm": round(med(s_tlb_ms) / med(q_tlb_ms), 2),
                               "info mem warm": round(med(s_mem_ms) / med(q_mem_ms), 2)},
         "sevmon round trips (cold info tlb + all repeats)": stats["round-trips"],
+        "find guest kernel": {"release": kernel["release"], "vmcoreinfo-gpa": kernel["vmcoreinfo-gpa"],
+                              "scanned-pages": kernel["scanned-pages"],
+                              **{k: after[k] - stats[k] for k in ("round-trips", "firmware-calls")}},
     }
 
 

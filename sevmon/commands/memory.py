@@ -13,6 +13,7 @@ from sevmon.debug.refusal import cbit_mask, machine_refusal
 from sevmon.errors import CommandError
 from sevmon.hmp.memory_dump import _printc, memory_dump
 from sevmon.hmp.table import OWN, QEMU, QEMU_READS_MEMORY
+from sevmon.machine.kernel_root import check_address, walk_cpu
 from sevmon.memory.ram import MemoryAccessError
 from sevmon.outfile import OutputFileError, output_file
 from sevmon.x86 import paging
@@ -25,9 +26,18 @@ U64 = (1 << 64) - 1
 
 def virtual_reader(machine, cpu):
     """``read(va, n)`` through the vCPU's page tables (x, memsave, the gdb stub): the range translated to
-    physical runs first, each run read private or shared as its leaves say (:mod:`sevmon.x86.translation`)."""
+    physical runs first, each run read private or shared as its leaves say (:mod:`sevmon.x86.translation`).
+    A vCPU whose registers cannot be read walks the kernel's own tables (:func:`walk_cpu`; DebugError when none
+    is known), where a user address is refused in one sentence."""
     mem, mask = machine.memory, cbit_mask(machine)
-    return lambda va, n: read_virtual(mem, cpu, va, n, mask)
+    walk = walk_cpu(machine, cpu)
+    if walk is cpu:
+        return lambda va, n: read_virtual(mem, cpu, va, n, mask)
+
+    def read(va: int, n: int) -> bytes:
+        check_address(machine, cpu, va)
+        return read_virtual(mem, walk, va, n, mask)
+    return read
 
 
 @contextlib.contextmanager
@@ -58,7 +68,12 @@ def memsave(machine, val: int, size: int, filename: str, cpu_index: int | None) 
     if size < 0:
         raise CommandError(f"Invalid addr 0x{val & U64:016x}/size {size} specified")
     check_debug_allowed(machine)
-    read = virtual_reader(machine, machine.cpus[idx])
+    try:
+        read = virtual_reader(machine, machine.cpus[idx])
+        if size > 0:
+            check_address(machine, machine.cpus[idx], val)
+    except DebugError as e:
+        raise CommandError(e.reason) from None
     addr, left = val & U64, size
     with open_output(filename) as f:
         while left > 0:
@@ -120,7 +135,8 @@ def register(registry, hmp, info) -> None:
     registry.register("query-sev-debug-stats", attached=OWN)(lambda ctx: debug_stats(ctx.machine))
 
     def walk_lines(ctx, fn) -> None:
-        cpu, mem, mask = ctx.cpu, ctx.machine.memory, cbit_mask(ctx.machine)  # ctx.cpu first: it syncs
+        # ctx.cpu first: it syncs; a vCPU whose registers cannot be read walks the kernel's own tables
+        cpu, mem, mask = walk_cpu(ctx.machine, ctx.cpu), ctx.machine.memory, cbit_mask(ctx.machine)
         memo = getattr(mem, "memo", None)
         key = (fn.__name__, cpu.get("cr0"), cpu.get("cr3"), cpu.get("cr4"), cpu.get("efer"), mask)
         if memo is not None and (text := memo.get(key)) is not None:
@@ -158,6 +174,9 @@ def register(registry, hmp, info) -> None:
         else:
             chosen = [ctx.cpu]
         for cpu in chosen:
+            if cpu.unavailable:  # never print made-up values
+                ctx.print(f"CPU#{cpu.index}: registers not available: {cpu.unavailable}")
+                continue
             ctx.print(info_registers(cpu), end="")
 
     @info.command("sev-debug", "", "", "show SEV debug-access statistics (round trips, cache)", attached=OWN)
@@ -168,11 +187,14 @@ def register(registry, hmp, info) -> None:
     @hmp.command("gva2gpa", "addr:l", "addr",
                  "print the guest physical address corresponding to a guest virtual address", attached=OWN)
     def hmp_gva2gpa(ctx, addr):
-        ctx.print(paging.gva2gpa_text(ctx.machine.memory, ctx.cpu, addr & U64, cbit_mask(ctx.machine)))
+        check_address(ctx.machine, ctx.cpu, addr)
+        walk = walk_cpu(ctx.machine, ctx.cpu)
+        ctx.print(paging.gva2gpa_text(ctx.machine.memory, walk, addr & U64, cbit_mask(ctx.machine)))
 
     @hmp.command("x", "fmt:/,addr:l", "/fmt addr", "virtual memory dump starting at 'addr'", attached=_unless_disassembly)
     def hmp_x(ctx, count, format, size, addr):
         read = virtual_reader(ctx.machine, ctx.cpu)
+        check_address(ctx.machine, ctx.cpu, addr)
         for line in memory_dump(read, addr, count, format, size, virtual=True, span=COPY_CHUNK):
             ctx.print(line, end="")
 

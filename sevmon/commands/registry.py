@@ -7,7 +7,7 @@ make the two import each other.
 
 from __future__ import annotations
 
-from sevmon.commands import control, dump, memory, migration, runstate, sev, sev_memory_map
+from sevmon.commands import control, dump, guest_kernel, memory, migration, runstate, sev, sev_memory_map
 from sevmon.hmp.monitor import HumanMonitor
 from sevmon.hmp.table import CommandTable
 from sevmon.qmp.dispatch import CommandRegistry
@@ -18,6 +18,6 @@ def build(runner) -> tuple[CommandRegistry, HumanMonitor]:
     """The QMP registry and the human monitor for ``runner``'s machine, every command registered."""
     registry = CommandRegistry(Schema())
     hmp, info = CommandTable(), CommandTable()
-    for module in (control, runstate, sev, memory, dump, sev_memory_map, migration):
+    for module in (control, runstate, sev, memory, dump, sev_memory_map, migration, guest_kernel):
         module.register(registry, hmp, info)
     return registry, HumanMonitor(runner, hmp, info)

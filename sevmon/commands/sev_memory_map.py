@@ -14,6 +14,7 @@ from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask
 from sevmon.errors import CommandError
 from sevmon.hmp.table import OWN
+from sevmon.machine.kernel_root import walk_cpu
 from sevmon.x86.sev_memory_map import PAGE, FrameCounts, SevMemoryMap, build_map, frames_text
 
 NOT_SEV = "the guest is not an SEV guest: no page has a C-bit"
@@ -28,7 +29,8 @@ def memory_map(machine, cpu_index: int) -> SevMemoryMap:
     if not 0 <= cpu_index < len(machine.cpus):
         raise CommandError("Parameter 'cpu-index' expects a CPU number")
     try:
-        return build_map(machine.memory, machine.cpus, cpu_index, cbit_mask(machine))
+        cpus = [walk_cpu(machine, c) for c in machine.cpus]  # the kernel's root where a vCPU cannot be read
+        return build_map(machine.memory, cpus, cpu_index, cbit_mask(machine))
     except DebugError as e:
         raise CommandError(e.reason) from None
 

@@ -29,6 +29,7 @@ from sevmon.debug.refusal import cbit_mask
 from sevmon.errors import CommandError
 from sevmon.gdb.packets import PACKET_SIZE, Interrupt, Nack, PacketReader, escape, frame, unescape
 from sevmon.gdb.target import X86_64, target_for
+from sevmon.machine.kernel_root import check_address, walk_cpu
 from sevmon.memory.ram import MemoryAccessError
 from sevmon.x86.cpu import RegistersUnavailable
 from sevmon.x86.translation import write_virtual
@@ -281,7 +282,9 @@ class GdbSession:
             mem.write(addr, data)
             return
         # every page translated first (a write that would fault half-way writes nothing), one write per run
-        write_virtual(mem, self.cpu, addr & U64, data, cbit_mask(self.machine))
+        # (from the kernel's own tables when the vCPU cannot be read, as reads do)
+        check_address(self.machine, self.cpu, addr)
+        write_virtual(mem, walk_cpu(self.machine, self.cpu), addr & U64, data, cbit_mask(self.machine))
 
     # -- run control -------------------------------------------------------------------------
     async def _resume(self) -> str | None:

@@ -159,5 +159,9 @@ I386 = Target(wide=False)
 
 
 def target_for(cpu: CpuState) -> Target:
-    """x86-64 for a long-mode vCPU (EFER.LMA), i386 for 32-bit and PAE ones."""
+    """x86-64 for a long-mode vCPU (EFER.LMA), i386 for 32-bit and PAE ones. A vCPU whose registers are not
+    available (SEV-ES; a raw image without CPU state) is x86-64: SEV-ES guests run in long mode, and the kernel
+    tables sevmon walks for them are a 64-bit Linux's."""
+    if cpu.unavailable is not None:
+        return X86_64
     return X86_64 if cpu.long_mode else I386

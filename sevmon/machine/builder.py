@@ -24,6 +24,7 @@ from sevmon.memory.ram import PAGE_SHIFT
 from sevmon.sev.linux import SevUnavailable
 from sevmon.sev.vm import SevError
 from sevmon.x86.cpu import CpuState
+from sevmon.x86.vmcoreinfo import find as find_kernel
 
 log = logging.getLogger("sevmon")
 
@@ -72,19 +73,21 @@ def _build(spec: GuestSpec) -> LocalMachine:
     if spec.source == "builtin":
         from sevmon.machine.builtin_guest import build_builtin
         return build_builtin(spec, _debug_memory(spec))
-    if spec.source == "raw" and not spec.cpu_state:
-        raise GuestError("--raw needs --cpu-state FILE.json: a raw image carries no registers")
     image = load_core(spec.image) if spec.source == "core" else load_raw(spec.image)
     if spec.cpu_state:
         apply_cpu_json(image, spec.cpu_state)
-    if spec.source == "raw":
+    elif spec.source == "raw":
+        image.cpus[0].unavailable = "the raw image carries no vCPU state (no --cpu-state)"
+    if spec.source == "raw" and spec.cpu_state:
         problem = paging_registers_error(spec.cpu_state, image.cpus[0])
         if problem:
             raise GuestError(problem)
     ram, cpus = image.ram, image.cpus
     sev = None
     if spec.sev is not None:
-        set_cbit(ram, cpus[0], spec.sev.cbitpos)
+        tables = _tables_cpu(ram, cpus[0])
+        if tables is not None:
+            set_cbit(ram, tables, spec.sev.cbitpos)
         runs = [(first << PAGE_SHIFT, ram.read(first << PAGE_SHIFT, n << PAGE_SHIFT)) for first, n in ram.runs()]
         vmsas = es_vmsas(spec.sev, len(cpus), spec.cpu_model, None)
         sev = launch_sev(ram, runs, spec.sev, vmsas)
@@ -93,3 +96,13 @@ def _build(spec: GuestSpec) -> LocalMachine:
     config = MachineConfig(kvm_enabled=sev is not None, memory_encryption=sev is not None, source=spec.source, debug_policy=spec.debug_policy)
     return LocalMachine(ram, cpus, _debug_memory(spec)(ram, sev), config=config, sev=sev,
                         prelaunch=spec.prelaunch, running=False)
+
+
+def _tables_cpu(ram, cpu):
+    """The vCPU whose tables get the C-bit: the image's own, or, without registers, one at the Linux kernel's
+    root (found in the plaintext image as it will be found through DBG_DECRYPT after launch), so that the kernel's
+    tables carry the C-bit as a Linux SEV guest's do. No Linux found: None, no table is touched."""
+    if cpu.unavailable is None:
+        return cpu
+    kernel = find_kernel(DebugMemory(ram, PlainOps(ram), cache_pages=0), ram.runs())
+    return kernel.walk_cpu() if kernel is not None else None

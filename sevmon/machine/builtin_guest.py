@@ -9,7 +9,10 @@ the memory controller path — never the debug API), in a Linux-like layout:
   1 GiB pages (64-bit modes);
 - vmalloc-style 4 KiB mappings whose table pages are scattered in physical memory;
 - on SEV, one shared page (C-bit clear, like a swiotlb buffer); 32-bit legacy entries have no C-bit, so there it is
-  mapped like any other page.
+  mapped like any other page;
+- in 64-bit modes, the kernel's own top table (``init_top_pgt``: the kernel half of the process's) and a VMCOREINFO
+  page as Linux keeps one (``OSRELEASE=`` first, ``SYMBOL(init_top_pgt)``, ``NUMBER(phys_base)``...), low in RAM, so that sevmon finds its page tables without its registers
+  as it finds a real Linux guest's (:mod:`sevmon.x86.vmcoreinfo`).
 
 While running, ``GuestOS.step`` (the workload) maps and unmaps a user page and rewrites a data page,
 so a monitor that served stale cached data would show it.
@@ -40,9 +43,14 @@ from sevmon.x86.pte import PG_PSE as PS
 from sevmon.x86.pte import PG_RW as RW
 from sevmon.x86.pte import PG_USER as US
 from sevmon.x86.pte import TABLE_FLAGS as TABLE
+from sevmon.x86.vmcoreinfo import START_KERNEL_MAP
 
 FIRMWARE_SIZE = 64 * 1024
 KERNEL_PA = 0x1000000
+#: The built-in guest's VMCOREINFO page: just above its 4 MiB kernel image (a Debian 6.1 guest's is near 19 MiB).
+VMCOREINFO_PA = KERNEL_PA + (4 << 20)
+#: Its kernel's ``uname -r``.
+RELEASE = "6.1.0-sevmon-builtin"
 #: The least RAM the built-in guest boots in: its kernel at 16 MiB, its tables and pages above 24 MiB.
 MIN_MEMORY_MIB = 32
 
@@ -223,7 +231,24 @@ class GuestOS:
             if lay.direct is not None and mode.wide:
                 self.set_memory_decrypted(lay.direct + shared)
         self.workload_page = self.alloc()
+        if mode.long_mode:
+            # Linux's init_top_pgt: the kernel half only; a process's top table (CR3) copies it and adds its user
+            # half. Every kernel mapping exists by now and the workload maps user pages only, so the copy stays true.
+            self.init_top_pgt = self.new_table()
+            half = mode.levels[0].entries // 2
+            for i in range(half, mode.levels[0].entries):
+                if self.tables[self.root][i]:
+                    self.set_entry(self.init_top_pgt, i, self.tables[self.root][i])
+            self.write(VMCOREINFO_PA, self.vmcoreinfo().encode().ljust(PAGE_SIZE, b"\0"))
         return self.cpu()
+
+    def vmcoreinfo(self) -> str:
+        """The text Linux's ``crash_save_vmcoreinfo`` writes, for this guest: its kernel is not relocated
+        (``phys_base`` 0, no KASLR), so ``init_top_pgt`` is seen through ``__START_KERNEL_map``."""
+        return (f"OSRELEASE={RELEASE}\nPAGESIZE={PAGE_SIZE}\n"
+                f"SYMBOL(init_top_pgt)={START_KERNEL_MAP + self.init_top_pgt:x}\n"
+                f"NUMBER(phys_base)=0\nNUMBER(pgtable_l5_enabled)={int(self.mode.name == '5level')}\n"
+                f"KERNELOFFSET=0\n")
 
     def cpu(self) -> CpuState:
         """The vCPU of a booted Linux in this mode: control registers, flat segments, in kernel text."""

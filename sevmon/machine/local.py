@@ -16,6 +16,7 @@ from typing import Protocol
 from sevmon.machine.interface import Capabilities, MachineConfig, RunState, RunStateMachine
 from sevmon.memory.ram import RAM
 from sevmon.x86.cpu import CpuState
+from sevmon.x86.vmcoreinfo import KernelCache
 
 
 class GuestProgram(Protocol):
@@ -44,6 +45,7 @@ class LocalMachine(RunStateMachine):
         self.program = program
         self.capabilities = Capabilities(run_guest=program is not None and program.stepping, migrate=sev is not None)
         self.reset_required = False
+        self.kernel_cache = KernelCache()  # the guest's Linux (VMCOREINFO), while it stays the same kernel
         self._launched = False
         if not prelaunch:
             self._first_run()
@@ -64,12 +66,14 @@ class LocalMachine(RunStateMachine):
             self._first_run()
             self.transition(RunState.RUNNING)
             self._invalidate()
+            self.kernel_cache.forget()  # a guest that runs may boot (or replace) its kernel
             self.emit("RESUME")
 
     def system_reset(self) -> None:
         if self.program is not None and self._launched:
             self.program.reset()
         self._invalidate()
+        self.kernel_cache.forget()
         self.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
 
     def system_powerdown(self) -> None:

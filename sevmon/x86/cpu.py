@@ -78,6 +78,7 @@ class CpuState:
     index: int = 0
     regs: dict[str, int] = field(default_factory=dict)
     halted: bool = True
+    #: why these registers cannot be used (SEV-ES: encrypted in the VMSA; a raw image without --cpu-state), or None
     unavailable: str | None = None
 
     @classmethod

@@ -58,3 +58,21 @@ def test_bench_vs_qemu_without_qemu_says_so(monkeypatch):
     from sevmon.bench import run
     monkeypatch.setattr(run.shutil, "which", lambda name: None)
     assert "not installed" in run._vs_qemu("k", "i")["skipped"]
+
+
+def test_bench_reports_what_finding_the_guest_kernel_costs(tmp_path):
+    """The built-in SEV guest keeps its VMCOREINFO page at 20 MiB: the batched scan reaches it in a few requests
+    (each page one firmware call), the cached answer costs nothing, a per-page reader needs one round trip a page."""
+    from sevmon.bench.run import find_kernel_cost
+    from sevmon.machine.builder import build_machine
+    from sevmon.machine.spec import GuestSpec
+
+    machine = build_machine(GuestSpec(memory_mib=64, workload=False))
+    machine.stop()
+    row = find_kernel_cost(machine)
+    assert row["found"] and row["release"] == "6.1.0-sevmon-builtin" and row["vmcoreinfo-gpa"] == 20 << 20
+    cold, warm, per_page = row["cold"], row["warm"], row["per-page-cold"]
+    assert 0 < cold["round-trips"] < 64 and cold["firmware-calls"] <= row["scanned-pages"] + 1
+    assert warm["round-trips"] == 0 and warm["firmware-calls"] == 0
+    assert per_page["round-trips"] >= 1000 > 10 * cold["round-trips"]
+    assert row["scanned-pages"] < row["ram-pages"]
