@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 
 from sevmon.attach.forward import AttachedMonitor, QmpForwarder
-from sevmon.debug.refusal import machine_refusal
+from sevmon.debug.refusal import qemu_read_refusal
 from sevmon.errors import CommandError
 from sevmon.hmp.table import OWN, QEMU, QEMU_READS_MEMORY, CommandTable, HmpCommand
 from sevmon.qmp.dispatch import CommandRegistry
@@ -81,7 +81,7 @@ def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
     for c in QEMU_HMP:
         hmp.add(c)
     link = machine.link
-    monitor = AttachedMonitor(runner, hmp, info, link, lambda: machine_refusal(machine))
+    monitor = AttachedMonitor(runner, hmp, info, link, lambda: qemu_read_refusal(machine))
 
     @hmp.command("help|?", "name:S?", "[cmd]", "show the help")
     def hmp_help(ctx, name=None):
@@ -109,7 +109,7 @@ def build_attached(runner) -> tuple[CommandRegistry, AttachedMonitor]:
         if out.startswith("kvm support: enabled") or out.startswith("kvm support: disabled"):
             ctx.print("memory encryption: " + ("enabled" if machine.config.memory_encryption else "disabled"))
 
-    forwarder = QmpForwarder(link, registry, len(machine.cpus), reads_memory, lambda: machine_refusal(machine))
+    forwarder = QmpForwarder(link, registry, len(machine.cpus), reads_memory, lambda: qemu_read_refusal(machine))
     registry.forwarder = forwarder
 
     @registry.register("human-monitor-command")

@@ -69,6 +69,20 @@ def machine_refusal(machine) -> str | None:
     return machine.memory.ops.refusal
 
 
+#: why QEMU itself must not read an SEV-ES guest's memory for a command (``x /i``, ``sum``, ``migrate``...)
+QEMU_READS_ES = ("the guest is an SEV-ES guest: QEMU would read its memory with the cached reset registers "
+                 "(its vCPU state is encrypted in the VMSA) and see ciphertext, so sevmon does not ask it to")
+
+
+def qemu_read_refusal(machine) -> str | None:
+    """Why a command for which QEMU reads guest memory itself may not be passed to QEMU (attached): every reason
+    debugging is refused, and, for an SEV-ES guest, QEMU's stale registers (its answer would be wrong, silently)."""
+    reason = machine_refusal(machine)
+    if reason is None and getattr(machine, "registers_encrypted", False):
+        reason = QEMU_READS_ES
+    return reason
+
+
 def cbit_mask(machine) -> int:
     """The C-bit mask the page walkers strip from CR3 and every entry: 0 for a guest without SEV."""
     return machine.sev.me_mask if machine.sev is not None else 0

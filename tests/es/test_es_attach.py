@@ -92,3 +92,18 @@ def test_info_registers_and_print_are_sevmons_when_attached_to_sev_es(attached):
     out = monitor.run("x /2xg 0xffffffff81000000")
     assert out.startswith("Error: ") and "encrypted in its VMSA" in out
     assert "info registers" not in link.asked and not any(a.startswith("print") for a in link.asked)
+
+
+def test_nothing_that_qemu_would_read_is_passed_to_it_for_an_sev_es_guest(attached):
+    """QEMU would read an SEV-ES guest's memory with its stale reset registers and see ciphertext: x /i, xp /i,
+    sum and migrate (HMP), migrate and snapshot-save (QMP) are refused, and QEMU is never asked."""
+    machine, link = attached
+    runner = MachineRunner(machine)
+    registry, monitor = build_attached(runner)
+    assert monitor.run("x /2i 0x100000") == "0x100000: unable to read memory\n"
+    assert monitor.run("xp /2i 0x100000") == "0x100000: unable to read memory\n"
+    for line in ("sum 0x100000 16", 'migrate "exec:cat > /dev/null"'):
+        out = monitor.run(line)
+        assert out.startswith("Error: the guest is an SEV-ES guest") and out.count("\n") == 1, (line, out)
+    assert not any(a.split()[0] in ("x", "xp", "sum", "migrate") for a in link.asked), link.asked
+    assert {"migrate", "snapshot-save"} <= registry.forwarder.reads_memory
