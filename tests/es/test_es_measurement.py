@@ -9,9 +9,6 @@ session (sev-api.md §3.6). The tool is run as guest owners run it (a test depen
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import hmp, qmp_connect
+from tests.sev.sev_helpers import measurement, owner_mac
 
 OVMF = Path("/usr/share/OVMF")
 
@@ -31,21 +29,6 @@ def owner_digest(ovmf: Path, vcpus: int, model: str) -> bytes:
     return bytes.fromhex(out.stdout.strip())
 
 
-def launch(d) -> tuple[dict, bytes, bytes]:
-    q = qmp_connect(d)
-    try:
-        sev = q.cmd_obj({"execute": "query-sev"})["return"]
-        blob = base64.b64decode(q.cmd_obj({"execute": "query-sev-launch-measure"})["return"]["data"])
-    finally:
-        q.close()
-    return sev, blob[:32], blob[32:]
-
-
-def measure_of(sev: dict, digest: bytes, mnonce: bytes) -> bytes:
-    msg = bytes([0x04, sev["api-major"], sev["api-minor"], sev["build-id"]]) + sev["policy"].to_bytes(4, "little")
-    return hmac.new(bytes(16), msg + digest + mnonce, hashlib.sha256).digest()
-
-
 @pytest.mark.parametrize("code,vcpus,model", [
     ("OVMF_CODE.fd", 1, "EPYC"),
     ("OVMF_CODE.fd", 4, "EPYC-Milan"),
@@ -56,13 +39,13 @@ def test_es_launch_measures_as_sev_snp_measure_computes(make_daemon, code, vcpus
     path = OVMF / code
     assert path.exists(), f"{path}: Debian's ovmf package is needed"
     d = make_daemon("--pflash", str(path), "-S", "--policy", "0x4", "--smp", str(vcpus), "--cpu", model)
-    sev, measure, mnonce = launch(d)
+    sev, measure, mnonce = measurement(d)
     assert sev["state"] == "launch-secret" and sev["policy"] == 0x4
-    assert measure == measure_of(sev, owner_digest(path, vcpus, model), mnonce)
+    assert measure == owner_mac(sev, owner_digest(path, vcpus, model), mnonce)
     # the VMSAs are measured: another CPU model, or another vCPU count, is another measurement
     other = "EPYC" if model != "EPYC" else "EPYC-Milan"
-    assert measure != measure_of(sev, owner_digest(path, vcpus, other), mnonce)
-    assert measure != measure_of(sev, owner_digest(path, vcpus + 1, model), mnonce)
+    assert measure != owner_mac(sev, owner_digest(path, vcpus, other), mnonce)
+    assert measure != owner_mac(sev, owner_digest(path, vcpus + 1, model), mnonce)
 
 
 def test_es_needs_the_reset_block_for_aps(tmp_path):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+
 from sevmon.memory.ram import RAM
 from sevmon.model import SimulatedHost, SimulatedKvm
 from sevmon.model.engine import MemoryController
@@ -55,3 +59,22 @@ def raw_firmware() -> tuple[SevFirmware, HostMemory]:
     assert fw.call(FwCmd.INIT, bytearray(SevDataInit.build({}))) == 0
     assert fw.call(FwCmd.DF_FLUSH) == 0
     return fw, dram
+
+
+def measurement(d) -> tuple[dict, bytes, bytes]:
+    """A daemon's ``query-sev`` and its launch measurement blob, split as a guest owner reads it: (MAC, MNONCE)."""
+    from tests.conftest import qmp_connect
+    q = qmp_connect(d)
+    try:
+        sev = q.cmd_obj({"execute": "query-sev"})["return"]
+        blob = base64.b64decode(q.cmd_obj({"execute": "query-sev-launch-measure"})["return"]["data"])
+    finally:
+        q.close()
+    return sev, blob[:32], blob[32:]
+
+
+def owner_mac(sev: dict, digest: bytes, mnonce: bytes, tik: bytes = bytes(16)) -> bytes:
+    """The measurement a guest owner expects for launch digest ``digest``: HMAC-SHA256(TIK, 0x04 || API || build ||
+    policy || digest || MNONCE) (SEV API, LAUNCH_MEASURE)."""
+    msg = bytes([0x04, sev["api-major"], sev["api-minor"], sev["build-id"]]) + sev["policy"].to_bytes(4, "little")
+    return hmac.new(tik, msg + digest + mnonce, hashlib.sha256).digest()

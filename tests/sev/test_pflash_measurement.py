@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import hmp, qmp_connect
+from tests.sev.sev_helpers import measurement, owner_mac
 
 OVMF = Path("/usr/share/OVMF")
 BUILDS = [("OVMF_CODE.fd", "OVMF_VARS.fd"), ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd")]
@@ -34,9 +35,7 @@ def ovmf(name: str) -> Path:
 
 
 def owner_expected(sev: dict, code: bytes, mnonce: bytes, tik: bytes = bytes(16)) -> bytes:
-    ld = hashlib.sha256(code).digest()  # sev-snp-measure --mode sev --ovmf FILE
-    msg = bytes([0x04, sev["api-major"], sev["api-minor"], sev["build-id"]]) + sev["policy"].to_bytes(4, "little")
-    return hmac.new(tik, msg + ld + mnonce, hashlib.sha256).digest()
+    return owner_mac(sev, hashlib.sha256(code).digest(), mnonce, tik)  # sev-snp-measure --mode sev --ovmf FILE
 
 
 def xp_bytes(q, n: int, gpa: int) -> bytes:
@@ -44,16 +43,6 @@ def xp_bytes(q, n: int, gpa: int) -> bytes:
     out = hmp(q, f"xp /{n}xb {gpa:#x}")
     assert out.split(":")[0] == f"{gpa:016x}", out
     return bytes(int(b, 16) for line in out.splitlines() if ":" in line for b in line.split(":")[1].split())
-
-
-def measurement(d) -> tuple[dict, bytes, bytes]:
-    q = qmp_connect(d)
-    try:
-        sev = q.cmd_obj({"execute": "query-sev"})["return"]
-        blob = base64.b64decode(q.cmd_obj({"execute": "query-sev-launch-measure"})["return"]["data"])
-    finally:
-        q.close()
-    return sev, blob[:32], blob[32:]
 
 
 @pytest.mark.parametrize("code,vars_", BUILDS)
