@@ -99,20 +99,32 @@ def test_a_read_across_segments_is_one_ioctl_per_segment():
     assert (m.stats - s0).round_trips == 2
 
 
+def _serve_attach_to_fake(tmp_path, *kind: str):
+    """A stand-in SEV QEMU (fake_sev_qemu.py, ``kind`` e.g. "snp") on a socket, and ``sevmon serve --attach`` run
+    against it to its end: (the fake's process, sevmon's CompletedProcess)."""
+    sock = tmp_path / "qemu.sock"
+    fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_sev_qemu.py")), str(sock), *kind])
+    for _ in range(200):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    try:
+        r = subprocess.run([sys.executable, "-m", "sevmon", "serve", "--attach", str(sock),
+                            "--qmp", str(tmp_path / "sevmon.sock")], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": os.getcwd()})
+    except BaseException:
+        fake.kill()
+        fake.wait()
+        raise
+    return fake, r
+
+
 @pytest.mark.skipif(os.path.exists("/dev/sev"), reason="this host has SEV: the no-SEV sentence does not apply")
 def test_serve_attach_to_an_sev_qemu_on_a_host_without_sev_is_one_sentence(tmp_path):
     """The whole attach path (QMP link, SO_PEERCRED, memfd mapping, query-sev, query-sev-capabilities) up to the
     mirror, which a host without /dev/sev cannot have: one sentence, exit 1, QEMU's monitor released."""
-    sock = tmp_path / "qemu.sock"
-    fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_sev_qemu.py")), str(sock)])
+    fake, r = _serve_attach_to_fake(tmp_path)
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        r = subprocess.run([sys.executable, "-m", "sevmon", "serve", "--attach", str(sock),
-                            "--qmp", str(tmp_path / "sevmon.sock")], capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "PYTHONPATH": os.getcwd()})
         assert r.returncode == 1
         assert r.stderr.strip().splitlines() == [
             "sevmon: QEMU runs an SEV guest but sevmon cannot reach it: SEV is not available on this host: "
@@ -127,16 +139,8 @@ def test_serve_attach_to_an_sev_qemu_on_a_host_without_sev_is_one_sentence(tmp_p
 def test_attach_refuses_an_snp_guest_in_one_sentence(tmp_path):
     """QEMU 9.1+ names an SNP guest in query-sev (sev-type, snp-policy): upstream KVM refuses the debug commands
     for it, so serve --attach says so before opening anything, exit 1."""
-    sock = tmp_path / "qemu.sock"
-    fake = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_sev_qemu.py")), str(sock), "snp"])
+    fake, r = _serve_attach_to_fake(tmp_path, "snp")
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        r = subprocess.run([sys.executable, "-m", "sevmon", "serve", "--attach", str(sock),
-                            "--qmp", str(tmp_path / "sevmon.sock")], capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "PYTHONPATH": os.getcwd()})
         assert r.returncode == 1
         assert r.stderr.strip().splitlines() == [
             "sevmon: the guest is an SEV-SNP guest: upstream KVM refuses the SEV debug commands (DBG_DECRYPT, "
