@@ -14,6 +14,7 @@ from dataclasses import dataclass
 #: What qSupported advertises as PacketSize (QEMU's MAX_PACKET_LENGTH): the largest payload gdb sends us.
 PACKET_SIZE = 4096
 INTERRUPT = 0x03
+E_FAULT, E_INVAL = "E14", "E22"        # QEMU's error replies: EFAULT for memory, EINVAL for arguments
 _ESCAPED = frozenset(b"$#}*")
 
 

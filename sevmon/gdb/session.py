@@ -27,7 +27,18 @@ from sevmon.commands import runstate
 from sevmon.commands.memory import virtual_reader
 from sevmon.debug.refusal import cbit_mask
 from sevmon.errors import CommandError
-from sevmon.gdb.packets import PACKET_SIZE, Interrupt, Nack, PacketReader, escape, frame, unescape
+from sevmon.gdb.no_registers import attach_stop, unavailable
+from sevmon.gdb.packets import (
+    E_FAULT,
+    E_INVAL,
+    PACKET_SIZE,
+    Interrupt,
+    Nack,
+    PacketReader,
+    escape,
+    frame,
+    unescape,
+)
 from sevmon.gdb.target import X86_64, target_for
 from sevmon.machine.kernel_root import check_address, walk_cpu
 from sevmon.memory.ram import MemoryAccessError
@@ -36,8 +47,7 @@ from sevmon.x86.translation import write_virtual
 
 log = logging.getLogger("sevmon.gdb")
 
-SIGINT, SIGTRAP = 2, 5
-E_FAULT, E_INVAL = "E14", "E22"        # QEMU's replies: EFAULT for memory, EINVAL for arguments
+SIGINT = 2
 MAX_READ = PACKET_SIZE // 2            # an m reply is hex: two characters per byte
 MONITOR_OUTPUT_LIMIT = 8 << 20
 U64 = (1 << 64) - 1
@@ -194,9 +204,9 @@ class GdbSession:
             return ""
         cmd, args = pkt[:1], pkt[1:]
         if cmd == b"?":
-            return f"T{SIGTRAP:02x}thread:{self._tid()};"
+            return await self.call(lambda: attach_stop(self.cpu, self._tid()))
         if cmd in (b"g", b"p", b"G", b"P") and not await self.call(lambda: self.cpu.registers_known):
-            return self._unavailable(cmd, args)
+            return unavailable(self.target, cmd, _int(args) if cmd == b"p" else None)
         if cmd == b"g":
             return (await self.call(lambda: self.target.read_all(self.cpu))).hex()
         if cmd in (b"G", b"P") and not self.machine.capabilities.write_registers:
@@ -261,16 +271,6 @@ class GdbSession:
         return ""  # Z/z (breakpoints) and anything else: unsupported
 
     # -- memory ------------------------------------------------------------------------------
-    def _unavailable(self, cmd: bytes, args: bytes) -> str:
-        """Registers no one can know (an SEV-ES vCPU's, encrypted in its VMSA): RSP's ``xx`` per byte, so gdb
-        prints ``<unavailable>`` instead of a value; writes are refused."""
-        if cmd == b"g":
-            return "xx" * sum(self.target.size(n) for n in range(len(self.target.regs)))
-        if cmd == b"p":
-            n = _int(args)
-            return E_FAULT if n >= len(self.target.regs) else "xx" * self.target.size(n)
-        return E_INVAL
-
     def _read(self, addr: int, length: int) -> bytes:
         if self.phys:
             return self.machine.memory.read(addr, length)
