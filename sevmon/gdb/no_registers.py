@@ -12,7 +12,8 @@ What gdb does take without a PC is the stop reply's ``library`` reason: it is ``
 and while ``target remote`` sets up (``stop_soon == STOP_QUIETLY_REMOTE``) infrun's ``handle_inferior_event``
 stops there "quietly", reading no register; ``post_create_inferior`` tolerates the unavailable PC, and
 frames built on it print as ``#0  <unavailable> in ?? ()``. So the stub answers ``?`` that way for such a
-vCPU, and only for such a vCPU: every other guest keeps the plain stop reply. gdb then shows
+vCPU, and only for such a vCPU: every other guest keeps the plain stop reply. It is the reply to ``?`` only:
+a ``library`` stop at any other time (``stop_soon == NO_STOP_QUIETLY``) makes gdb resume the target. gdb then shows
 ``<unavailable>`` for every register, reads memory through the kernel's own page tables, and refuses
 ``continue``/``stepi`` itself (``proceed`` needs the PC: ``PC register is not available``) without sending
 anything, so the guest runs only when the monitor says so (``monitor cont``/``stop``).
