@@ -47,6 +47,20 @@ def test_launch_with_bios_and_independent_measurement_check(make_daemon, tmp_pat
     q.close()
 
 
+def test_info_sev_of_an_sev_es_guest_is_qemu_7_2s(make_daemon):
+    """QEMU 7.2's hmp_info_sev and query-sev know no guest type (upstream's ``SEV type:`` line and ``sev-type`` came
+    with SNP): an SEV-ES guest shows the same six lines and seven fields as an SEV one, its policy 0x4 the only
+    sign."""
+    q = qmp_connect(make_daemon("--policy", "0x4"))
+    info = q.cmd("query-sev")
+    assert info == {"enabled": True, "api-major": info["api-major"], "api-minor": info["api-minor"],
+                    "build-id": info["build-id"], "policy": 4, "state": "running", "handle": info["handle"]}
+    assert hmp(q, "info sev") == (f"handle: {info['handle']}\r\nstate: running\r\nbuild: {info['build-id']}\r\n"
+                                  f"api version: {info['api-major']}.{info['api-minor']}\r\ndebug: on\r\n"
+                                  "key-sharing: on\r\n")
+    q.close()
+
+
 def test_no_sev_answers_as_qemu_without_sev(make_daemon):
     q = qmp_connect(make_daemon("--no-sev"))
     assert q.cmd("query-sev") == {"enabled": False, "api-minor": 0, "handle": 0, "state": "uninit",
