@@ -4,6 +4,13 @@ usable. A detached dump runs on its own thread, taking the machine lock per chun
 reports progress through query-dump. It is the runner's "dump" job: the daemon cancels it on
 shutdown.
 
+A Linux guest's dump carries its VMCOREINFO as QEMU's does with ``-device vmcoreinfo`` (a ``VMCOREINFO`` note after
+the vCPU notes), so ``crash`` and ``drgn -c`` open it with the kernel's debug vmlinux. QEMU copies that note with a
+plain memory read, which is ciphertext under SEV; sevmon takes the text from the page the kernel keeps it in, found
+and read through the debug path (:mod:`sevmon.machine.kernel_root`: the scan is paid once and cached while the guest
+stays paused). No Linux found: no note, nothing made up. The vCPU notes are QEMU's where the registers are known,
+none for SEV-ES.
+
 The core is written beside the target and renamed into place when complete (:mod:`sevmon.outfile`): a refused,
 failed or cancelled dump never destroys an existing file and leaves no partial one. QEMU truncates the file first.
 """
@@ -18,9 +25,10 @@ from sevmon.debug.refusal import machine_refusal
 from sevmon.errors import CommandError
 from sevmon.hmp.table import OWN, QEMU
 from sevmon.machine.cbit_note import cbit_note
-from sevmon.machine.dump import write_core
+from sevmon.machine.dump import vmcoreinfo_note, write_core
 from sevmon.machine.interface import RunState
-from sevmon.memory.ram import PAGE_SHIFT
+from sevmon.machine.kernel_root import kernel_cache
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE
 from sevmon.outfile import OutputFile, OutputFileError
 
 UNSUPPORTED_FORMATS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp")
@@ -28,6 +36,44 @@ UNSUPPORTED_FORMATS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp")
 
 class Cancelled(Exception):
     pass
+
+
+class _CancellableMemory:
+    """The machine's memory as the VMCOREINFO scan sees it, checking before each batch that the dump still runs:
+    on a guest without Linux the scan looks at every page the guest wrote, and a shutdown must not wait for it."""
+
+    def __init__(self, mem, cancelled: threading.Event):
+        self.mem, self.cancelled = mem, cancelled
+
+    @property
+    def ram(self):
+        return self.mem.ram
+
+    def read_frames(self, pfns, **kw):
+        if self.cancelled.is_set():
+            raise Cancelled()
+        return self.mem.read_frames(pfns, **kw)
+
+    def read(self, gpa: int, size: int, **kw) -> bytes:
+        return self.mem.read(gpa, size, **kw)
+
+
+def guest_note(machine, cancelled: threading.Event | None = None) -> bytes:
+    """The guest's ``VMCOREINFO`` note, or nothing when no 64-bit Linux is found in its memory.
+
+    The kernel is found as the walkers find it (:func:`sevmon.machine.kernel_root.kernel_cache`: scanned once, then
+    kept while the guest stays paused). The descriptor is the kernel's own bytes up to the page's first NUL (the
+    kernel keeps the text in a zeroed page of its own, ``vmcoreinfo_size`` long), re-read from the page the cache
+    holds: no round trip, and the note holds what the guest wrote. DebugError when debugging is refused,
+    Cancelled when ``cancelled`` is set during the scan.
+    """
+    mem = machine.memory if cancelled is None else _CancellableMemory(machine.memory, cancelled)
+    kernel = kernel_cache(machine).get(mem, machine.ram_runs())
+    if kernel is None:
+        return b""
+    page = machine.memory.read(kernel.gpa, PAGE_SIZE)
+    end = page.find(b"\0")
+    return vmcoreinfo_note(page[:end] if end >= 0 else page)
 
 
 JOB = "dump"  # the runner's job kind
@@ -65,8 +111,9 @@ class DumpJob:
             self.completed, self.total = done, total
 
         try:
+            note = self.runner.locked(lambda: guest_note(m, self.cancelled))
             write_core(self.out.file, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length,
-                       extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
+                       guest_note=note, extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
             self.out.commit()
             self.status = "completed"
         except Cancelled:
