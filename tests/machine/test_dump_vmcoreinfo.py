@@ -113,3 +113,35 @@ def test_no_linux_found_no_note_and_the_dump_as_before(make_daemon, tmp_path, pa
     assert dump(q, core) == {"return": {}}
     assert [n[0] for n in notes(core)] == ["CORE", "QEMU", SEVMON]
     q.close()
+
+
+def phys(path, gpa: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        for s in ELFFile(f).iter_segments():
+            h = s.header
+            if h["p_type"] == "PT_LOAD" and h["p_paddr"] <= gpa < h["p_paddr"] + h["p_filesz"]:
+                f.seek(h["p_offset"] + gpa - h["p_paddr"])
+                return f.read(size)
+    raise AssertionError(f"0x{gpa:x} is not in the dump")
+
+
+@pytest.mark.parametrize("es", [False, True])
+def test_sev_dump_tables_carry_no_cbit_for_drgn(make_daemon, tmp_path, es):
+    """drgn reads a C-bit in a table entry as an address bit; the kernel's tables in the dump have none, and the
+    guest itself still has it (the dump's copy is cleared, not the guest)."""
+    q = qmp_connect(make_daemon(*(["--policy", "0x4"] if es else []), "--no-workload", "--memory", MEM, hmp=False))
+    q.cmd("stop")
+    k = q.cmd("query-guest-kernel")
+    core = tmp_path / "guest.elf"
+    assert dump(q, core) == {"return": {}}
+    cbit = 1 << 47
+    guest = q.cmd("human-monitor-command", **{"command-line": f"xp /512xg 0x{k['root']:x}"})
+    guest_entries = [int(w, 16) for ln in guest.splitlines() for w in ln.split()[1:]]
+    assert any(e & 1 and e & cbit for e in guest_entries)
+    root = struct.unpack("<512Q", phys(core, k["root"], 4096))
+    assert [e & ~cbit if e & 1 else e for e in guest_entries] == list(root)
+    present = [e for e in root if e & 1]
+    assert present and not any(e & cbit for e in present)
+    lower = (present[0] & 0x000FFFFFFFFFF000)  # a table one level down
+    assert not any(e & 1 and e & cbit for e in struct.unpack("<512Q", phys(core, lower, 4096)))
+    q.close()
