@@ -9,7 +9,8 @@ the vCPU notes), so ``crash`` and ``drgn -c`` open it with the kernel's debug vm
 plain memory read, which is ciphertext under SEV; sevmon takes the text from the page the kernel keeps it in, found
 and read through the debug path (:mod:`sevmon.machine.kernel_root`: the scan is paid once and cached while the guest
 stays paused). No Linux found: no note, nothing made up. The vCPU notes are QEMU's where the registers are known,
-none for SEV-ES.
+none for SEV-ES. The dump of an SEV guest has the C-bit cleared in the page tables it reaches from those roots
+(:mod:`sevmon.machine.cbit_note`: drgn would read it as an address bit); the guest's own memory is untouched.
 
 The core is written beside the target and renamed into place when complete (:mod:`sevmon.outfile`): a refused,
 failed or cancelled dump never destroys an existing file and leaves no partial one. QEMU truncates the file first.
@@ -27,7 +28,7 @@ from sevmon.hmp.table import OWN, QEMU
 from sevmon.machine.cbit_note import cbit_note, cbit_tables, strip_cbit
 from sevmon.machine.dump import vmcoreinfo_note, write_core
 from sevmon.machine.interface import RunState
-from sevmon.machine.kernel_root import kernel_cache
+from sevmon.machine.kernel_root import kernel_cache, registers_unavailable
 from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE
 from sevmon.outfile import OutputFile, OutputFileError
 
@@ -85,7 +86,7 @@ def sev_tables(machine, kernel) -> dict[int, tuple[int, int]]:
     each vCPU whose registers are known and from the Linux kernel's own root (the only one of an SEV-ES guest)."""
     if machine.sev is None:
         return {}
-    roots = [c for c in machine.cpus if c.registers_known]
+    roots = [c for c in machine.cpus if c.registers_known and registers_unavailable(machine, c) is None]
     if kernel is not None:
         roots.append(kernel.walk_cpu(cbit_mask(machine)))
     return cbit_tables(lambda pfns: machine.memory.read_frames(pfns), roots, machine.sev.cpuid.cbitpos)
