@@ -4,6 +4,14 @@ usable. A detached dump runs on its own thread, taking the machine lock per chun
 reports progress through query-dump. It is the runner's "dump" job: the daemon cancels it on
 shutdown.
 
+A Linux guest's dump carries its VMCOREINFO as QEMU's does with ``-device vmcoreinfo`` (a ``VMCOREINFO`` note after
+the vCPU notes), so ``crash`` and ``drgn -c`` open it with the kernel's debug vmlinux. QEMU copies that note with a
+plain memory read, which is ciphertext under SEV; sevmon takes the text from the page the kernel keeps it in, found
+and read through the debug path (:mod:`sevmon.machine.kernel_root`: the scan is paid once and cached while the guest
+stays paused). No Linux found: no note, nothing made up. The vCPU notes are QEMU's where the registers are known,
+none for SEV-ES. The dump of an SEV guest has the C-bit cleared in the page tables it reaches from those roots
+(:mod:`sevmon.machine.cbit_note`: drgn would read it as an address bit); the guest's own memory is untouched.
+
 The core is written beside the target and renamed into place when complete (:mod:`sevmon.outfile`): a refused,
 failed or cancelled dump never destroys an existing file and leaves no partial one. QEMU truncates the file first.
 """
@@ -14,13 +22,14 @@ import os
 import threading
 
 from sevmon.debug.ops import DebugError
-from sevmon.debug.refusal import machine_refusal
+from sevmon.debug.refusal import cbit_mask, machine_refusal
 from sevmon.errors import CommandError
 from sevmon.hmp.table import OWN, QEMU
-from sevmon.machine.cbit_note import cbit_note
-from sevmon.machine.dump import write_core
+from sevmon.machine.cbit_note import cbit_note, cbit_tables, strip_cbit
+from sevmon.machine.dump import vmcoreinfo_note, write_core
 from sevmon.machine.interface import RunState
-from sevmon.memory.ram import PAGE_SHIFT
+from sevmon.machine.kernel_root import kernel_cache, registers_unavailable
+from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE
 from sevmon.outfile import OutputFile, OutputFileError
 
 UNSUPPORTED_FORMATS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp")
@@ -28,6 +37,74 @@ UNSUPPORTED_FORMATS = ("kdump-zlib", "kdump-lzo", "kdump-snappy", "win-dmp")
 
 class Cancelled(Exception):
     pass
+
+
+class _CancellableMemory:
+    """The machine's memory as the VMCOREINFO scan sees it, checking before each batch that the dump still runs:
+    on a guest without Linux the scan looks at every page the guest wrote, and a shutdown must not wait for it."""
+
+    def __init__(self, mem, cancelled: threading.Event):
+        self.mem, self.cancelled = mem, cancelled
+
+    @property
+    def ram(self):
+        return self.mem.ram
+
+    def read_frames(self, pfns, **kw):
+        if self.cancelled.is_set():
+            raise Cancelled()
+        return self.mem.read_frames(pfns, **kw)
+
+    def read(self, gpa: int, size: int, **kw) -> bytes:
+        return self.mem.read(gpa, size, **kw)
+
+
+def find_kernel(machine, cancelled: threading.Event | None = None):
+    """The guest's Linux kernel (:class:`~sevmon.x86.vmcoreinfo.GuestKernel`) or None, found as the walkers find it
+    (:func:`sevmon.machine.kernel_root.kernel_cache`: scanned once, then kept while the guest stays paused).
+    DebugError when debugging is refused, Cancelled when ``cancelled`` is set during the scan."""
+    mem = machine.memory if cancelled is None else _CancellableMemory(machine.memory, cancelled)
+    return kernel_cache(machine).get(mem, machine.ram_runs())
+
+
+def guest_note(machine, kernel) -> bytes:
+    """The ``VMCOREINFO`` note of ``kernel``, or nothing when no 64-bit Linux was found (nothing made up).
+
+    The descriptor is the kernel's own bytes up to the page's first NUL (the kernel keeps the text in a zeroed page
+    of its own, ``vmcoreinfo_size`` long), re-read from the page the cache holds: no round trip, and the note holds
+    what the guest wrote.
+    """
+    if kernel is None:
+        return b""
+    page = machine.memory.read(kernel.gpa, PAGE_SIZE)
+    end = page.find(b"\0")
+    return vmcoreinfo_note(page[:end] if end >= 0 else page)
+
+
+def sev_tables(machine, kernel) -> dict[int, tuple[int, int]]:
+    """The page tables whose C-bits the dump of an SEV guest clears (see :func:`cbit_tables`): those reachable from
+    each vCPU whose registers are known and from the Linux kernel's own root (the only one of an SEV-ES guest)."""
+    if machine.sev is None:
+        return {}
+    roots = [c for c in machine.cpus if c.registers_known and registers_unavailable(machine, c) is None]
+    if kernel is not None:
+        roots.append(kernel.walk_cpu(cbit_mask(machine)))
+    return cbit_tables(lambda pfns: machine.memory.read_frames(pfns), roots, machine.sev.cpuid.cbitpos)
+
+
+def _strip(data: bytes, gpa: int, tables: dict[int, tuple[int, int]], cbitpos: int) -> bytes:
+    """``data`` (guest-physical ``gpa`` on) with the C-bit cleared in the table pages it holds."""
+    first, last = gpa >> PAGE_SHIFT, (gpa + len(data) - 1) >> PAGE_SHIFT
+    hits = [p for p in range(first, last + 1) if p in tables]
+    if not hits:
+        return data
+    buf = bytearray(data)
+    for pfn in hits:
+        start = pfn << PAGE_SHIFT
+        lo, hi = max(gpa, start), min(gpa + len(data), start + PAGE_SIZE)
+        page = bytes(lo - start) + bytes(buf[lo - gpa:hi - gpa]) + bytes(start + PAGE_SIZE - hi)
+        buf[lo - gpa:hi - gpa] = strip_cbit(page, *tables[pfn], cbitpos)[lo - start:hi - start]
+    return bytes(buf)
 
 
 JOB = "dump"  # the runner's job kind
@@ -59,14 +136,18 @@ class DumpJob:
         def read_run(gpa: int, size: int) -> bytes:
             if self.cancelled.is_set():
                 raise Cancelled()
-            return self.runner.locked(lambda: m.memory.read_zero_filled(gpa, size))
+            data = self.runner.locked(lambda: m.memory.read_zero_filled(gpa, size))
+            return _strip(data, gpa, tables, m.sev.cpuid.cbitpos) if tables else data
 
         def progress(done: int, total: int) -> None:
             self.completed, self.total = done, total
 
         try:
+            kernel = self.runner.locked(lambda: find_kernel(m, self.cancelled))
+            note = self.runner.locked(lambda: guest_note(m, kernel))
+            tables = self.runner.locked(lambda: sev_tables(m, kernel))
             write_core(self.out.file, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length,
-                       extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
+                       guest_note=note, extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
             self.out.commit()
             self.status = "completed"
         except Cancelled:

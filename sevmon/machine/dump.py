@@ -17,6 +17,11 @@ not copied)::
   ``pr_pid = cpu index + 1``; then a "QEMU" note (type 0) per vCPU carrying
   ``QEMUCPUState`` version 1 (440 bytes: GPRs, rip, rflags, cs ds es fs gs ss ldt tr gdt
   idt as {selector, limit, flags, pad, base}, cr[5], kernel_gs_base).
+* Then the guest's own note, where QEMU has one (``-device vmcoreinfo``, a Linux guest that registered its
+  VMCOREINFO): QEMU copies Linux's ``vmcoreinfo_note`` out of guest memory after every vCPU note, and that note is
+  name ``VMCOREINFO`` (namesz 11), type 0, descriptor the VMCOREINFO text (descsz its length, no NUL), name and
+  descriptor each zero-padded to 4 bytes: :func:`vmcoreinfo_note` builds the very same bytes from the text (what
+  ``crash`` and ``drgn -c`` read to find the kernel: release, KASLR offset, ``phys_base``, page tables).
 * PT_NOTE and PT_LOAD have ``p_flags = 0``, ``p_align = 0``; PT_LOAD has ``p_vaddr = 0``
   (paging off), ``p_paddr`` = guest-physical address, ``p_filesz = p_memsz`` = run size.
   Touching runs are merged into one PT_LOAD (QEMU merges contiguous RAM blocks).
@@ -78,6 +83,12 @@ def _note(name: bytes, ntype: int, desc: bytes) -> bytes:
     head = struct.pack("<III", namesz, len(desc), ntype)
     name_field = name + b"\0" * (-(-namesz // 4) * 4 - len(name))
     return head + name_field + desc + b"\0" * (-len(desc) % 4)
+
+
+def vmcoreinfo_note(text: bytes) -> bytes:
+    """The ``VMCOREINFO`` ELF note of a Linux guest whose VMCOREINFO text is ``text`` (the bytes the kernel wrote,
+    up to its length): byte for byte the note Linux keeps in ``vmcoreinfo_note`` and QEMU copies into its dump."""
+    return _note(b"VMCOREINFO", 0, text)
 
 
 def prstatus_x86_64(cpu: CpuState, pid: int) -> bytes:
@@ -205,7 +216,7 @@ def _filter_runs(runs: list[tuple[int, int]], begin: int, length: int) -> list[t
 
 def dump_layout(cpus: Sequence[CpuState], ram_runs: Iterable[tuple[int, int]], *,
                 begin: int | None = None, length: int | None = None,
-                elf_class: int | None = None, extra_notes: bytes = b"") -> dict:
+                elf_class: int | None = None, guest_note: bytes = b"", extra_notes: bytes = b"") -> dict:
     """Work out what :func:`write_core` will write (class, machine, runs, offsets, size)."""
     if (begin is None) != (length is None):
         raise ValueError(f"Parameter '{'length' if length is None else 'begin'}' is missing")
@@ -227,7 +238,7 @@ def dump_layout(cpus: Sequence[CpuState], ram_runs: Iterable[tuple[int, int]], *
     ehsize, phentsize, shentsize = (64, 56, 64) if elf_class == 64 else (52, 32, 40)
     phdr_num = 1 + len(runs)
     have_section = phdr_num >= PN_XNUM
-    notes = build_notes(cpus, long_mode) + extra_notes
+    notes = build_notes(cpus, long_mode) + guest_note + extra_notes
     note_offset = ehsize + phentsize * phdr_num + (shentsize if have_section else 0)
     memory_offset = note_offset + len(notes)
     total = sum(s for _, s in runs)
@@ -283,6 +294,7 @@ def write_core(
     begin: int | None = None,
     length: int | None = None,
     elf_class: int | None = None,
+    guest_note: bytes = b"",
     extra_notes: bytes = b"",
 ) -> int:
     """Stream a QEMU-layout ELF core of ``ram_runs`` to ``fileobj``; return bytes written.
@@ -293,10 +305,12 @@ def write_core(
     ``progress(done, total)`` is called after every piece (RAM bytes). ``begin``/``length``
     restrict the dump to ``[begin, begin+length)`` like ``dump-guest-memory``'s filter
     (both or neither; ValueError with QEMU's text otherwise). ``elf_class`` (32/64)
-    overrides QEMU's class rule (see the module docstring). ``extra_notes`` (whole notes)
-    follow QEMU's in the PT_NOTE segment.
+    overrides QEMU's class rule (see the module docstring). ``guest_note`` (a whole note:
+    :func:`vmcoreinfo_note`) follows the vCPU notes where QEMU puts the guest's; ``extra_notes`` (whole notes,
+    sevmon's own) follow QEMU's in the PT_NOTE segment.
     """
-    lay = dump_layout(cpus, ram_runs, begin=begin, length=length, elf_class=elf_class, extra_notes=extra_notes)
+    lay = dump_layout(cpus, ram_runs, begin=begin, length=length, elf_class=elf_class, guest_note=guest_note,
+                      extra_notes=extra_notes)
     head = _headers(lay)
     assert len(head) == lay["note_offset"]
     fileobj.write(head)

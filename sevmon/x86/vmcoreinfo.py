@@ -132,14 +132,18 @@ def find(mem, ram_runs: Iterable[tuple[int, int]], *, batch_pages: int = SCAN_BA
     starts ``OSRELEASE=`` but does not parse (a 32-bit kernel, a copy of the text in a buffer) is passed over.
     """
     cost = cost if cost is not None else ScanCost()
+    # a frame the guest never wrote (the model's sparse RAM) holds zeros, not the text: no firmware call for it, as
+    # a dump skips it (DebugMemory.read_zero_filled), so a guest without Linux costs no more to scan than to dump
+    stored = getattr(getattr(mem, "ram", None), "stored", None)
     for first, count in sorted(ram_runs):
         pfn, end = first, first + count
         while pfn < end:
             n = min(batch_pages, end - pfn)
+            want = range(pfn, pfn + n) if stored is None else [p for p in range(pfn, pfn + n) if stored(p)]
             try:
-                pages = mem.read_frames(range(pfn, pfn + n), fill=False)
+                pages = mem.read_frames(want, fill=False) if want else {}
             except TypeError:  # a PhysicalMemory without a cache (plain images before launch)
-                pages = mem.read_frames(range(pfn, pfn + n))
+                pages = mem.read_frames(want)
             cost.requests += 1
             cost.pages += n
             for p in range(pfn, pfn + n):
