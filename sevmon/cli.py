@@ -172,6 +172,17 @@ def build_parser() -> OneLineParser:
                        help="wall times are medians of this many runs, 1..1000 (default 5)")
     add_guest_options(bench)
 
+    drgn = sub.add_parser("drgn", help="drgn on the live guest, every byte through sevmon's debug path",
+                          description="drgn on the Linux guest a sevmon daemon serves: its interactive console "
+                                      "with prog ready, or SCRIPT run as 'drgn SCRIPT ARGS' runs it. Needs drgn "
+                                      "(pip install 'sevmon[drgn]') and the guest kernel's debug vmlinux.")
+    drgn.add_argument("socket", metavar="QMP_SOCKET", help="the daemon's QMP socket")
+    drgn.add_argument("-s", "--symbols", metavar="VMLINUX",
+                      help="the guest kernel's debug vmlinux (Debian: linux-image-RELEASE-dbg); required")
+    # SCRIPT and its ARGS as drgn takes them: everything after SCRIPT is the script's, options too
+    drgn.add_argument("script", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS...]",
+                      help="a drgn script (prog in its globals) and its arguments (sys.argv[1:])")
+
     check = sub.add_parser("check", help="can this host debug a live SEV guest? (exit 0 only when it can)")
     check.add_argument("--qemu-pid", type=int, metavar="PID", help="also check this running QEMU")
     check.add_argument("--qemu-qmp", metavar="SOCKET", help="QEMU's QMP socket, to read its guest policy")
@@ -182,6 +193,26 @@ def build_parser() -> OneLineParser:
     add_verbose(check)
     parser.subcommands = sub.choices
     return parser
+
+
+def _drgn_symbols(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``-s VMLINUX`` after the socket: argparse's remainder took it with the script, so take it back (only before
+    SCRIPT: what follows SCRIPT is the script's own)."""
+    rest = args.script
+    while rest and rest[0].startswith("-"):
+        opt = rest.pop(0)
+        if opt in ("-s", "--symbols"):
+            if not rest:
+                p.error("argument -s/--symbols: expected one argument")
+            args.symbols = rest.pop(0)
+        elif opt.startswith("--symbols="):
+            args.symbols = opt.partition("=")[2]
+        elif opt.startswith("-s"):
+            args.symbols = opt[2:]
+        else:
+            p.error(f"unrecognized arguments: {opt}")
+    if args.symbols is None:
+        p.error("the following arguments are required: -s/--symbols")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.subcommand == "check":
         from sevmon.check import main as check_main
         return check_main(args.qemu_pid, args.qemu_qmp, args.json)
+    if args.subcommand == "drgn":
+        _drgn_symbols(parser.subcommands["drgn"], args)
+        from sevmon.drgn.run import main as drgn_main
+        return drgn_main(args.socket, args.symbols, args.script[0] if args.script else None, args.script[1:])
     if args.subcommand == "shell":
         from sevmon.shell.app import run_shell
         return run_shell(args)

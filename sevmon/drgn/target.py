@@ -1,0 +1,82 @@
+"""``program(socket, vmlinux=...)``: a ``drgn.Program`` over a live guest that sevmon serves.
+
+drgn's custom Linux target (``set_linux_kernel_custom``) needs two things: the kernel's VMCOREINFO text, which
+sevmon found in guest RAM through the debug path (``query-guest-kernel``), and a physical-memory reader, which is
+:class:`~sevmon.drgn.reader.PhysicalReader` over ``read-guest-physical``. drgn walks the kernel's page tables
+itself from VMCOREINFO, so it needs no vCPU registers (an SEV-ES guest's are encrypted) and every byte it sees
+came through sevmon's refusal rule, DBG_DECRYPT and page cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sevmon.drgn.qmp_client import QmpClient, QmpError
+from sevmon.drgn.reader import PhysicalReader, ReadFault
+
+#: drgn's physical segment: all of x86-64's guest-physical space (52 bits); what is not RAM, the daemon refuses
+PHYSICAL_SPACE = 1 << 52
+
+
+class DrgnSetupError(Exception):
+    """Why no Program could be made (one sentence)."""
+
+
+def import_drgn():
+    try:
+        import drgn
+    except ImportError:
+        raise DrgnSetupError("drgn is not installed: pip install 'sevmon[drgn]'") from None
+    return drgn
+
+
+def segment_reader(reader: PhysicalReader, drgn):
+    """drgn's ``read_fn(address, count, offset, physical)``; a refused read is drgn's FaultError at that address."""
+    def read(address: int, count: int, offset: int, physical: bool) -> bytes:
+        try:
+            return reader.read(address, count)
+        except ReadFault as e:
+            raise drgn.FaultError(e.reason, e.address) from None
+    return read
+
+
+def connect(socket_path: str) -> tuple[QmpClient, str]:
+    """A QMP connection to sevmon and the guest kernel's VMCOREINFO text (DrgnSetupError: one sentence why not)."""
+    from sevmon.drgn.qmp_client import QmpConnectionError
+    try:
+        client = QmpClient(socket_path)
+    except QmpConnectionError as e:
+        raise DrgnSetupError(str(e)) from None
+    try:
+        kernel = client.execute("query-guest-kernel")
+    except QmpError as e:
+        client.close()
+        if e.error_class == "CommandNotFound":
+            raise DrgnSetupError(f"{socket_path}: not a sevmon monitor (it has no query-guest-kernel)") from None
+        raise DrgnSetupError(e.desc) from None
+    return client, kernel["vmcoreinfo"]
+
+
+def program(socket: str, vmlinux: str | os.PathLike, *, cache: bool = True):
+    """A ``drgn.Program`` for the Linux guest sevmon serves on QMP ``socket``, with ``vmlinux``'s debug info.
+
+    ``prog.sevmon_reader`` (set as a Program config entry, ``prog.config["sevmon_reader"]``) is the reader: its
+    ``requests`` and ``reads`` count what drgn asked, ``drop()`` forgets the client-side pages.
+    ``cache=False`` sends every drgn read to the daemon (the daemon's page cache still applies).
+    Raises DrgnSetupError (one sentence) when drgn is missing, the socket is not sevmon's, debugging is
+    refused, or no Linux kernel is found; drgn's own errors for a vmlinux it cannot use.
+    """
+    drgn = import_drgn()
+    path = os.fspath(vmlinux)
+    if not os.path.isfile(path):
+        raise DrgnSetupError(f"{path}: no such file (the guest kernel's debug vmlinux)")
+    client, vmcoreinfo = connect(socket)
+    reader = PhysicalReader(client, cache=cache)
+    platform = drgn.Platform(drgn.Architecture.X86_64,
+                             drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
+    prog = drgn.Program(platform)
+    prog.add_memory_segment(0, PHYSICAL_SPACE, segment_reader(reader, drgn), physical=True)
+    prog.set_linux_kernel_custom(vmcoreinfo.encode(), True)
+    prog.config["sevmon_reader"] = reader
+    prog.load_debug_info([path])
+    return prog
