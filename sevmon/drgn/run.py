@@ -25,11 +25,9 @@ def _fail(message: str) -> int:
 
 def make_program(socket: str, vmlinux: str):
     """The Program, or DrgnSetupError with drgn's own complaint about the vmlinux in one sentence."""
-    drgn = import_drgn()
+    import_drgn()
     try:
         return program(socket, vmlinux)
-    except drgn.MissingDebugInfoError as e:
-        raise DrgnSetupError(f"{vmlinux} does not match the guest's kernel: {str(e).splitlines()[0]}") from None
     except (OSError, ValueError) as e:
         raise DrgnSetupError(f"{vmlinux}: {e}") from None
 

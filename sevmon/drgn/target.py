@@ -76,7 +76,16 @@ def program(socket: str, vmlinux: str | os.PathLike, *, cache: bool = True):
                              drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
     prog = drgn.Program(platform)
     prog.add_memory_segment(0, PHYSICAL_SPACE, segment_reader(reader, drgn), physical=True)
-    prog.set_linux_kernel_custom(vmcoreinfo.encode(), True)
+    try:
+        prog.set_linux_kernel_custom(vmcoreinfo.encode(), True)
+    except Exception as e:  # drgn's BadDataError is not public: any refusal of the text, in its words
+        client.close()
+        raise DrgnSetupError(f"drgn cannot use the guest's VMCOREINFO: {e}") from None
     prog.config["sevmon_reader"] = reader
-    prog.load_debug_info([path])
+    try:
+        prog.load_debug_info([path])
+    except drgn.MissingDebugInfoError as e:
+        client.close()
+        raise DrgnSetupError(f"{path} is not the debug vmlinux of the guest's kernel "
+                             f"(drgn: {str(e).splitlines()[0]})") from None
     return prog
