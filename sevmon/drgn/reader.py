@@ -34,10 +34,16 @@ class ReadFault(Exception):
 
 
 class PhysicalReader:
-    """``read(address, count)`` of guest-physical bytes, whole pages asked of the daemon and kept while valid."""
+    """``read(address, count)`` of guest-physical bytes, whole pages asked of the daemon and kept while valid.
 
-    def __init__(self, client: QmpClient, *, cache: bool = True):
+    Every page is read private (decrypted with the guest's key): a page the guest shares with the host (C-bit clear
+    in its mapping: a bounce buffer, the GHCB) reads as what decryption makes of it, not as its bytes."""
+
+    def __init__(self, client: QmpClient, *, cache: bool = True, cbit_mask: int = 0):
+        """``cbit_mask``: the guest's C-bit, stripped from every address asked (drgn takes page-table entries'
+        address bits as they are, C-bit included); the page is read private (decrypted with the guest's key)."""
         self.client = client
+        self.cbit_mask = cbit_mask
         self.cache_enabled = cache
         self.pages: dict[int, bytes] = {}
         self.requests = 0       #: read-guest-physical calls made
@@ -60,6 +66,7 @@ class PhysicalReader:
 
     def read(self, address: int, count: int) -> bytes:
         self.reads += 1
+        address &= ~self.cbit_mask
         if count <= 0:
             return b""
         if not self.cache_enabled:

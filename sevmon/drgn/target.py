@@ -40,6 +40,29 @@ def segment_reader(reader: PhysicalReader, drgn):
     return read
 
 
+def cbit_mask(client: QmpClient, vmcoreinfo: str) -> int:
+    """The C-bit drgn will find in the guest's page-table entries, to be stripped from the physical addresses it
+    reads: sevmon's (``query-sev``, ``query-sev-capabilities``' ``cbitpos``) when the guest is an SEV guest, and the
+    kernel's own ``NUMBER(sme_mask)`` (a Linux SEV guest writes its ``sme_me_mask`` into VMCOREINFO).
+
+    Why: drgn walks the kernel's tables itself and takes an entry's address bits as they are; on an SEV guest every
+    entry carries the C-bit (bit 47, or 51 on Milan/Genoa), so drgn asks for e.g. ``0x800018216000``, which is the
+    private page at ``0x18216000``."""
+    mask = 0
+    for line in vmcoreinfo.splitlines():
+        if line.startswith("NUMBER(sme_mask)="):
+            try:
+                mask |= int(line.partition("=")[2], 0)
+            except ValueError:
+                pass
+    try:
+        if client.execute("query-sev").get("enabled"):
+            mask |= 1 << client.execute("query-sev-capabilities")["cbitpos"]
+    except QmpError:  # not an SEV guest (QEMU without SEV refuses both)
+        pass
+    return mask
+
+
 def connect(socket_path: str) -> tuple[QmpClient, str]:
     """A QMP connection to sevmon and the guest kernel's VMCOREINFO text (DrgnSetupError: one sentence why not)."""
     from sevmon.drgn.qmp_client import QmpConnectionError
@@ -71,7 +94,7 @@ def program(socket: str, vmlinux: str | os.PathLike, *, cache: bool = True):
     if not os.path.isfile(path):
         raise DrgnSetupError(f"{path}: no such file (the guest kernel's debug vmlinux)")
     client, vmcoreinfo = connect(socket)
-    reader = PhysicalReader(client, cache=cache)
+    reader = PhysicalReader(client, cache=cache, cbit_mask=cbit_mask(client, vmcoreinfo))
     platform = drgn.Platform(drgn.Architecture.X86_64,
                              drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
     prog = drgn.Program(platform)
