@@ -277,6 +277,9 @@ def run_bench(args, spec) -> int:
     from sevmon.bench.gdb_session import gdb_session
     report["gdb session"] = (gdb_session(machine) if machine.cpus[0].unavailable is None else
                              {"skipped": "gdb reads registers, and this guest's are not available"})
+    if getattr(args, "drgn", None):
+        from sevmon.bench.drgn_row import drgn_row
+        report["drgn"] = drgn_row(machine, _guest_argv(args), args.drgn)
     report["latency"] = _latency(_guest_argv(args))
     if args.scale:
         report["scale"] = _scale(args.scale)
@@ -320,6 +323,9 @@ def _print_table(report: dict) -> None:
     print(f"\nlevel-batched lower bound for this guest: {lb['round-trips']} round trips over {lb['table-pages']} "
           f"table pages; sevmon achieved {lb['achieved-round-trips']}")
     _print_gdb(report["gdb session"])
+    if "drgn" in report:
+        from sevmon.bench.drgn_row import print_drgn_row
+        print_drgn_row(report["drgn"])
     print("\nlatency under load:")
     for k, v in report["latency"].items():
         print(f"  {k:22} p50 {v['p50-ms']:8} ms   p99 {v['p99-ms']:8} ms")

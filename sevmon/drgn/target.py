@@ -30,14 +30,36 @@ def import_drgn():
     return drgn
 
 
-def segment_reader(reader: PhysicalReader, drgn):
-    """drgn's ``read_fn(address, count, offset, physical)``; a refused read is drgn's FaultError at that address."""
-    def read(address: int, count: int, offset: int, physical: bool) -> bytes:
+def segment_reader(read, drgn):
+    """drgn's ``read_fn(address, count, offset, physical)`` over ``read(address, count)``; a refused read
+    (:class:`ReadFault`) is drgn's FaultError at that address."""
+    def read_fn(address: int, count: int, offset: int, physical: bool) -> bytes:
         try:
-            return reader.read(address, count)
+            return read(address, count)
         except ReadFault as e:
             raise drgn.FaultError(e.reason, e.address) from None
-    return read
+    return read_fn
+
+
+def kernel_program(vmcoreinfo: str, read, vmlinux: str):
+    """A ``drgn.Program`` of the Linux kernel that ``vmcoreinfo`` describes, all of guest-physical memory read by
+    ``read(address, count)``, with ``vmlinux``'s debug info (DrgnSetupError when drgn refuses either).
+    ``sevmon.drgn.program`` gives it sevmon's QMP reader; the benchmark gives it others."""
+    drgn = import_drgn()
+    platform = drgn.Platform(drgn.Architecture.X86_64,
+                             drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
+    prog = drgn.Program(platform)
+    prog.add_memory_segment(0, PHYSICAL_SPACE, segment_reader(read, drgn), physical=True)
+    try:
+        prog.set_linux_kernel_custom(vmcoreinfo.encode(), True)
+    except Exception as e:  # drgn's BadDataError is not public: any refusal of the text, in its words
+        raise DrgnSetupError(f"drgn cannot use the guest's VMCOREINFO: {e}") from None
+    try:
+        prog.load_debug_info([vmlinux])
+    except drgn.MissingDebugInfoError as e:
+        raise DrgnSetupError(f"{vmlinux} is not the debug vmlinux of the guest's kernel "
+                             f"(drgn: {str(e).splitlines()[0]})") from None
+    return prog
 
 
 def cbit_mask(client: QmpClient, vmcoreinfo: str) -> int:
@@ -89,26 +111,16 @@ def program(socket: str, vmlinux: str | os.PathLike, *, cache: bool = True):
     Raises DrgnSetupError (one sentence) when drgn is missing, the socket is not sevmon's, debugging is
     refused, or no Linux kernel is found; drgn's own errors for a vmlinux it cannot use.
     """
-    drgn = import_drgn()
+    import_drgn()
     path = os.fspath(vmlinux)
     if not os.path.isfile(path):
         raise DrgnSetupError(f"{path}: no such file (the guest kernel's debug vmlinux)")
     client, vmcoreinfo = connect(socket)
     reader = PhysicalReader(client, cache=cache, cbit_mask=cbit_mask(client, vmcoreinfo))
-    platform = drgn.Platform(drgn.Architecture.X86_64,
-                             drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
-    prog = drgn.Program(platform)
-    prog.add_memory_segment(0, PHYSICAL_SPACE, segment_reader(reader, drgn), physical=True)
     try:
-        prog.set_linux_kernel_custom(vmcoreinfo.encode(), True)
-    except Exception as e:  # drgn's BadDataError is not public: any refusal of the text, in its words
+        prog = kernel_program(vmcoreinfo, reader.read, path)
+    except BaseException:
         client.close()
-        raise DrgnSetupError(f"drgn cannot use the guest's VMCOREINFO: {e}") from None
+        raise
     prog.config["sevmon_reader"] = reader
-    try:
-        prog.load_debug_info([path])
-    except drgn.MissingDebugInfoError as e:
-        client.close()
-        raise DrgnSetupError(f"{path} is not the debug vmlinux of the guest's kernel "
-                             f"(drgn: {str(e).splitlines()[0]})") from None
     return prog
