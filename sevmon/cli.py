@@ -170,8 +170,8 @@ def build_parser() -> OneLineParser:
                             "monitor, same paused guest (4 GiB of RAM)")
     bench.add_argument("--drgn", metavar="VMLINUX",
                        help="also time drgn's task list and dmesg through sevmon against a naive reader (one "
-                            "DBG_DECRYPT per drgn read); needs drgn, a captured Linux guest (--core/--raw) and its "
-                            "kernel's debug vmlinux")
+                            "DBG_DECRYPT per drgn read); needs drgn, the kernel's debug vmlinux and a Linux guest: "
+                            "--core/--raw, or --vs-qemu KERNEL INITRD booted and dumped by QEMU")
     bench.add_argument("--repeat", type=ranged(1, 1000), default=5,
                        help="wall times are medians of this many runs, 1..1000 (default 5)")
     add_guest_options(bench)
@@ -263,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         from sevmon.shell.app import run_shell
         return run_shell(args)
     from sevmon.bench.run import run_bench
-    if args.drgn and not (args.core or args.raw):
-        parser.subcommands["bench"].error("argument --drgn: needs a captured Linux guest (--core FILE or --raw FILE)")
+    if args.drgn and not (args.core or args.raw or args.vs_qemu):
+        parser.subcommands["bench"].error("argument --drgn: needs a Linux guest: a capture (--core FILE or --raw "
+                                          "FILE), or --vs-qemu KERNEL INITRD to boot and dump one")
     if args.sev is None:
         args.sev = True  # the benchmark is about SEV: cores and raw images run encrypted
     args.workload = False

@@ -7,6 +7,10 @@
 
 Counts are the kernel transport's (deterministic); distinct pages are the daemon's decrypted bytes / 4 KiB.
 Loading the vmlinux (seconds) is not timed; the times are one run each.
+
+The guest is ``--core``/``--raw`` of a captured Linux guest, or, with ``--vs-qemu KERNEL INITRD``, that kernel
+booted under QEMU (TCG, 1 GiB), paused and dumped with QEMU's ``dump-guest-memory`` by :func:`capture` (so the
+row is one command), opened as an SEV guest.
 """
 
 from __future__ import annotations
@@ -32,6 +36,35 @@ def tasks_and_dmesg(prog) -> tuple[int, int]:
     from drgn.helpers.linux.printk import get_printk_records
     tasks = [(int(t.pid), t.comm.string_()) for t in for_each_task(prog)]
     return len(tasks), len(get_printk_records(prog))
+
+
+def capture(kernel: str, initrd: str, tmp: str, cpu_model: str = "max,la57=off", mem: str = "1G") -> str:
+    """Boot ``kernel`` under QEMU TCG, let it run ``SEVMON_BENCH_BOOT_SECONDS`` (as ``--vs-qemu`` does), pause it
+    and write QEMU's own ``dump-guest-memory`` (ELF, paging off); the dump's path."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    from sevmon.bench.vs_qemu import BOOT_SECONDS
+    qsock, dump = os.path.join(tmp, "qemu.sock"), os.path.join(tmp, "guest.elf")
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-cpu", cpu_model, "-m", mem, "-nodefaults",
+         "-display", "none", "-serial", "null", "-no-reboot", "-kernel", kernel, "-initrd", initrd,
+         "-append", "console=ttyS0 panic=-1 quiet", "-qmp", f"unix:{qsock},server=on,wait=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not os.path.exists(qsock):
+            if qemu.poll() is not None:
+                raise RuntimeError(f"QEMU failed: {qemu.stderr.read().strip()}")
+            time.sleep(0.05)
+        q = QEMUMonitorProtocol(qsock)
+        q.connect(negotiate=True)
+        time.sleep(BOOT_SECONDS)
+        q.cmd("stop")
+        q.cmd("dump-guest-memory", paging=False, protocol=f"file:{dump}")
+        q.close()
+    finally:
+        qemu.terminate()
+        qemu.wait(10)
+    return dump
 
 
 def _serve(guest_argv: list[str], tmp: str) -> tuple[subprocess.Popen, str]:
@@ -90,6 +123,7 @@ def drgn_row(machine, guest_argv: list[str], vmlinux: str) -> dict:
         except MemoryAccessError as e:
             raise ReadFault(address, e.reason) from None
     nprog = kernel_program(vmcoreinfo, naive, vmlinux)
+    naive_reads = 0  # the workload's reads only, not those of loading the debug info
     before = dict(ops.stats())
     t0 = time.perf_counter()
     tasks, records = tasks_and_dmesg(nprog)
@@ -107,7 +141,9 @@ def print_drgn_row(row: dict) -> None:
         return
     print(f"\ndrgn: task list + dmesg ({row['tasks']} tasks, {row['printk-records']} printk records):")
     for name, r in (("sevmon cold", row["cold"]), ("sevmon warm", row["warm"]), ("naive", row["naive"])):
-        pages = f"pages decrypted {r['pages-decrypted']:>6}  QMP requests {r['qmp-requests']:>6}  " \
-            if "pages-decrypted" in r else f"bytes decrypted {r['bytes-decrypted']:>9}  " + " " * 13
-        print(f"  {name:11} round trips {r['round-trips']:>6}  firmware calls {r['firmware-calls']:>6}  {pages}"
+        what = (f"pages {r['pages-decrypted']:>6}  QMP requests {r['qmp-requests']:>6}" if "pages-decrypted" in r
+                else f"decrypted {r['bytes-decrypted']:>12} bytes")
+        print(f"  {name:11}  trips {r['round-trips']:>6}  fw-calls {r['firmware-calls']:>6}  {what}  "
               f"drgn reads {r['drgn-reads']:>6}  {r['wall-ms']:>8} ms")
+    print("  (trips: kernel round trips; pages: distinct pages decrypted; warm: a new client's empty cache, the "
+          "daemon's\n  kept; naive: one DBG_DECRYPT per drgn read, nothing cached)")

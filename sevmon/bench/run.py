@@ -240,6 +240,25 @@ def _vs_qemu(kernel: str, initrd: str, cpu_model: str = "max,la57=off") -> dict:
     return compare(kernel, initrd, cpu_model)
 
 
+def _drgn(args, machine) -> dict:
+    """The drgn row on the bench's guest (--core/--raw), or on the --vs-qemu kernel booted and dumped by QEMU."""
+    from sevmon.bench.drgn_row import capture, drgn_row
+    if args.core or args.raw:
+        return drgn_row(machine, _guest_argv(args), args.drgn)
+    if shutil.which("qemu-system-x86_64") is None:
+        return {"skipped": "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"}
+    from sevmon.machine.builder import build_machine
+    from sevmon.machine.spec import GuestSpec
+    tmp = tempfile.mkdtemp(prefix="sevmon-bench-drgn-")
+    try:
+        dump = capture(*args.vs_qemu, tmp, args.qemu_cpu)
+        captured = build_machine(GuestSpec(source="core", image=dump, workload=False))  # SEV: the default SevSpec
+        captured.stop()
+        return drgn_row(captured, ["--core", dump, "--sev", "--no-workload"], args.drgn)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _guest_argv(args) -> list[str]:
     argv = []
     if args.core:
@@ -278,8 +297,7 @@ def run_bench(args, spec) -> int:
     report["gdb session"] = (gdb_session(machine) if machine.cpus[0].unavailable is None else
                              {"skipped": "gdb reads registers, and this guest's are not available"})
     if getattr(args, "drgn", None):
-        from sevmon.bench.drgn_row import drgn_row
-        report["drgn"] = drgn_row(machine, _guest_argv(args), args.drgn)
+        report["drgn"] = _drgn(args, machine)
     report["latency"] = _latency(_guest_argv(args))
     if args.scale:
         report["scale"] = _scale(args.scale)

@@ -84,4 +84,5 @@ def test_bench_drgn_needs_a_captured_linux_guest(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines()[-1] == (
-        "sevmon bench: error: argument --drgn: needs a captured Linux guest (--core FILE or --raw FILE)")
+        "sevmon bench: error: argument --drgn: needs a Linux guest: a capture (--core FILE or --raw FILE), or "
+        "--vs-qemu KERNEL INITRD to boot and dump one")
