@@ -9,6 +9,7 @@ came through sevmon's refusal rule, DBG_DECRYPT and page cache.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from sevmon.drgn.qmp_client import QmpClient, QmpError
@@ -54,11 +55,25 @@ def kernel_program(vmcoreinfo: str, read, vmlinux: str):
         prog.set_linux_kernel_custom(vmcoreinfo.encode(), True)
     except Exception as e:  # drgn's BadDataError is not public: any refusal of the text, in its words
         raise DrgnSetupError(f"drgn cannot use the guest's VMCOREINFO: {e}") from None
+    # drgn ignores a file that is not the kernel's (its build ID differs) with a log line and loads nothing: quiet
+    # its logger while loading, then say so in one sentence
+    log = logging.getLogger("drgn")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
     try:
         prog.load_debug_info([vmlinux])
-    except drgn.MissingDebugInfoError as e:
-        raise DrgnSetupError(f"{vmlinux} is not the debug vmlinux of the guest's kernel "
-                             f"(drgn: {str(e).splitlines()[0]})") from None
+    except drgn.MissingDebugInfoError:
+        pass
+    finally:
+        log.setLevel(level)
+    try:
+        loaded = prog.main_module().debug_file_path is not None
+    except LookupError:
+        loaded = False
+    if not loaded:
+        release = next((ln.partition("=")[2] for ln in vmcoreinfo.splitlines() if ln.startswith("OSRELEASE=")), "?")
+        raise DrgnSetupError(f"{vmlinux} is not the debug vmlinux of the guest's kernel {release} (no debug info "
+                             "with the kernel's build ID)")
     return prog
 
 

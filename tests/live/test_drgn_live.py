@@ -99,6 +99,16 @@ def test_attached_to_the_live_qemu(guest):
     assert got["reader"]["requests"] == got["reader"]["pages"] < got["reader"]["reads"]  # each page asked once
 
 
+def test_a_vmlinux_that_is_not_the_guest_kernels(guest):
+    """drgn itself only logs that it ignores such a file (and then finds no kernel symbols): one sentence instead."""
+    r = sevmon_drgn(guest.attached.qmp_path, Path(sys.executable), SCRIPT, str(guest.tmp / "never.json"),
+                    stdin=subprocess.DEVNULL)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"sevmon drgn: {sys.executable} is not the debug vmlinux of the guest's kernel "
+                        f"{guest.truth['release']} (no debug info with the kernel's build ID)\n")
+    assert not (guest.tmp / "never.json").exists()
+
+
 @pytest.mark.parametrize("policy", ["0x0", "0x4"], ids=["sev", "sev-es"])
 def test_qemus_dump_opened_as_an_sev_guest(guest, policy):
     with SevmonDaemon("--core", str(guest.dump), "--sev", "--policy", policy, start_timeout=600) as d:
