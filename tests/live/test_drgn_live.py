@@ -66,7 +66,7 @@ def drgn_script(socket: str, vmlinux: Path, out: Path) -> dict:
 def guest(module_tmp):
     require_drgn()
     vmlinux = require_debug_vmlinux()
-    qemu = Qemu(module_tmp, mem="512M")
+    qemu = Qemu(module_tmp, mem="256M")  # small: each SEV open encrypts all of it
     att = None
     try:
         q = qemu.qmp("b")
