@@ -120,11 +120,11 @@ def connect(socket_path: str) -> tuple[QmpClient, str]:
 def program(socket: str, vmlinux: str | os.PathLike, *, cache: bool = True):
     """A ``drgn.Program`` for the Linux guest sevmon serves on QMP ``socket``, with ``vmlinux``'s debug info.
 
-    ``prog.sevmon_reader`` (set as a Program config entry, ``prog.config["sevmon_reader"]``) is the reader: its
-    ``requests`` and ``reads`` count what drgn asked, ``drop()`` forgets the client-side pages.
-    ``cache=False`` sends every drgn read to the daemon (the daemon's page cache still applies).
-    Raises DrgnSetupError (one sentence) when drgn is missing, the socket is not sevmon's, debugging is
-    refused, or no Linux kernel is found; drgn's own errors for a vmlinux it cannot use.
+    ``prog.config["sevmon_reader"]`` is the reader (:class:`PhysicalReader`): its ``requests`` and ``reads``
+    count what drgn asked, ``drop()`` forgets the client-side pages. ``cache=False`` sends every drgn read to the
+    daemon (the daemon's page cache still applies). Raises DrgnSetupError (one sentence) when drgn is missing,
+    the socket is not sevmon's, debugging is refused, no Linux kernel is found, or drgn cannot use the
+    VMCOREINFO or the vmlinux.
     """
     import_drgn()
     path = os.fspath(vmlinux)
