@@ -168,9 +168,24 @@ def build_parser() -> OneLineParser:
     bench.add_argument("--attach", action="store_true",
                        help="with --vs-qemu: sevmon attached to the live QEMU (serve --attach) against QEMU's own "
                             "monitor, same paused guest (4 GiB of RAM)")
+    bench.add_argument("--drgn", metavar="VMLINUX",
+                       help="also time drgn's task list and dmesg through sevmon against a naive reader (one "
+                            "DBG_DECRYPT per drgn read); needs drgn, the kernel's debug vmlinux and a Linux guest: "
+                            "--core/--raw, or --vs-qemu KERNEL INITRD booted and dumped by QEMU")
     bench.add_argument("--repeat", type=ranged(1, 1000), default=5,
                        help="wall times are medians of this many runs, 1..1000 (default 5)")
     add_guest_options(bench)
+
+    drgn = sub.add_parser("drgn", help="drgn on the live guest, every byte through sevmon's debug path",
+                          description="drgn on the Linux guest a sevmon daemon serves: its interactive console "
+                                      "with prog ready, or SCRIPT run as 'drgn SCRIPT ARGS' runs it. Needs drgn "
+                                      "(pip install 'sevmon[drgn]') and the guest kernel's debug vmlinux.")
+    drgn.add_argument("socket", metavar="QMP_SOCKET", help="the daemon's QMP socket")
+    drgn.add_argument("-s", "--symbols", metavar="VMLINUX",
+                      help="the guest kernel's debug vmlinux (Debian: linux-image-RELEASE-dbg); required")
+    # SCRIPT and its ARGS as drgn takes them: everything after SCRIPT is the script's, options too
+    drgn.add_argument("script", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS...]",
+                      help="a drgn script (prog in its globals) and its arguments (sys.argv[1:])")
 
     check = sub.add_parser("check", help="can this host debug a live SEV guest? (exit 0 only when it can)")
     check.add_argument("--qemu-pid", type=int, metavar="PID", help="also check this running QEMU")
@@ -182,6 +197,26 @@ def build_parser() -> OneLineParser:
     add_verbose(check)
     parser.subcommands = sub.choices
     return parser
+
+
+def _drgn_symbols(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``-s VMLINUX`` after the socket: argparse's remainder took it with the script, so take it back (only before
+    SCRIPT: what follows SCRIPT is the script's own)."""
+    rest = args.script
+    while rest and rest[0].startswith("-"):
+        opt = rest.pop(0)
+        if opt in ("-s", "--symbols"):
+            if not rest:
+                p.error("argument -s/--symbols: expected one argument")
+            args.symbols = rest.pop(0)
+        elif opt.startswith("--symbols="):
+            args.symbols = opt.partition("=")[2]
+        elif opt.startswith("-s"):
+            args.symbols = opt[2:]
+        else:
+            p.error(f"unrecognized arguments: {opt}")
+    if args.symbols is None:
+        p.error("the following arguments are required: -s/--symbols")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,10 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.subcommand == "check":
         from sevmon.check import main as check_main
         return check_main(args.qemu_pid, args.qemu_qmp, args.json)
+    if args.subcommand == "drgn":
+        _drgn_symbols(parser.subcommands["drgn"], args)
+        from sevmon.drgn.run import main as drgn_main
+        return drgn_main(args.socket, args.symbols, args.script[0] if args.script else None, args.script[1:])
     if args.subcommand == "shell":
         from sevmon.shell.app import run_shell
         return run_shell(args)
     from sevmon.bench.run import run_bench
+    if args.drgn and not (args.core or args.raw or args.vs_qemu):
+        parser.subcommands["bench"].error("argument --drgn: needs a Linux guest: a capture (--core FILE or --raw "
+                                          "FILE), or --vs-qemu KERNEL INITRD to boot and dump one")
     if args.sev is None:
         args.sev = True  # the benchmark is about SEV: cores and raw images run encrypted
     args.workload = False

@@ -28,8 +28,8 @@ RANKS = {
     "sevmon.model": 3, "sevmon.debug": 3,
     # 4: x86 (paging, translation, registers); the HMP library (parser, table, text formats); sevmon check
     "sevmon.x86": 4, "sevmon.hmp": 4, "sevmon.check": 4,
-    # 5: the machines and their factory; pictures; the shell (a client of the HMP library)
-    "sevmon.machine": 5, "sevmon.render": 5, "sevmon.shell": 5,
+    # 5: the machines and their factory; pictures; the shell (a client of the HMP library); drgn (a QMP client)
+    "sevmon.machine": 5, "sevmon.render": 5, "sevmon.shell": 5, "sevmon.drgn": 5,
     # 6: the monitor commands; the command-line options (GuestSpec)
     "sevmon.commands": 6, "sevmon.options": 6,
     # 7: the gdb stub (a front end over the commands)

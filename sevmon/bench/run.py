@@ -240,6 +240,25 @@ def _vs_qemu(kernel: str, initrd: str, cpu_model: str = "max,la57=off") -> dict:
     return compare(kernel, initrd, cpu_model)
 
 
+def _drgn(args, machine) -> dict:
+    """The drgn row on the bench's guest (--core/--raw), or on the --vs-qemu kernel booted and dumped by QEMU."""
+    from sevmon.bench.drgn_row import capture, drgn_row
+    if args.core or args.raw:
+        return drgn_row(machine, _guest_argv(args), args.drgn)
+    if shutil.which("qemu-system-x86_64") is None:
+        return {"skipped": "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"}
+    from sevmon.machine.builder import build_machine
+    from sevmon.machine.spec import GuestSpec
+    tmp = tempfile.mkdtemp(prefix="sevmon-bench-drgn-")
+    try:
+        dump = capture(*args.vs_qemu, tmp, args.qemu_cpu)
+        captured = build_machine(GuestSpec(source="core", image=dump, workload=False))  # SEV: the default SevSpec
+        captured.stop()
+        return drgn_row(captured, ["--core", dump, "--sev", "--no-workload"], args.drgn)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _guest_argv(args) -> list[str]:
     argv = []
     if args.core:
@@ -277,6 +296,8 @@ def run_bench(args, spec) -> int:
     from sevmon.bench.gdb_session import gdb_session
     report["gdb session"] = (gdb_session(machine) if machine.cpus[0].unavailable is None else
                              {"skipped": "gdb reads registers, and this guest's are not available"})
+    if getattr(args, "drgn", None):
+        report["drgn"] = _drgn(args, machine)
     report["latency"] = _latency(_guest_argv(args))
     if args.scale:
         report["scale"] = _scale(args.scale)
@@ -320,6 +341,9 @@ def _print_table(report: dict) -> None:
     print(f"\nlevel-batched lower bound for this guest: {lb['round-trips']} round trips over {lb['table-pages']} "
           f"table pages; sevmon achieved {lb['achieved-round-trips']}")
     _print_gdb(report["gdb session"])
+    if "drgn" in report:
+        from sevmon.bench.drgn_row import print_drgn_row
+        print_drgn_row(report["drgn"])
     print("\nlatency under load:")
     for k, v in report["latency"].items():
         print(f"  {k:22} p50 {v['p50-ms']:8} ms   p99 {v['p99-ms']:8} ms")

@@ -5,6 +5,7 @@ access layer); the walkers strip the C-bit (``me_mask``) from CR3 and every entr
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 
@@ -21,6 +22,7 @@ from sevmon.x86.info_registers import info_registers
 from sevmon.x86.translation import read_virtual
 
 COPY_CHUNK = 1 << 20       # memsave/pmemsave stream this much per read (bounded memory)
+MAX_PHYSICAL_READ = 1 << 20  # read-guest-physical: bytes per call (its reply, base64, stays under 1.4 MB)
 U64 = (1 << 64) - 1
 
 
@@ -104,6 +106,33 @@ def pmemsave(machine, val: int, size: int, filename: str) -> None:
             left -= n
 
 
+def read_guest_physical(machine, addr: int, size: int) -> dict:
+    """``read-guest-physical``: guest-physical bytes for a client that reads the guest itself (``sevmon drgn``).
+
+    Why a command of its own: ``xp`` prints hex text and ``pmemsave`` needs a file; a kernel debugger makes
+    thousands of small reads. Each goes through the debug path as ``xp`` does (the refusal rule first, then
+    ``DebugMemory``: DBG_DECRYPT, the page cache, counted in ``query-sev-debug-stats``). Attached, the command
+    first syncs with QEMU (its vCPU is looked up, as every walking command does), so the page cache is used only
+    while QEMU's guest is known to have stayed paused. ``running`` tells the client whether the guest ran
+    when it was read: a client may keep what it read only while the guest is paused (and no event came).
+    Memory that is not RAM is an error, never zeros (attached, device memory is QEMU's to read, as ``xp``'s)."""
+    if not 1 <= size <= MAX_PHYSICAL_READ:
+        raise CommandError(f"Parameter 'size' expects a number of bytes from 1 to {MAX_PHYSICAL_READ}")
+    addr &= U64
+    if addr + size > 1 << 64:
+        raise CommandError(f"Invalid addr 0x{addr:016x}/size {size} specified")
+    check_debug_allowed(machine)
+    if len(machine.cpus):
+        machine.cpus[0]  # attached: the sync (fresh run state, page cache dropped if the guest ran)
+    try:
+        data = machine.memory.read(addr, size)
+    except DebugError as e:
+        raise CommandError(e.reason) from None
+    except MemoryAccessError as e:
+        raise CommandError(f"Invalid addr 0x{addr:016x}/size {size} specified: 0x{e.gpa:x} is not RAM") from None
+    return {"data": base64.b64encode(data).decode("ascii"), "running": bool(machine.running)}
+
+
 def _write(f, data: bytes) -> None:
     try:
         f.write(data)
@@ -130,6 +159,9 @@ def register(registry, hmp, info) -> None:
     def qmp_pmemsave(ctx, val, size, filename):
         pmemsave(ctx.machine, val, size, filename)
         return {}
+
+    registry.register("read-guest-physical", attached=OWN)(
+        lambda ctx, addr, size: read_guest_physical(ctx.machine, addr, size))
 
     # On the machine thread, between commands: counters of a half-done command would not add up.
     registry.register("query-sev-debug-stats", attached=OWN)(lambda ctx: debug_stats(ctx.machine))

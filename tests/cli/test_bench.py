@@ -76,3 +76,13 @@ def test_bench_reports_what_finding_the_guest_kernel_costs(tmp_path):
     assert warm["round-trips"] == 0 and warm["firmware-calls"] == 0
     assert per_page["round-trips"] >= 1000 > 10 * cold["round-trips"]
     assert row["scanned-pages"] < row["ram-pages"]
+
+
+def test_bench_drgn_needs_a_captured_linux_guest(tmp_path):
+    """The drgn row runs drgn on a Linux guest (--core/--raw): the built-in guest has no kernel drgn can read."""
+    out = subprocess.run([sys.executable, "-m", "sevmon", "bench", "--drgn", str(tmp_path / "vmlinux")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines()[-1] == (
+        "sevmon bench: error: argument --drgn: needs a Linux guest: a capture (--core FILE or --raw FILE), or "
+        "--vs-qemu KERNEL INITRD to boot and dump one")

@@ -34,7 +34,8 @@ def _check_shape(send: str, got: dict, want: dict) -> None:
     elif isinstance(ret, list):
         names = [c["name"] for c in got["return"]]
         assert {"qmp_capabilities", "query-commands", "human-monitor-command", "query-sev"} <= set(names)
-        sevmon_own = {"query-sev-debug-stats", "query-sev-memory-map", "sev-mem-map", "query-guest-kernel"}
+        sevmon_own = {"query-sev-debug-stats", "query-sev-memory-map", "sev-mem-map", "query-guest-kernel",
+                      "read-guest-physical"}
         assert set(names) <= {c["name"] for c in want["return"]} | sevmon_own
     else:  # HMP help text: QEMU's "name params -- text" lines
         lines = got["return"].split("\r\n")
