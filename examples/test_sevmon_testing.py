@@ -2,10 +2,12 @@
 fixtures ``sevmon_qmp`` and ``sevmon_daemon`` come with ``pip install sevmon``.
 
 Run it with ``pytest examples/test_sevmon_testing.py``; sevmon's own suite runs it too
-(tests/test_testing.py)."""
+(tests/cli/test_testing.py)."""
 
 import pytest
 from qemu.qmp import ExecuteError
+
+from sevmon.testing import HMPSocket
 
 
 def test_stop_pauses_the_guest(sevmon_qmp):
@@ -29,3 +31,11 @@ def test_nodbg_policy_keeps_plaintext_in(sevmon_daemon):
     with pytest.raises(ExecuteError) as e:
         d.qmp.cmd("memsave", val=0x400000, size=16, filename=f"{d.dir}/leak.bin")
     assert "NODBG" in str(e.value) or "debug" in str(e.value)
+
+
+def test_the_hmp_socket_answers_as_the_qmp_handle_does(sevmon_daemon):
+    d = sevmon_daemon("--no-workload", hmp=True)
+    with HMPSocket(d.hmp_path) as hmp:
+        assert hmp.banner.endswith("monitor - type 'help' for more information\r\n")
+        assert hmp.run("stop") == ""
+        assert hmp.run("info mem") == d.qmp.hmp("info mem")

@@ -60,18 +60,21 @@ def _ranges(ranges) -> list[dict]:
     return [{"gpa": g, "size": s} for g, s in ranges]
 
 
-def to_qmp(m: SevMemoryMap, ram: list[tuple[int, int]] | None) -> dict:
+def to_qmp(m: SevMemoryMap, ram: list[tuple[int, int]], counts: FrameCounts, physical: bool) -> dict:
+    """``frames`` splits ``mapped-frames`` into the classes of ``info sev-mem``'s summary and the picture."""
     out = {
         "cpu-index": m.cpu_index, "paging": m.paging,
         "ranges": [{"start": r.start, "end": r.end, "size": r.size, "prot": r.prot_text,
                     "attribute": "private" if r.private else "shared"} for r in m.ranges],
         "private-bytes": m.bytes_of(True), "shared-bytes": m.bytes_of(False),
         "mapped-frames": m.mapped_frames, "aliased-frames": m.frames(m.aliased),
+        "frames": {"private": counts.private, "shared": counts.shared, "aliased": counts.aliased,
+                   "not-ram": counts.hole, "past-ram": counts.past},
         "aliases": [{"gpa": a.gpa, "size": a.size,
                      "private": [{"cpu-index": c, "va": va} for c, va in a.private],
                      "shared": [{"cpu-index": c, "va": va} for c, va in a.shared]} for a in m.aliases],
     }
-    if ram is not None:
+    if physical:
         out["physical"] = {"ram": _ranges(ram), "private": _ranges(m.private), "shared": _ranges(m.shared),
                            "aliased": _ranges(m.aliased)}
     if len(json.dumps(out, separators=(",", ":"))) > MAX_REPLY:
@@ -113,7 +116,8 @@ def register(registry, hmp, info) -> None:
     @registry.register("query-sev-memory-map", attached=OWN)
     def qmp_query_sev_memory_map(ctx, cpu_index=None, physical=None):
         m = memory_map(ctx.machine, 0 if cpu_index is None else cpu_index)
-        return to_qmp(m, ram_runs(ctx.machine) if physical else None)
+        ram = ram_runs(ctx.machine)
+        return to_qmp(m, ram, m.frame_counts(ram, address_space_top(ctx.machine, m, ram)), bool(physical))
 
     @registry.register("sev-mem-map", attached=OWN)
     def qmp_sev_mem_map(ctx, filename):

@@ -32,7 +32,7 @@ import time
 from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-__all__ = ["DaemonError", "ExecuteError", "QMPHandle", "SevmonDaemon"]
+__all__ = ["DaemonError", "ExecuteError", "HMPSocket", "QMPHandle", "SevmonDaemon"]
 
 START_TIMEOUT = 60.0  # seconds for ``sevmon serve`` to build its guest and listen
 STOP_TIMEOUT = 15.0   # seconds after SIGTERM before SIGKILL
@@ -97,6 +97,48 @@ class QMPHandle:
             self._qmp.close()
 
     def __enter__(self) -> QMPHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class HMPSocket:
+    """A client of an HMP socket (``serve --hmp PATH``, QEMU's ``-monitor unix:PATH,server``), as a person at
+    ``socat`` sees it: ``banner`` is what came before the first prompt, ``run(line)`` what a line printed before
+    the prompt came back (``\\r\\n`` line ends, the prompt left out). A closed socket raises ``EOFError``."""
+
+    PROMPT = b"(qemu) "
+
+    def __init__(self, path: str, timeout: float | None = 60.0):
+        self._sock = socket.socket(socket.AF_UNIX)
+        self._sock.settimeout(timeout)
+        self._sock.connect(path)
+        self._buf = b""
+        self.banner = self.until_prompt()
+
+    def until_prompt(self) -> str:
+        """What the monitor printed up to its next prompt."""
+        while not self._buf.endswith(self.PROMPT):
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"the HMP socket closed after {self._buf[-200:]!r}")
+            self._buf += chunk
+        out, self._buf = self._buf[:-len(self.PROMPT)], b""
+        return out.decode()
+
+    def run(self, line: str) -> str:
+        self.send(line.encode() + b"\n")
+        return self.until_prompt()
+
+    def send(self, data: bytes) -> None:
+        """Raw bytes, e.g. half a line (read what follows with :meth:`until_prompt`)."""
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> HMPSocket:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -22,7 +22,7 @@ def test_example_runs_under_pytest():
     out = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", PLUGIN, "-p", "no:cacheprovider",
                           "examples/test_sevmon_testing.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "3 passed" in out.stdout
+    assert "4 passed" in out.stdout
 
 
 def test_plugin_is_a_pytest11_entry_point():

@@ -160,6 +160,26 @@ def test_a_failed_dump_never_destroys_the_existing_file(make_daemon, tmp_path):
     raw.unlink()
 
 
+def test_a_daemon_killed_mid_dump_leaves_no_partial_file(make_daemon, tmp_path):
+    """SIGKILL gives the daemon no chance to clean up: the dump is written to a file with no name (O_TMPFILE) until
+    it is complete, so the kernel frees it, and the file the dump would replace is intact."""
+    raw = tmp_path / "ram.bin"
+    raw.write_bytes(os.urandom(256 << 20))
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text('{"cr0": "0x11"}')
+    out = tmp_path / "out" / "dump.elf"
+    out.parent.mkdir()
+    out.write_bytes(OLD)
+    d = make_daemon("--raw", str(raw), "--cpu-state", str(cpu), "--sev", hmp=False)
+    q = qmp_connect(d)
+    q.cmd("dump-guest-memory", paging=False, protocol=f"file:{out}", detach=True)
+    assert q.cmd("query-dump")["status"] == "active"
+    d.proc.send_signal(signal.SIGKILL)
+    assert d.proc.wait(30) == -signal.SIGKILL
+    assert os.listdir(out.parent) == ["dump.elf"] and out.read_bytes() == OLD
+    raw.unlink()
+
+
 def test_a_fifo_nobody_reads_is_refused_at_once(make_daemon, tmp_path):
     """A FIFO or a character device is written in place (a pipe to a compressor works as with QEMU), but a FIFO
     without a reader is one sentence, not a monitor that hangs."""

@@ -9,12 +9,18 @@ unpacked with ``dpkg-deb -x``; the initramfs (cpio newc, gzip) holds busybox-sta
 ``/init`` that mounts proc/sys, starts a few processes (so user page tables exist), then
 prints ``READY_MARKER`` on the serial console. A second run finds both files and does
 nothing. Needs: apt-get, dpkg-deb, cpio, gzip, /bin/busybox (package busybox-static).
+
+It also caches the kernel's debug vmlinux for crash and drgn: Debian's
+``linux-image-<release>-dbg`` of exactly the kernel's Debian version (read from the bzImage's
+own version string, so a cached kernel never meets the symbols of a newer one). The package is
+about 280 MB; only ``usr/lib/debug/boot/vmlinux-<release>`` is kept.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +54,43 @@ def guest_files(directory: Path | None = None) -> tuple[Path, Path]:
     """(kernel, initrd) paths in the cache (they may not exist yet)."""
     d = directory or cache_dir()
     return d / "vmlinuz", d / "initrd.gz"
+
+
+def kernel_version(vmlinuz: Path) -> tuple[str, str]:
+    """(release, Debian version) of a bzImage, from the version string its setup header points at.
+
+    The boot protocol's ``kernel_version`` field (offset 0x20e) holds the string's offset minus
+    0x200; the string reads ``6.1.0-57-cloud-amd64 (debian-kernel@...) #1 SMP ... Debian 6.1.192-3 ...``.
+    """
+    data = vmlinuz.read_bytes()
+    at = int.from_bytes(data[0x20E:0x210], "little") + 0x200
+    text = data[at:at + 256].split(b"\0", 1)[0].decode("ascii", "replace")
+    m = re.match(r"(\S+) .* Debian (\S+)", text)
+    if m is None:
+        raise SystemExit(f"{vmlinuz}: no Debian kernel version string ({text!r})")
+    return m.group(1), m.group(2)
+
+
+def debug_vmlinux_file(directory: Path | None = None) -> Path:
+    """Where the cached kernel's debug vmlinux is (it may not exist yet)."""
+    d = directory or cache_dir()
+    release, _ = kernel_version(guest_files(d)[0])
+    return d / f"vmlinux-{release}"
+
+
+def build_debug_vmlinux(vmlinuz: Path, dest: Path) -> None:
+    release, version = kernel_version(vmlinuz)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", "-q", f"linux-image-{release}-dbg={version}"], check=True,
+                       cwd=tmp)
+        deb = glob.glob(os.path.join(tmp, "*.deb"))[0]
+        member = f"./usr/lib/debug/boot/vmlinux-{release}"
+        tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", deb], stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", tmp, member], stdin=tar.stdout, check=True)
+        if tar.wait() != 0:
+            raise SystemExit(f"dpkg-deb --fsys-tarfile {deb} failed")
+        shutil.move(os.path.join(tmp, member), str(dest) + ".part")
+        os.replace(str(dest) + ".part", dest)
 
 
 def _kernel_package() -> str:
@@ -93,6 +136,9 @@ def build(directory: Path | None = None) -> tuple[Path, Path]:
         build_kernel(kernel)
     if not initrd.exists():
         build_initrd(initrd)
+    vmlinux = debug_vmlinux_file(directory)
+    if not vmlinux.exists():
+        build_debug_vmlinux(kernel, vmlinux)
     return kernel, initrd
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from build_guest import READY_MARKER, guest_files  # noqa: E402
+from build_guest import READY_MARKER, debug_vmlinux_file, guest_files  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 BOOT_TIMEOUT = 180
@@ -45,6 +45,23 @@ def require_guest() -> tuple[Path, Path]:
     if not (kernel.exists() and initrd.exists()):
         _missing(f"live-test guest not built: run python tests/live/build_guest.py ({kernel.parent})")
     return kernel, initrd
+
+
+def require_debug_vmlinux() -> Path:
+    """The test kernel's debug vmlinux (for crash and drgn), cached by build_guest.py."""
+    kernel, _ = require_guest()
+    vmlinux = debug_vmlinux_file(kernel.parent)
+    if not vmlinux.exists():
+        _missing(f"the guest kernel's debug vmlinux is not cached: run python tests/live/build_guest.py ({vmlinux})")
+    return vmlinux
+
+
+def require_tool(name: str, package: str) -> str:
+    """A program the tests drive for real (crash, ...): missing is a skip, or a failure under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        _missing(f"{name} not installed (apt-get install {package})")
+    return path
 
 
 class Qemu:

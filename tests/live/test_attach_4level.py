@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 
 import pytest
 from qemu.qmp import QMPClient
 
 from sevmon.machine.images import load_core
+from sevmon.testing import HMPSocket
 from tests.live.conftest import Attached, Qemu, hmp
 
 
@@ -189,23 +189,13 @@ def test_pmemsave_memsave_and_dump_equal_qemus_including_above_4g(live, tmp_path
 
 def test_hmp_socket_serves_sevmons_lines_and_qemus(live):
     qemu, sevmon, theirs, ours = live
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sevmon.hmp_path)
-
-    def until_prompt(data: bytes = b"") -> bytes:
-        while not data.endswith(b"(qemu) "):
-            data += s.recv(65536)
-        return data
-
-    # QEMU's banner, as sevmon shell greets with it (sevmon stands in for QEMU's monitor)
-    greeting = until_prompt().decode()
-    shell = _in_thread(_shell_view(sevmon.qmp_path))
-    assert greeting == shell["banner"] + "\r\n(qemu) "
-    assert greeting.startswith("QEMU 7.2.")
-    for line in ("info pci", "info mem", "info status", "gva2gpa 0x400000"):
-        s.sendall(line.encode() + b"\n")
-        assert until_prompt() == hmp(theirs, line).encode() + b"(qemu) ", line
-    s.close()
+    with HMPSocket(sevmon.hmp_path) as s:
+        # QEMU's banner, as sevmon shell greets with it (sevmon stands in for QEMU's monitor)
+        shell = _in_thread(_shell_view(sevmon.qmp_path))
+        assert s.banner == shell["banner"] + "\r\n"
+        assert s.banner.startswith("QEMU 7.2.")
+        for line in ("info pci", "info mem", "info status", "gva2gpa 0x400000"):
+            assert s.run(line) == hmp(theirs, line), line
 
 
 async def _shell_view(path: str) -> dict:
@@ -298,20 +288,10 @@ def test_hmp_migrate_without_d_waits_for_the_end(live):
     """On sevmon's HMP socket, as on QEMU's interactive monitor, the prompt comes back when the migration has
     ended (QEMU's human-monitor-command would continue detached)."""
     qemu, sevmon, theirs, ours = live
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sevmon.hmp_path)
-
-    def until_prompt(data: bytes = b"") -> bytes:
-        while not data.endswith(b"(qemu) "):
-            data += s.recv(65536)
-        return data
-
-    until_prompt()
-    s.sendall(b'migrate "exec:cat > /dev/null"\n')
-    assert until_prompt() == b"(qemu) "
-    assert theirs.cmd_raw("query-migrate")["return"]["status"] == "completed"
-    assert hmp(ours, "info status") == "VM status: paused (postmigrate)\r\n"
-    s.close()
+    with HMPSocket(sevmon.hmp_path) as s:
+        assert s.run('migrate "exec:cat > /dev/null"') == ""
+        assert theirs.cmd_raw("query-migrate")["return"]["status"] == "completed"
+        assert hmp(ours, "info status") == "VM status: paused (postmigrate)\r\n"
 
 
 def test_events_reach_every_client_and_quit_ends_both(live):

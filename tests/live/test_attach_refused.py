@@ -6,10 +6,10 @@ the debug layer does; QEMU's other monitor shows that none of them ran. One boot
 from __future__ import annotations
 
 import contextlib
-import socket
 
 import pytest
 
+from sevmon.testing import HMPSocket
 from tests.live.conftest import Attached, Qemu, hmp
 
 REASON = "debug access is disabled by the security policy (--debug-policy off)"
@@ -76,19 +76,6 @@ def test_dumps_are_refused(live, tmp_path):
 
 def test_the_hmp_socket_refuses_as_qmp_does(live):
     qemu, sevmon, theirs, ours = live
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sevmon.hmp_path)
-
-    def until_prompt(data: bytes = b"") -> bytes:
-        while not data.endswith(b"(qemu) "):
-            data += s.recv(65536)
-        return data
-
-    try:
-        until_prompt()
-        s.sendall(b"sum 0x1000 16\n")
-        assert until_prompt() == f"Error: {REASON}\r\n(qemu) ".encode()
-        s.sendall(b"xp /i 0x1000\n")
-        assert until_prompt() == b"0x1000: unable to read memory\r\n(qemu) "
-    finally:
-        s.close()
+    with HMPSocket(sevmon.hmp_path) as s:
+        assert s.run("sum 0x1000 16") == f"Error: {REASON}\r\n"
+        assert s.run("xp /i 0x1000") == "0x1000: unable to read memory\r\n"

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from sevmon.testing import HMPSocket
 from tests.conftest import hmp, qmp_connect
 
 
@@ -252,22 +253,8 @@ def test_bad_incoming_is_one_line(tmp_path, uri, text):
 
 def _hmp_line(path: str, line: str) -> str:
     """One line on an HMP socket: its output, once the prompt is back."""
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(path)
-    s.settimeout(120)
-    try:
-        buf = b""
-        while not buf.endswith(b"(qemu) "):
-            buf += s.recv(4096)
-        s.sendall(line.encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"(qemu) "):
-            chunk = s.recv(4096)
-            assert chunk, "the HMP socket closed"
-            buf += chunk
-        return buf[:-len(b"(qemu) ")].decode()
-    finally:
-        s.close()
+    with HMPSocket(path, timeout=120) as s:
+        return s.run(line)
 
 
 def test_hmp_migrate_without_d_waits_for_the_end(make_daemon, tmp_path):

@@ -40,6 +40,8 @@ def frames_line(m: dict, hole: str = "not RAM") -> str:
     assert len(mapped) == m["mapped-frames"]
     past = {f for f in mapped if f >= top}
     holes = mapped - ram - past
+    assert m["frames"] == {"private": len(private), "shared": len(shared), "aliased": len(aliased),
+                           "not-ram": len(holes), "past-ram": len(past)}
     extra = "".join(f"; {len(n)} {what}" for n, what in ((holes, hole), (past, "past the end of RAM")) if n)
     return (f"frames mapped: {m['mapped-frames']} ({len(private)} private, {len(shared)} shared, "
             f"{len(aliased)} aliased{extra})")
@@ -184,6 +186,7 @@ def test_fixtures_as_sev_guests_are_all_private_and_plain_are_not_sev(make_daemo
     if name == "linux-4level":  # the case a user met: 65509 frames mapped, but the sparse dump holds 120 of them
         assert line == "frames mapped: 65509 (120 private, 0 shared, 0 aliased; 65083 not in the image; " \
                        "306 past the end of RAM)"
+        assert m["frames"] == {"private": 120, "shared": 0, "aliased": 0, "not-ram": 65083, "past-ram": 306}
     # the picture says the same: its title, and "not in the image" where the dump has no frame
     assert q.cmd("sev-mem-map", filename=str(tmp_path / "core.svg")) == {}
     root = ET.parse(tmp_path / "core.svg").getroot()

@@ -155,11 +155,12 @@ def test_a_map_too_big_for_one_qmp_reply_is_refused_in_one_line():
 
     m = SevMemoryMap(0, True, ranges=[VirtualRange(i << 13, (i << 13) + 4096, 4096, 7, bool(i & 1))
                                       for i in range(200_000)])
+    none = m.frame_counts([], 0)
     with pytest.raises(CommandError) as e:
-        to_qmp(m, None)
+        to_qmp(m, [], none, False)
     assert e.value.desc == ("The map has 200000 ranges: more than one QMP reply may carry (8 MiB); "
                             "use 'info sev-mem' or 'sev-mem-map'")
-    assert len(to_qmp(SevMemoryMap(0, True, ranges=m.ranges[:1000]), None)["ranges"]) == 1000
+    assert len(to_qmp(SevMemoryMap(0, True, ranges=m.ranges[:1000]), [], none, False)["ranges"]) == 1000
 
 
 def test_alias_views_are_canonical_across_the_canonical_hole():
