@@ -161,6 +161,8 @@ def build_parser() -> OneLineParser:
     bench.add_argument("--scale", type=ranged(10, 100_000_000), nargs="?", const=1_000_000, default=None,
                        metavar="N", help="also time a generated guest with N mapped pages, 10..100000000 "
                                          "(default 1000000)")
+    bench.add_argument("--scale-only", action="store_true",
+                       help="time only the generated guests of --scale (default 1000000 pages), nothing else")
     bench.add_argument("--vs-qemu", nargs=2, metavar=("KERNEL", "INITRD"),
                        help="also compare with QEMU 7.2's own info tlb/info mem on a TCG guest booting KERNEL")
     bench.add_argument("--qemu-cpu", default="max,la57=off", metavar="MODEL",

@@ -21,6 +21,8 @@ _SKIP = ("FPR", "YMM", "XMM", "ZMM", "FCW", "FSW", "FTW", "MXCSR", "PKRU", "BND"
 def parse_info_registers(text: str, index: int = 0) -> CpuState:
     cpu = CpuState(index=index, halted=False)
     for line in text.replace("\r\n", "\n").split("\n"):
+        if line.startswith(_SKIP):  # FPU/vector lines (most of the text) carry only skipped names
+            continue
         m = _SEG.match(line)
         if m:
             seg = m.group(1).lower()

@@ -27,11 +27,9 @@ PMEMSAVE_SIZE = 64 << 20
 CHUNK = 1 << 20
 
 
-def _consume(lines) -> int:
-    n = 0
-    for _ in lines:
-        n += 1
-    return n
+def _consume(blocks) -> int:
+    """The lines of a walk's text blocks (``info_tlb_text``/``info_mem_text``: what the monitor prints)."""
+    return sum(block.count("\n") for block in blocks)
 
 
 def _pmemsave(reader, ram) -> None:
@@ -48,8 +46,8 @@ def _pmemsave(reader, ram) -> None:
 def _workloads(machine, cpu):
     mask = cbit_mask(machine)
     return {
-        "info tlb": lambda mem: _consume(paging.info_tlb(mem, cpu, mask)),
-        "info mem": lambda mem: _consume(paging.info_mem(mem, cpu, mask)),
+        "info tlb": lambda mem: _consume(paging.info_tlb_text(mem, cpu, mask)),
+        "info mem": lambda mem: _consume(paging.info_mem_text(mem, cpu, mask)),
         "info sev-mem": lambda mem: sev_memory_map.build_map(mem, [cpu], 0, mask),
         "pmemsave 64MiB": lambda mem: _pmemsave(mem, machine.ram),
     }
@@ -148,15 +146,15 @@ def scale_child(n: int) -> dict:
     build_s = time.perf_counter() - t0
     mem = DebugMemory(ram, SevOps(ram, sev), cache_pages=1 << 20)
     t0 = time.perf_counter()
-    lines_mem = _consume(paging.info_mem(mem, cpu, sev.me_mask))
+    lines_mem = _consume(paging.info_mem_text(mem, cpu, sev.me_mask))
     mem_s = time.perf_counter() - t0
     mem.invalidate()
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w") as f:
         lines_tlb = 0
-        for line in paging.info_tlb(mem, cpu, sev.me_mask):
-            f.write(line + "\n")
-            lines_tlb += 1
+        for block in paging.info_tlb_text(mem, cpu, sev.me_mask):
+            f.write(block)
+            lines_tlb += block.count("\n")
     tlb_s = time.perf_counter() - t0
     assert lines_tlb == n
     return {"pages": n, "build-s": round(build_s, 3), "info mem cold-s": round(mem_s, 3),
@@ -280,6 +278,10 @@ def run_bench(args, spec) -> int:
     """``sevmon bench``: ``spec`` is the guest (SEV, no workload); ``args`` the bench's own options."""
     from sevmon.machine.builder import GuestError, build_machine
 
+    if args.scale_only:  # the generated guests alone (each in a fresh process): seconds, not minutes
+        report = {"scale": _scale(args.scale or 1_000_000)}
+        print(json.dumps(report, indent=1))
+        return 0
     if args.vs_qemu and args.attach:  # a live QEMU, not sevmon's own guest: that comparison alone
         from sevmon.bench.vs_qemu_attach import compare_attached
         report = {"vs-qemu-attach": compare_attached(*args.vs_qemu, args.qemu_cpu, "4G", args.repeat)}

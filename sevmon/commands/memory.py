@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import itertools
 
 from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask, machine_refusal
@@ -171,25 +170,44 @@ def register(registry, hmp, info) -> None:
         cpu, mem, mask = walk_cpu(ctx.machine, ctx.cpu), ctx.machine.memory, cbit_mask(ctx.machine)
         memo = getattr(mem, "memo", None)
         key = (fn.__name__, cpu.get("cr0"), cpu.get("cr3"), cpu.get("cr4"), cpu.get("efer"), mask)
-        if memo is not None and (text := memo.get(key)) is not None:
-            ctx.print(text, end="")
-            return
+        if memo is not None:
+            if (text := memo.get(key)) is not None:
+                ctx.print(text, end="")
+                return
+            # the guest ran since: its last walk's text stands if every table that walk read (read again now,
+            # as a walk reads them, level by level) holds the same bytes
+            last = mem.walks.get(fn.__name__)
+            if last is not None and last[0] == key and paging.tables_unchanged(mem, last[1], last[2]):
+                if mem.coherent():
+                    memo[key] = last[3]
+                ctx.print(last[3], end="")
+                return
         parts = []
-        lines = fn(mem, cpu, mask)
-        while batch := list(itertools.islice(lines, 8192)):  # bounded by the output limit
-            chunk = "\n".join(batch)
-            ctx.print(chunk)
-            parts.append(chunk + "\n")
+        pending: list[str] = []
+        size = 0
+        walked: list = []
+        for block in fn(mem, cpu, mask, tables=walked):  # whole lines; printed in ~64 KiB pieces (the output limit)
+            pending.append(block)
+            size += len(block)
+            if size >= 1 << 16:
+                parts.append(chunk := "".join(pending))
+                ctx.print(chunk, end="")
+                pending, size = [], 0
+        if pending:
+            parts.append(chunk := "".join(pending))
+            ctx.print(chunk, end="")
         if memo is not None and mem.coherent():
-            memo[key] = "".join(parts)
+            memo[key] = text = "".join(parts)
+            t = walked[0] if walked else None
+            mem.walks[fn.__name__] = (key, t.requests if t else [], dict(t.frames) if t else {}, text)
 
     @info.command("mem", "", "", "show the active virtual memory mappings", attached=OWN)
     def info_mem(ctx):
-        walk_lines(ctx, paging.info_mem)
+        walk_lines(ctx, paging.info_mem_text)
 
     @info.command("tlb", "", "", "show virtual to physical memory mappings", attached=OWN)
     def info_tlb(ctx):
-        walk_lines(ctx, paging.info_tlb)
+        walk_lines(ctx, paging.info_tlb_text)
 
     @info.command("registers", "cpustate_all:-a,vcpu:i?", "[-a|vcpu]",
                   "show the cpu registers (-a: show register info for all cpus; vcpu: specific vCPU to query; "

@@ -60,6 +60,10 @@ class DebugMemory:
         # page cache is (cleared with it, and by any write); None: not kept (an attached machine keeps them:
         # a paused guest's second walk then costs no walk at all, as a QEMU that prints from its own RAM)
         self.memo: dict | None = None
+        # the last walk of each kind (info mem, info tlb) where memo is kept: (memo key, the walk's requests, the
+        # table bytes it read, its text). Kept across invalidation: it is used only once every one of those tables,
+        # read again, holds the same bytes (sevmon.x86.paging.tables_unchanged)
+        self.walks: dict[str, tuple] = {}
 
     # -- reads -----------------------------------------------------------------------------
     def read_frames(self, pfns: Iterable[int], *, private: bool = True, fill: bool = True) -> dict[int, bytes]:

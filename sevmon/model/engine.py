@@ -19,12 +19,14 @@ three ``cryptography`` calls — CTR, ECB, CTR — processed in 1 MiB slices wit
 from __future__ import annotations
 
 import os
+import threading
 from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 BLOCK = 16
 _SLICE = 1 << 20
+_SMALL = 1 << 14  # up to here the xors are done on Python integers (one CTR context, not two)
 _U128 = (1 << 128) - 1
 
 
@@ -39,7 +41,7 @@ class PhysicalMemory(Protocol):
 class MemoryKey:
     """One VEK: what ACTIVATE installs in the memory controller's slot for an ASID."""
 
-    __slots__ = ("_data_key", "_tweak_key")
+    __slots__ = ("_data_key", "_tweak_key", "_tweak", "_ecb_enc", "_ecb_dec", "_ecb_lock")
 
     def __init__(self, material: bytes | None = None):
         """``material`` is 32 bytes (data key || tweak key); random when omitted."""
@@ -48,6 +50,12 @@ class MemoryKey:
             raise ValueError("a memory key is 32 bytes: AES-128 data key || AES-128 tweak key")
         self._data_key = material[:16]
         self._tweak_key = material[16:]
+        self._tweak = algorithms.AES(self._tweak_key)
+        # ECB holds no state between whole blocks: one context per direction serves every access of this key
+        aes = Cipher(algorithms.AES(self._data_key), modes.ECB())
+        self._ecb_enc = aes.encryptor()
+        self._ecb_dec = aes.decryptor()
+        self._ecb_lock = threading.Lock()  # a cipher context is one thread's at a time (the PSP, the guest's CPU)
 
     def encrypt(self, spa: int, plaintext: bytes) -> bytes:
         """Ciphertext of ``plaintext`` stored at ``spa`` (both 16-byte aligned in extent)."""
@@ -64,10 +72,17 @@ class MemoryKey:
         if n == 0:
             return b""
         iv = ((spa >> 4) & _U128).to_bytes(16, "big")
-        tweak = algorithms.AES(self._tweak_key)
-        pre = Cipher(tweak, modes.CTR(iv)).encryptor()
-        post = Cipher(tweak, modes.CTR(iv)).encryptor()
-        aes = Cipher(algorithms.AES(self._data_key), modes.ECB())
+        core = self._ecb_enc if encrypt else self._ecb_dec
+        if n <= _SMALL:
+            # one keystream T for both xors, applied as big-integer xors (cheaper than a second CTR context
+            # for a page or so)
+            t = int.from_bytes(Cipher(self._tweak, modes.CTR(iv)).encryptor().update(bytes(n)), "little")
+            with self._ecb_lock:
+                x = core.update((int.from_bytes(data, "little") ^ t).to_bytes(n, "little"))
+            return (int.from_bytes(x, "little") ^ t).to_bytes(n, "little")
+        pre = Cipher(self._tweak, modes.CTR(iv)).encryptor()
+        post = Cipher(self._tweak, modes.CTR(iv)).encryptor()
+        aes = Cipher(algorithms.AES(self._data_key), modes.ECB())  # a large run: a context of its own
         core = aes.encryptor() if encrypt else aes.decryptor()
         if n <= _SLICE:
             return post.update(core.update(pre.update(data)))

@@ -14,8 +14,9 @@ Every field has a zero default so ``X.build({...})`` names only what matters.
 from __future__ import annotations
 
 import enum
+import struct as stdstruct
 
-from construct import Bytes, Default, Int8ul, Int32ul, Int64ul, Struct
+from construct import Bytes, Container, Default, Int8ul, Int32ul, Int64ul, Struct
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -432,9 +433,43 @@ class _Compiled:
         self._size = struct.sizeof()
         self.parse = self._compiled.parse
         self.build = self._compiled.build
+        fields = _int_fields(struct)
+        if fields is not None:  # integers only: the standard library's struct packs them (what the DBG path uses)
+            self._fields = fields
+            self._names = tuple(name for name, _ in fields)
+            self._packer = stdstruct.Struct("<" + "".join(_INT_FORMATS[sc.subcon.subcon] for sc in struct.subcons))
+            self.parse = self._parse_ints
+            self.build = self._build_ints
+
+    def _parse_ints(self, data):
+        if len(data) < self._size:
+            return self._compiled.parse(data)  # construct's own error for a short buffer
+        return Container(zip(self._names, self._packer.unpack_from(data), strict=True))
+
+    def _build_ints(self, values):
+        get = values.get
+        try:
+            return self._packer.pack(*[default if (v := get(name)) is None else v for name, default in self._fields])
+        except (stdstruct.error, TypeError):
+            return self._compiled.build(values)  # construct's own error for a bad value
 
     def sizeof(self, **_context) -> int:
         return self._size
+
+
+_INT_FORMATS = {Int8ul: "B", Int32ul: "I", Int64ul: "Q"}
+
+
+def _int_fields(struct: Struct) -> list[tuple[str, int]] | None:
+    """``(name, default)`` of each field when every field is a little-endian integer with a default (``_u8``,
+    ``_u32``, ``_u64``), else None."""
+    out = []
+    for sc in struct.subcons:
+        inner = getattr(sc, "subcon", None)
+        if not isinstance(inner, Default) or inner.subcon not in _INT_FORMATS or not isinstance(inner.value, int):
+            return None
+        out.append((sc.name, inner.value))
+    return out
 
 
 for _name, _obj in list(globals().items()):

@@ -326,6 +326,20 @@ class SevVm:
         finally:
             self.kernel.free(base)
 
+    def _scratch(self, n: int) -> int:
+        """A user buffer for one ioctl's argument struct (at most a page; the caller writes all of it), taken from
+        this VM's pool and given back after the call: QEMU keeps these on its stack, and a buffer per call would
+        cost the simulated platform more than the DBG command itself."""
+        if n > PAGE_SIZE:
+            raise ValueError("an ioctl argument struct is at most a page")
+        try:
+            return self.__dict__.setdefault("_scratch_pool", []).pop()
+        except IndexError:
+            return self.kernel.alloc(PAGE_SIZE)
+
+    def _scratch_done(self, hva: int) -> None:
+        self.__dict__.setdefault("_scratch_pool", []).append(hva)
+
     def _hva(self, gpa: int) -> int:
         """Where guest physical ``gpa`` is mapped in this process (one linear mapping of guest RAM)."""
         return self._ram_hva + gpa
@@ -427,9 +441,9 @@ class SevVm:
         k = self.kernel
         data = 0
         if struct is not None:
-            data = k.alloc(struct.sizeof())
+            data = self._scratch(struct.sizeof())
             k.write(data, struct.build(values or {}))
-        cmd = k.alloc(KvmSevCmd.sizeof())
+        cmd = self._scratch(KvmSevCmd.sizeof())
         try:
             k.write(cmd, KvmSevCmd.build(dict(id=cmd_id, data=data, sev_fd=k.sev_fd)))
             err = 0
@@ -440,9 +454,9 @@ class SevVm:
             fw = KvmSevCmd.parse(k.read(cmd, KvmSevCmd.sizeof())).error
             out = struct.parse(k.read(data, struct.sizeof())) if struct is not None else None
         finally:
-            k.free(cmd)
+            self._scratch_done(cmd)
             if data:
-                k.free(data)
+                self._scratch_done(data)
         if err and check:
             gpa = self._first_hole(*span) if span and err in (E.ENOMEM, E.EFAULT) else None
             raise self._error(what, err, fw if err == E.EIO else None, gpa)

@@ -24,9 +24,10 @@ QEMU bugs deliberately not copied: the PAE ``info tlb`` physical-address column 
 
 from __future__ import annotations
 
-import operator
+import array
 import re
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -37,7 +38,7 @@ from sevmon.x86.modes import MONITOR_TABLE_MASK, PagingMode, mode_of
 from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE, PG_RW, PG_USER
 
 __all__ = [
-    "Mapping", "walk", "info_tlb", "info_mem", "translate", "gva2gpa_text", "count_table_reads",
+    "Mapping", "walk", "info_tlb", "info_mem", "info_tlb_text", "info_mem_text", "tables_unchanged", "translate", "gva2gpa_text", "count_table_reads",
 ]
 
 PROT_MASK = PG_USER | PG_RW | PG_PRESENT
@@ -321,30 +322,147 @@ def _low_digits(span_base: int, n: int) -> list[str]:
 
 
 _PROT_TEXT = tuple(f"{'u' if p & PG_USER else '-'}r{'w' if p & PG_RW else '-'}" for p in range(8))
-_PRE = "\x00" * 10   # stands for a table's top 10 VA digits in a cached template
-_SINGLES: dict[tuple[int, int], str] = {}
+_PRE = b"\x00" * 10   # stands for a table's top 10 VA digits in a cached template
+
+# -- whole 4 KiB tables of 8-byte entries rendered by C loops: fixed-width lines in a cached per-span template,
+# each column filled by one strided slice assignment (a table's 512 lines cost a few dozen C calls, not 512
+# formatted strings; 10,000 lines of a Linux guest's info tlb take a millisecond, not tens)
+_LITTLE = sys.byteorder == "little"
+_TLB_W = 45   # "%016x: %016x XGPDACTUW\n"
+_TLB_TEMPLATES: dict[int, bytes] = {}
+# info tlb's flag columns a 4 KiB leaf can fill: (column, entry byte, bit, letter); P stays '-' (PAT is not PS)
+_TLB_COLUMNS = tuple((35 + col, byte, bit, bytes(ord(ch) if b & bit else ord("-") for b in range(256)))
+                     for col, byte, bit, ch in ((0, 7, 0x80, "X"), (1, 1, 0x01, "G"), (3, 0, 0x40, "D"),
+                                                (4, 0, 0x20, "A"), (5, 0, 0x10, "C"), (6, 0, 0x08, "T"),
+                                                (7, 0, 0x04, "U"), (8, 0, 0x02, "W")))
+_PRESENT_BYTE = bytes(b & PG_PRESENT for b in range(256))
+_PRESENT_RUNS = re.compile(rb"\x01+")
+_REPEATED: dict[int, int] = {}
 
 
-def _singles_template(span_base: int, n: int) -> str:
-    """The lines of entries 1..n-2 of a table of one-page ranges, up to their prot, ``\n``-separated, with
-    ``_PRE`` for the table's top VA digits (cached per span)."""
-    key = (span_base, n)
-    text = _SINGLES.get(key)
+def _repeated(value: int, n: int) -> int:
+    """``n`` 64-bit copies of ``value`` side by side in one integer (a mask for n big-endian entries at once)."""
+    rep = _REPEATED.get(value << 10 | n)
+    if rep is None:
+        rep = _REPEATED[value << 10 | n] = int.from_bytes(value.to_bytes(8, "big") * n, "big")
+    return rep
+
+
+_RAMPS: dict[int, int] = {}
+_TLB_RUN_COLUMNS = ((37, 0, 0x80, bytes(ord("P") if b & 0x80 else ord("-") for b in range(256))), *_TLB_COLUMNS)
+
+
+def _tlb_run_text(va: int, raw: bytes, pa_mask: int, shift: int) -> str:
+    """``info tlb``'s lines for consecutive present large leaves (``raw``: their 8-byte entries), the first at
+    canonical VA ``va``, each ``1 << shift`` further (a table's leaves never carry past bit 63)."""
+    n = len(raw) >> 3
+    ramp = _RAMPS.get(n)
+    if ramp is None:  # entry i holds i, as n big-endian 64-bit fields
+        ramp = _RAMPS[n] = int.from_bytes(b"".join(i.to_bytes(8, "big") for i in range(n)), "big")
+    vas = (va * _repeated(1, n) + (ramp << shift)).to_bytes(n << 3, "big").hex().encode()
+    be = array.array("Q", raw)
+    if _LITTLE:
+        be.byteswap()
+    pa = (int.from_bytes(be, "big") & _repeated(pa_mask, n)).to_bytes(n << 3, "big").hex().encode()
+    buf = bytearray(b"0000000000000000: 0000000000000000 ---------\n" * n)
+    for k in range(16):
+        buf[k::_TLB_W] = vas[k::16]
+        buf[18 + k::_TLB_W] = pa[k::16]
+    for col, byte, _bit, letters in _TLB_RUN_COLUMNS:
+        buf[col::_TLB_W] = raw[byte::8].translate(letters)
+    return buf.decode("ascii")
+
+
+def _tlb_template(span_base: int) -> bytes:
+    """The 512 lines of a 4 KiB table at ``span_base`` (its VA's low 6 digits), PA zero, flags '-', with
+    ``_PRE`` for the table's top 10 VA digits (cached per span)."""
+    text = _TLB_TEMPLATES.get(span_base)
     if text is None:
-        low = _low_digits(span_base, n)
-        text = _SINGLES[key] = "\n".join(f"{_PRE}{low[k]}-{_PRE}{low[k + 1]} {_SIZE_TEXT[1]} " for k in range(1, n - 1))
+        text = _TLB_TEMPLATES[span_base] = b"".join(
+            b"%s%06x: 0000000000000000 ---------\n" % (_PRE, span_base | (i << 12)) for i in range(512))
     return text
+
+
+def _tlb_table_text(base: int, raw: bytes, pa_mask: int) -> str:
+    """``info tlb``'s lines for the present entries of one 4 KiB leaf table of 512 8-byte entries at canonical
+    VA ``base``: ``%016x: %016x XGPDACTUW`` with the PA column ``entry & pa_mask``."""
+    present = raw[::8].translate(_PRESENT_BYTE)
+    if b"\x01" not in present:
+        return ""
+    be = array.array("Q", raw)
+    if _LITTLE:
+        be.byteswap()  # each entry big-endian, in table order: its hex is its %016x
+    pa = (int.from_bytes(be, "big") & _repeated(pa_mask, 512)).to_bytes(4096, "big").hex().encode()
+    buf = bytearray(_tlb_template(base & 0xFFFFFF).replace(_PRE, b"%010x" % (base >> 24)))
+    for k in range(16):
+        buf[18 + k::_TLB_W] = pa[k::16]
+    for col, byte, _bit, letters in _TLB_COLUMNS:
+        buf[col::_TLB_W] = raw[byte::8].translate(letters)
+    if b"\x00" not in present:
+        return buf.decode("ascii")
+    view = memoryview(buf)
+    return b"".join([view[s * _TLB_W:e * _TLB_W] for s, e in map(re.Match.span, _PRESENT_RUNS.finditer(present))]
+                    ).decode("ascii")
+
+
+_MEM_W = 55   # "%016x-%016x %016x urw\n"
+_MEM_SINGLES: dict[int, bytes] = {}
+_MEM_U = bytes(ord("u") if b & PG_USER else ord("-") for b in range(256))
+_MEM_W_LETTER = bytes(ord("w") if b & PG_RW else ord("-") for b in range(256))
+
+
+def _singles_template(span_base: int, n: int) -> bytes:
+    """The lines of entries 1..n-2 of a table of one-page ranges, prot ``-r-``, with ``_PRE`` for the table's top
+    VA digits (cached per span)."""
+    key = span_base << 11 | n
+    text = _MEM_SINGLES.get(key)
+    if text is None:
+        text = _MEM_SINGLES[key] = b"".join(
+            b"%s%06x-%s%06x %016x -r-\n" % (_PRE, span_base | (k << 12), _PRE, span_base | ((k + 1) << 12), 4096)
+            for k in range(1, n - 1))
+    return text
+
+
+def _singles_text(base: int, codes: bytes) -> str:
+    """``info mem``'s lines for entries 1..n-2 of a table of one-page ranges (``codes``: each entry's prot)."""
+    n = len(codes)
+    buf = bytearray(_singles_template(base & 0xFFFFFF, n).replace(_PRE, b"%010x" % (base >> 24)))
+    middle = codes[1:n - 1]
+    buf[51::_MEM_W] = middle.translate(_MEM_U)
+    buf[53::_MEM_W] = middle.translate(_MEM_W_LETTER)
+    return buf.decode("ascii")
 
 
 # ``%016x`` of n 4 KiB pages, for the sizes a leaf table's ranges can have (at most 1024 entries)
 _SIZE_TEXT = tuple(f"{n << 12:016x}" for n in range(1025))
 
 
+def _lines(blocks: Iterator[str]) -> Iterator[str]:
+    """Lines (no terminators) of text blocks of whole ``\\n``-terminated lines."""
+    for block in blocks:
+        yield from block.split("\n")[:-1]
+
+
 def info_tlb(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[str]:
     """``info tlb``: one ``%016x: %016x XGPDACTUW`` line per leaf (no line terminators), or ``PG disabled``."""
+    return _lines(info_tlb_text(mem, cpu, me_mask))
+
+
+def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[str]:
+    """``info mem``'s lines (no line terminators), or ``PG disabled``: see :func:`info_mem_text`."""
+    return _lines(info_mem_text(mem, cpu, me_mask))
+
+
+def info_tlb_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
+                  tables: list | None = None) -> Iterator[str]:
+    """``info tlb``'s text in blocks of whole ``\\n``-terminated lines (a 4 KiB leaf table's in one block), what the
+    monitor prints: one ``%016x: %016x XGPDACTUW`` line per leaf, or ``PG disabled``. ``tables``: a list the walk's
+    tables are appended to (:func:`tables_unchanged`)."""
     t = _tables(mem, cpu, me_mask)
+    if tables is not None:
+        tables.append(t)
     if t is None:
-        yield "PG disabled"
+        yield "PG disabled\n"
         return
     mode = t.mode
     last = len(mode.levels) - 1
@@ -355,52 +473,72 @@ def info_tlb(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
     pa4k = masks[last] & ~t.me & _U64
     nme = ~t.me
     shifts = [lvl.shift for lvl in mode.levels]
+    wide = mode.wide
     for item in t.chunks():
         if type(item) is _LeafTable:
             # a whole 4 KiB table at once; print_pte(..., pte & ~PG_PSE_MASK, ...): PAT is not "P"
-            base, entries = item.base, t.unpack(item.raw)
+            base = item.base
             if cbit and base >> cbit & 1:
                 base |= sext
+            if wide and len(item.raw) == _PAGE:
+                if text := _tlb_table_text(base, item.raw, pa4k):
+                    yield text
+                continue
             # The VA of entry i is base + (i << 12): its top 10 hex digits are the table's, the low 6
             # come from a per-span cache, so each line costs one hex conversion (the PA), not two.
+            entries = t.unpack(item.raw)
             pre, low = f"{base:016x}"[:10], _low_digits(base & 0xFFFFFF, len(entries))
-            yield from [f"{pre}{low[i]}: {e & pa4k:016x} {flags[((e >> 54) & 0x200) | (e & 0x17E)]}"
-                        for i, e in enumerate(entries) if e & PG_PRESENT]
+            text = "".join([f"{pre}{low[i]}: {e & pa4k:016x} {flags[((e >> 54) & 0x200) | (e & 0x17E)]}\n"
+                            for i, e in enumerate(entries) if e & PG_PRESENT])
+            if text:
+                yield text
             continue
         if type(item) is _LeafRun:
             base, depth, _pprot, raw, start, stop = item
-            entries = t.unpack(raw)
             shift, mask = shifts[depth], masks[depth] & nme
+            if wide:
+                va = base + (start << shift)
+                if cbit and va >> cbit & 1:
+                    va |= sext
+                yield _tlb_run_text(va, raw[start << 3:stop << 3], mask & _U64, shift)
+                continue
+            entries = t.unpack(raw)
+            lines = []
             for i in range(start, stop):
                 va = base + (i << shift)
                 if cbit and va >> cbit & 1:
                     va |= sext
                 e = entries[i]
-                yield f"{va:016x}: {e & mask:016x} {flags[((e >> 54) & 0x200) | (e & 0x1FE)]}"
+                lines.append(f"{va:016x}: {e & mask:016x} {flags[((e >> 54) & 0x200) | (e & 0x1FE)]}\n")
+            yield "".join(lines)
             continue
         va, e, depth, _prot, _priv = item
         if cbit and va >> cbit & 1:
             va |= sext
-        yield f"{va:016x}: {e & masks[depth]:016x} {flags[((e >> 54) & 0x200) | (e & 0x1FE)]}"
+        yield f"{va:016x}: {e & masks[depth]:016x} {flags[((e >> 54) & 0x200) | (e & 0x1FE)]}\n"
 
 
-def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[str]:
-    """``info mem``: ranges merged while U/W/P stay equal (QEMU's ``mem_print``), or ``PG disabled``.
+def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
+                  tables: list | None = None) -> Iterator[str]:
+    """``info mem``'s text in blocks of whole ``\\n``-terminated lines: ranges merged while U/W/P stay equal (QEMU's
+    ``mem_print``), or ``PG disabled``.
 
     Ranges run in raw (unextended) VA order, so a range can cross the canonical hole; start, end and size are
     each canonicalized only when printed, and the range that reaches the top ends at 2^32, 2^48 or 2^57.
-    Physical contiguity, NX, G, D, A, PCD and PWT never split a range.
+    Physical contiguity, NX, G, D, A, PCD and PWT never split a range. ``tables`` as for :func:`info_tlb_text`.
     """
     t = _tables(mem, cpu, me_mask)
+    if tables is not None:
+        tables.append(t)
     if t is None:
-        yield "PG disabled"
+        yield "PG disabled\n"
         return
     mode = t.mode
     shifts = [lvl.shift for lvl in mode.levels]
 
     def line(start: int, end: int, prot: int) -> str:
         return (f"{_canon(mode, start):016x}-{_canon(mode, end):016x} {_canon(mode, end - start):016x} "
-                f"{'u' if prot & PG_USER else '-'}r{'w' if prot & PG_RW else '-'}")
+                f"{'u' if prot & PG_USER else '-'}r{'w' if prot & PG_RW else '-'}\n")
 
     cbit = mode.canon_bit
     start = -1
@@ -466,17 +604,17 @@ def info_mem(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> Iterator[s
             # built from cached digit strings (no hex formatting per line) where no address needs
             # canonicalizing
             if not cbit or (base + (n << 12)) >> cbit == 0:
-                pre = f"{base:016x}"[:10]
-                if singles:  # every line but its prot is the span's template: built by C loops alone
-                    heads = _singles_template(base & 0xFFFFFF, n).replace(_PRE, pre).split("\n")
-                    yield from map(operator.add, heads, map(_PROT_TEXT.__getitem__, codes[1:n - 1]))
+                if singles:  # every line but its prot is the span's template: filled by C loops alone
+                    yield _singles_text(base, codes)
                 else:
+                    pre = f"{base:016x}"[:10]
                     low = _low_digits(base & 0xFFFFFF, n)
                     sizes, ptext = _SIZE_TEXT, _PROT_TEXT
-                    yield from [f"{pre}{low[a]}-{pre}{low[b]} {sizes[b - a]} {ptext[codes[a]]}" for a, b in middle]
+                    yield "".join([f"{pre}{low[a]}-{pre}{low[b]} {sizes[b - a]} {ptext[codes[a]]}\n"
+                                   for a, b in middle])
             else:
                 pairs = middle if middle is not None else [(k, k + 1) for k in range(1, n - 1)]
-                yield from [line(base + (a << 12), base + (b << 12), codes[a]) for a, b in pairs]
+                yield "".join([line(base + (a << 12), base + (b << 12), codes[a]) for a, b in pairs])
         first, stop = runs[-1]
         start, cur, end = base + (first << 12), codes[first], base + (stop << 12)
     if start >= 0:
@@ -490,6 +628,21 @@ LeafTable = _LeafTable
 LeafRun = _LeafRun
 canonical = _canon
 PROT_CODES = _PROT_CODES
+
+
+def tables_unchanged(mem: PhysicalMemory, requests: list[list[int]], frames: dict[int, bytes | None]) -> bool:
+    """Do the tables a past walk read (its ``requests``, level by level, and the ``frames`` it got) still hold
+    what they held? Read through ``mem`` as a walk reads them, one ``read_frames`` per level, stopping at the first
+    level that differs: with every level before it equal, a fresh walk asks for exactly these frames in exactly
+    these requests, so this check costs no read a walk would not make (a walk after a difference finds them in
+    the page cache). A walk's text depends on its paging registers and on these bytes alone."""
+    for pfns in requests:
+        got = mem.read_frames(pfns)
+        for f in pfns:
+            d = got.get(f)
+            if (d if d is not None and len(d) >= _PAGE else None) != frames.get(f):
+                return False
+    return True
 
 
 def count_table_reads(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0) -> tuple[int, int]:

@@ -25,9 +25,9 @@ from sevmon.sev import SevError
 from sevmon.x86 import paging
 
 
-def _qemu_and_mirror(policy: int = 0):
+def _qemu_and_mirror(policy: int = 0, workload: bool = False):
     """The built-in guest as QEMU would run it (its own process, a memfd backend), and sevmon's mirror of it."""
-    q = build_machine(GuestSpec(memory_mib=64, workload=False, sev=SevSpec(policy=policy)))
+    q = build_machine(GuestSpec(memory_mib=64, workload=workload, sev=SevSpec(policy=policy)))
     qemu = SimulatedQemu.adopt(q.sev)
     return q, qemu, attach_simulated(qemu)
 
@@ -125,3 +125,39 @@ def test_detaching_closes_every_fd_the_mirror_opened():
     left = me.fd_links()
     assert not {fd: link for fd, link in left.items() if link in ("/dev/sev", "anon_inode:kvm-vm")}, left
     assert qemu.query_sev()["state"] == "running"
+
+
+def test_a_walk_after_the_guest_ran_reads_every_table_again_and_shows_what_changed():
+    """Attached, a walk's text is kept (memo) while the guest stays paused. Once the guest ran, the last walk's
+    text is shown again only if every table it read, read again now, holds the same bytes: that check costs exactly
+    a cold walk's round trips (the level-batched bound), and a table the guest changed shows in the output."""
+    q, qemu, mirror = _qemu_and_mirror(workload=True)
+    q.stop()
+    view = _attached_view(q, mirror)
+    view.memory.memo = {}  # as serve --attach keeps it
+    own, attached = MachineRunner(q), MachineRunner(view)
+    try:
+        m_own, m_att = build(own)[1], build(attached)[1]
+        _, runs = paging.count_table_reads(make_reader("sevmon", q.ram, SevOps(q.ram, q.sev)), q.cpus[0],
+                                           q.sev.me_mask)
+        before = {line: m_att.run(line) for line in ("info tlb", "info mem")}
+        assert before == {line: m_own.run(line) for line in before}
+        s0 = mirror.stats
+        assert {line: m_att.run(line) for line in before} == before
+        assert (mirror.stats - s0).round_trips == 0  # paused: the kept text
+        view.memory.invalidate()  # the guest ran (RESUME), and changed nothing
+        s0 = mirror.stats
+        assert m_att.run("info tlb") == before["info tlb"]
+        assert (mirror.stats - s0).round_trips == runs  # every table read again, as a cold walk reads them
+        for _ in range(50):  # the guest runs until its workload has mapped or unmapped a page
+            q.program.step()
+            q._invalidate()
+            if m_own.run("info tlb") != before["info tlb"]:
+                break
+        now = {line: m_own.run(line) for line in before}
+        assert now["info tlb"] != before["info tlb"]
+        view.memory.invalidate()
+        assert {line: m_att.run(line) for line in before} == now
+    finally:
+        own.shutdown()
+        attached.shutdown()
