@@ -9,6 +9,7 @@ tests skip with the reason; under ``CI=true`` that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -62,6 +63,14 @@ def require_tool(name: str, package: str) -> str:
     if path is None:
         _missing(f"{name} not installed (apt-get install {package})")
     return path
+
+
+def require_drgn() -> None:
+    """drgn's Python module (the test extra installs it): missing is a skip, or a failure under CI=true."""
+    try:
+        import drgn  # noqa: F401
+    except ImportError:
+        _missing("drgn is not installed (pip install 'sevmon[drgn]')")
 
 
 class Qemu:
@@ -192,3 +201,32 @@ def module_tmp(tmp_path_factory):
     d = Path(tempfile.mkdtemp(prefix="sevmon-live-"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def paused_linux():
+    """One real Linux guest for the kernel-tool tests (tests/live/test_kernel_dumps.py, test_drgn_live.py), booted once
+    for the session (TCG boots are the expensive part): QEMU 7.2, 256 MiB (small: each SEV open of its dump encrypts
+    all of it), RAM in a memfd (sevmon can attach), paused, and QEMU's own ``dump-guest-memory`` of it taken at once:
+    the bytes the truth is read from (``truth``: drgn's view of that dump, tests/live/drgn_truth.py). A test that lets
+    the guest run pauses it again; the dump stays as taken."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from tests.live.drgn_truth import truth_view
+    require_drgn()
+    vmlinux = require_debug_vmlinux()
+    tmp = Path(tempfile.mkdtemp(prefix="sevmon-linux-"))
+    qemu = Qemu(tmp, mem="256M")
+    try:
+        q = qemu.qmp("b")
+        q.cmd("stop")
+        dump = tmp / "qemu.elf"
+        q.cmd("dump-guest-memory", paging=False, protocol=f"file:{dump}")
+        yield SimpleNamespace(tmp=tmp, qemu=qemu, qmp=q, dump=dump, vmlinux=vmlinux,
+                              truth=truth_view(dump, vmlinux, tmp / "truth.json"))
+        with contextlib.suppress(Exception):
+            q.close()
+    finally:
+        qemu.stop()
+        shutil.rmtree(tmp, ignore_errors=True)

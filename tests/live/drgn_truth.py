@@ -8,12 +8,18 @@ RAM that starts with ``OSRELEASE=`` (the kernel keeps it page-aligned in a page 
 
 from __future__ import annotations
 
+import json
 import mmap
+import runpy
+import sys
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
 
 PAGE = 4096
+#: the drgn script every kernel-tool test runs (``drgn SCRIPT OUT``): release, tasks, printk records as JSON
+SCRIPT = str(Path(__file__).with_name("drgn_tasks_dmesg.py"))
+VIEW = ("release", "tasks", "dmesg")
 
 
 def qemu_dump_segments(path: Path) -> list[tuple[int, int, int]]:
@@ -50,3 +56,22 @@ def program_on_qemu_dump(path: Path, vmlinux: Path):
     prog.load_debug_info([str(vmlinux)])
     prog.config["qemu_dump"] = (f, data)
     return prog
+
+
+def run_script(prog, out: Path) -> dict:
+    """:data:`SCRIPT` on an in-process Program, as drgn runs it (``prog`` in its globals, ``sys.argv``)."""
+    argv = sys.argv
+    sys.argv = [SCRIPT, str(out)]
+    try:
+        runpy.run_path(SCRIPT, init_globals={"prog": prog}, run_name="__main__")
+    finally:
+        sys.argv = argv
+    return json.loads(out.read_text())
+
+
+def truth_view(dump: Path, vmlinux: Path, out: Path) -> dict:
+    """drgn's view (:data:`VIEW`) of QEMU's own dump, checked to be a real kernel's before anything is compared
+    with it."""
+    view = run_script(program_on_qemu_dump(dump, vmlinux), out)
+    assert [2, "kthreadd"] in view["tasks"] and len(view["dmesg"]) > 100
+    return {k: view[k] for k in VIEW}

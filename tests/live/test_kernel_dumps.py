@@ -1,7 +1,7 @@
 """crash and drgn on sevmon's dumps of a real Linux guest opened as an SEV and an SEV-ES guest, judged by the tools.
 
-One QEMU 7.2 boot (TCG, 256 MiB, Debian's cloud kernel): pause, QEMU's own ``dump-guest-memory`` (the truth), quit.
-Then sevmon opens that capture as an SEV guest (``--core --sev``: registers from QEMU's notes, the C-bit set in the
+The session's paused Linux guest (tests/live/conftest.py ``paused_linux``: QEMU 7.2, TCG, 256 MiB, Debian's cloud
+kernel) and QEMU's own ``dump-guest-memory`` of it (the truth). Then sevmon opens that capture as an SEV guest (``--core --sev``: registers from QEMU's notes, the C-bit set in the
 tables, every page launched and read back through DBG_DECRYPT) and as an SEV-ES guest (``--policy 0x4``: no
 register can be read, sevmon finds the kernel by its VMCOREINFO alone), and writes its dump of each.
 
@@ -15,98 +15,29 @@ register can be read, sevmon finds the kernel by its VMCOREINFO alone), and writ
   segments, and the VMCOREINFO text found by a scan of page heads (nothing of sevmon's code).
 
 The debug vmlinux is Debian's ``linux-image-<release>-dbg`` (tests/live/build_guest.py caches it). Loading its
-590 MB costs crash several seconds per run: the module runs crash three times and drgn three times, all on files
-the module fixtures make once.
+590 MB costs crash about 20 s per run: the three crash runs go at once; drgn runs twice (2 s each), its truth once
+for the session.
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sevmon.testing import SevmonDaemon
-from tests.live.conftest import Qemu, _missing, require_debug_vmlinux, require_tool
-
-MEM = "256M"
-
-#: run by ``drgn -c DUMP -s VMLINUX`` (``prog`` given) or by python with ``--qemu-core CORE VMLINUX`` (the truth:
-#: a custom Program over QEMU's dump). Prints the release, the tasks and dmesg as JSON.
-DRGN_SCRIPT = r'''
-import json, mmap, sys
-
-def custom_program(core, vmlinux):
-    """QEMU's physical dump as drgn segments, and the VMCOREINFO text found at the head of a page."""
-    import drgn
-    from elftools.elf.elffile import ELFFile
-    f = open(core, "rb")
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    loads = [s.header for s in ELFFile(f).iter_segments() if s.header["p_type"] == "PT_LOAD" and s.header["p_filesz"]]
-    vmcoreinfo = None
-    for h in loads:
-        for off in range(h["p_offset"], h["p_offset"] + h["p_filesz"], 4096):
-            if mm[off:off + 10] == b"OSRELEASE=":
-                page = mm[off:off + 4096]
-                text = page.split(b"\0", 1)[0]
-                if b"SYMBOL(init_top_pgt)=" in text and b"KERNELOFFSET=" in text:
-                    vmcoreinfo = text
-                    break
-        if vmcoreinfo:
-            break
-    assert vmcoreinfo, "no VMCOREINFO page in QEMU's dump"
-    prog = drgn.Program(drgn.Platform(drgn.Architecture.X86_64,
-                                      drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN))
-    for h in loads:
-        base = h["p_offset"]
-        prog.add_memory_segment(h["p_paddr"], h["p_filesz"],
-                                lambda addr, count, offset, physical, base=base: mm[base + offset:base + offset + count],
-                                physical=True)
-    prog.set_linux_kernel_custom(vmcoreinfo, False)
-    prog.load_debug_info([vmlinux])
-    return prog
-
-if "prog" not in globals():
-    prog = custom_program(sys.argv[2], sys.argv[3])
-
-from drgn.helpers.linux.pid import for_each_task
-from drgn.helpers.linux.printk import get_dmesg
-
-print(json.dumps({
-    "release": prog["UTS_RELEASE"].string_().decode(),
-    "tasks": sorted((int(t.pid), t.comm.string_().decode()) for t in for_each_task(prog)),
-    "dmesg": get_dmesg(prog).decode(errors="replace"),
-}))
-'''
-
-
-def require_drgn() -> str:
-    drgn = require_tool("drgn", "pip install drgn")
-    try:
-        import drgn as _  # noqa: F401
-    except ImportError:
-        _missing("drgn's Python module is not installed (pip install drgn)")
-    return drgn
+from tests.live.conftest import require_debug_vmlinux, require_tool
+from tests.live.drgn_truth import SCRIPT, VIEW
 
 
 @pytest.fixture(scope="module")
-def dumps(module_tmp):
+def dumps(paused_linux, module_tmp):
     """{"qemu": QEMU's own dump, "sev": sevmon's of it as an SEV guest, "es": as an SEV-ES guest}, and the
     guest kernel sevmon found (query-guest-kernel) on each."""
-    require_debug_vmlinux()
-    qemu = Qemu(module_tmp, mem=MEM, backend=None)
-    try:
-        q = qemu.qmp("b")
-        q.cmd("stop")
-        q.cmd("dump-guest-memory", paging=False, protocol=f"file:{module_tmp / 'qemu.elf'}")
-        with contextlib.suppress(Exception):
-            q.close()
-    finally:
-        qemu.stop()
-    files, kernels = {"qemu": module_tmp / "qemu.elf"}, {}
+    files, kernels = {"qemu": paused_linux.dump}, {}
     for name, args in (("sev", ["--sev"]), ("es", ["--sev", "--policy", "0x4"])):
         with SevmonDaemon("--core", str(files["qemu"]), *args, start_timeout=600) as d:
             out = module_tmp / f"{name}.elf"
@@ -130,15 +61,20 @@ def crash(vmlinux: Path, dump: Path, tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def crash_truth(dumps, module_tmp):
+def crash_views(dumps, module_tmp):
+    """crash's ``sys`` and ``log`` of each dump, QEMU's (the truth) and sevmon's: the three runs at once, since each
+    spends most of its time loading the vmlinux on one core."""
     files, _ = dumps
-    return crash(require_debug_vmlinux(), files["qemu"], module_tmp)
+    vmlinux = require_debug_vmlinux()
+    with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
+        runs = {kind: pool.submit(crash, vmlinux, path, module_tmp) for kind, path in files.items()}
+        return {kind: run.result() for kind, run in runs.items()}
 
 
 @pytest.mark.parametrize("kind", ["sev", "es"])
-def test_crash_sys_and_log_equal_crashs_on_qemus_dump(dumps, crash_truth, module_tmp, kind):
-    files, kernels = dumps
-    ours = crash(require_debug_vmlinux(), files[kind], module_tmp)
+def test_crash_sys_and_log_equal_crashs_on_qemus_dump(dumps, crash_views, kind):
+    _, kernels = dumps
+    ours, crash_truth = crash_views[kind], crash_views["qemu"]
     release = kernels[kind]["release"]
     assert f"     RELEASE: {release}\n" in crash_truth["sys"]
     assert crash_truth["log"].count("\n") > 300 and f"Linux version {release} " in crash_truth["log"]
@@ -147,32 +83,19 @@ def test_crash_sys_and_log_equal_crashs_on_qemus_dump(dumps, crash_truth, module
     assert drop(ours["sys"]) == drop(crash_truth["sys"])
 
 
-@pytest.fixture(scope="module")
-def drgn_truth(dumps, module_tmp):
-    files, _ = dumps
-    require_drgn()
-    script = module_tmp / "view.py"
-    script.write_text(DRGN_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), "--qemu-core", str(files["qemu"]), str(require_debug_vmlinux())],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.splitlines()[-1])
-
-
 @pytest.mark.parametrize("kind", ["sev", "es"])
-def test_drgn_release_tasks_and_dmesg_equal_drgns_on_qemus_dump(dumps, drgn_truth, module_tmp, kind):
+def test_drgn_release_tasks_and_dmesg_equal_drgns_on_qemus_dump(dumps, paused_linux, module_tmp, kind):
     files, kernels = dumps
-    drgn = require_drgn()
-    script = module_tmp / "view.py"
-    r = subprocess.run([drgn, "-q", "-c", str(files[kind]), "-s", str(require_debug_vmlinux()), str(script)],
+    drgn = require_tool("drgn", "pip install 'sevmon[drgn]'")
+    out = module_tmp / f"drgn-{kind}.json"
+    r = subprocess.run([drgn, "-q", "-c", str(files[kind]), "-s", str(paused_linux.vmlinux), SCRIPT, str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    ours = json.loads(r.stdout.splitlines()[-1])
-    assert drgn_truth["release"] == kernels[kind]["release"]
-    comms = {comm for _, comm in drgn_truth["tasks"]}
-    assert {"sh", "kthreadd", "sleep", "cat"} <= comms  # the guest's own processes, from QEMU's dump
-    assert drgn_truth["dmesg"].count("\n") > 300
-    assert ours == drgn_truth
+    ours, truth = json.loads(out.read_text()), paused_linux.truth
+    assert truth["release"] == kernels[kind]["release"]
+    assert {"sh", "kthreadd", "sleep", "cat"} <= {comm for _, comm in truth["tasks"]}  # the guest's own processes
+    assert len(truth["dmesg"]) > 300
+    assert {k: ours[k] for k in VIEW} == truth
 
 
 def test_sevmons_dumps_carry_the_vmcoreinfo_qemus_lacks(dumps):
