@@ -181,10 +181,12 @@ def build_parser() -> OneLineParser:
     drgn = sub.add_parser("drgn", help="drgn on the live guest, every byte through sevmon's debug path",
                           description="drgn on the Linux guest a sevmon daemon serves: its interactive console "
                                       "with prog ready, or SCRIPT run as 'drgn SCRIPT ARGS' runs it. Needs drgn "
-                                      "(pip install 'sevmon[drgn]') and the guest kernel's debug vmlinux.")
+                                      "(pip install 'sevmon[drgn]') and, for symbols, the guest kernel's debug "
+                                      "vmlinux.")
     drgn.add_argument("socket", metavar="QMP_SOCKET", help="the daemon's QMP socket")
     drgn.add_argument("-s", "--symbols", metavar="VMLINUX",
-                      help="the guest kernel's debug vmlinux (Debian: linux-image-RELEASE-dbg); required")
+                      help="the guest kernel's debug vmlinux (Debian: linux-image-RELEASE-dbg); without it, "
+                           "no symbols: memory by address only (prog.read)")
     # SCRIPT and its ARGS as drgn takes them: everything after SCRIPT is the script's, options too
     drgn.add_argument("script", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS...]",
                       help="a drgn script (prog in its globals) and its arguments (sys.argv[1:])")
@@ -217,8 +219,6 @@ def _drgn_symbols(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             args.symbols = opt[2:]
         else:
             p.error(f"unrecognized arguments: {opt}")
-    if args.symbols is None:
-        p.error("the following arguments are required: -s/--symbols")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 - :func:`program` (``sevmon.drgn.program(socket, vmlinux=...)``): a ``drgn.Program`` (module ``target``);
 - ``reader``: the physical reader drgn calls, with a client-side page cache and when it is dropped;
 - ``qmp_client``: the small blocking QMP client under it;
-- ``run``: ``sevmon drgn SOCKET -s VMLINUX [SCRIPT [ARGS...]]``.
+- ``run``: ``sevmon drgn SOCKET [-s VMLINUX] [SCRIPT [ARGS...]]``.
 
 drgn is optional (``pip install 'sevmon[drgn]'``); nothing here imports it until a Program is made.
 """

@@ -1,4 +1,4 @@
-"""``sevmon drgn SOCKET -s VMLINUX [SCRIPT [ARGS...]]``: drgn on the live guest sevmon serves.
+"""``sevmon drgn SOCKET [-s VMLINUX] [SCRIPT [ARGS...]]``: drgn on the live guest sevmon serves.
 
 It behaves as the ``drgn`` command does on a kernel: no script and a terminal on stdin, drgn's interactive console
 (its banner, helpers and ``prog``); a script, run as ``drgn SCRIPT ARGS`` runs it (``prog`` in its globals,
@@ -23,7 +23,7 @@ def _fail(message: str) -> int:
     return 1
 
 
-def make_program(socket: str, vmlinux: str):
+def make_program(socket: str, vmlinux: str | None):
     """The Program, or DrgnSetupError with drgn's own complaint about the vmlinux in one sentence."""
     import_drgn()
     try:
@@ -32,7 +32,7 @@ def make_program(socket: str, vmlinux: str):
         raise DrgnSetupError(f"{vmlinux}: {e}") from None
 
 
-def main(socket: str, vmlinux: str, script: str | None, args: list[str]) -> int:
+def main(socket: str, vmlinux: str | None, script: str | None, args: list[str]) -> int:
     try:
         prog = make_program(socket, vmlinux)
     except DrgnSetupError as e:

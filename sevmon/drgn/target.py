@@ -42,9 +42,11 @@ def segment_reader(read, drgn):
     return read_fn
 
 
-def kernel_program(vmcoreinfo: str, read, vmlinux: str):
+def kernel_program(vmcoreinfo: str, read, vmlinux: str | None):
     """A ``drgn.Program`` of the Linux kernel that ``vmcoreinfo`` describes, all of guest-physical memory read by
-    ``read(address, count)``, with ``vmlinux``'s debug info (DrgnSetupError when drgn refuses either).
+    ``read(address, count)``, with ``vmlinux``'s debug info (DrgnSetupError when drgn refuses either). Without a
+    vmlinux the Program has no symbols but reads memory by address, virtual ones through the kernel's own tables
+    (``prog.read(0xffffffff81000000, 16)``): the built-in guest has no vmlinux.
     ``sevmon.drgn.program`` gives it sevmon's QMP reader; the benchmark gives it others."""
     drgn = import_drgn()
     platform = drgn.Platform(drgn.Architecture.X86_64,
@@ -55,6 +57,8 @@ def kernel_program(vmcoreinfo: str, read, vmlinux: str):
         prog.set_linux_kernel_custom(vmcoreinfo.encode(), True)
     except Exception as e:  # drgn's BadDataError is not public: any refusal of the text, in its words
         raise DrgnSetupError(f"drgn cannot use the guest's VMCOREINFO: {e}") from None
+    if vmlinux is None:
+        return prog
     # drgn ignores a file that is not the kernel's (its build ID differs) with a log line and loads nothing: quiet
     # its logger while loading, then say so in one sentence
     log = logging.getLogger("drgn")
@@ -117,8 +121,9 @@ def connect(socket_path: str) -> tuple[QmpClient, str]:
     return client, kernel["vmcoreinfo"]
 
 
-def program(socket: str, vmlinux: str | os.PathLike, *, cache: bool = True):
-    """A ``drgn.Program`` for the Linux guest sevmon serves on QMP ``socket``, with ``vmlinux``'s debug info.
+def program(socket: str, vmlinux: str | os.PathLike | None = None, *, cache: bool = True):
+    """A ``drgn.Program`` for the Linux guest sevmon serves on QMP ``socket``, with ``vmlinux``'s debug info
+    (None: no symbols, memory by address only).
 
     ``prog.config["sevmon_reader"]`` is the reader (:class:`PhysicalReader`): its ``requests`` and ``reads``
     count what drgn asked, ``drop()`` forgets the client-side pages. ``cache=False`` sends every drgn read to the
@@ -127,8 +132,8 @@ def program(socket: str, vmlinux: str | os.PathLike, *, cache: bool = True):
     VMCOREINFO or the vmlinux.
     """
     import_drgn()
-    path = os.fspath(vmlinux)
-    if not os.path.isfile(path):
+    path = None if vmlinux is None else os.fspath(vmlinux)
+    if path is not None and not os.path.isfile(path):
         raise DrgnSetupError(f"{path}: no such file (the guest kernel's debug vmlinux)")
     client, vmcoreinfo = connect(socket)
     reader = PhysicalReader(client, cache=cache, cbit_mask=cbit_mask(client, vmcoreinfo))

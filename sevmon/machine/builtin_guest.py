@@ -244,9 +244,12 @@ class GuestOS:
 
     def vmcoreinfo(self) -> str:
         """The text Linux's ``crash_save_vmcoreinfo`` writes, for this guest: its kernel is not relocated
-        (``phys_base`` 0, no KASLR), so ``init_top_pgt`` is seen through ``__START_KERNEL_map``."""
-        return (f"OSRELEASE={RELEASE}\nPAGESIZE={PAGE_SIZE}\n"
-                f"SYMBOL(init_top_pgt)={START_KERNEL_MAP + self.init_top_pgt:x}\n"
+        (``phys_base`` 0, no KASLR), so ``init_top_pgt`` is seen through ``__START_KERNEL_map``. On x86-64
+        ``swapper_pg_dir`` is ``init_top_pgt`` under its generic name, and Linux writes both (the generic symbols
+        first, then the arch's): drgn finds the kernel's tables by the first, sevmon by the second."""
+        top = START_KERNEL_MAP + self.init_top_pgt
+        return (f"OSRELEASE={RELEASE}\nPAGESIZE={PAGE_SIZE}\nSYMBOL(swapper_pg_dir)={top:x}\n"
+                f"SYMBOL(init_top_pgt)={top:x}\n"
                 f"NUMBER(phys_base)=0\nNUMBER(pgtable_l5_enabled)={int(self.mode.name == '5level')}\n"
                 f"KERNELOFFSET=0\n")
 

@@ -1,6 +1,6 @@
 """``sevmon drgn``'s refusals: one sentence on stderr, exit status 1, nothing on stdout (no guest data), before
-drgn ever sees a byte. The built-in guest serves here (its VMCOREINFO has no ``swapper_pg_dir``, so drgn itself
-refuses it: the last case). Live runs on a real guest: tests/live/test_drgn_live.py.
+drgn ever sees a byte. And drgn without symbols on the built-in guest (no vmlinux exists for it): memory by address,
+through the kernel's own tables. Live runs on a real guest with Debian's vmlinux: tests/live/test_drgn_live.py.
 """
 
 from __future__ import annotations
@@ -73,12 +73,37 @@ def test_no_socket_no_vmlinux_no_drgn(script, tmp_path):
                    f"{tmp_path / 'nope'}: no such file (the guest kernel's debug vmlinux)")
     assert_refused(sevmon_drgn(sock, "-s", script[1], script[0], prelude="sys.modules['drgn'] = None"),
                    "drgn is not installed: pip install 'sevmon[drgn]'")
-    r = sevmon_drgn(sock, script[0])
-    assert r.returncode == 2 and r.stderr.endswith("the following arguments are required: -s/--symbols\n")
+    r = sevmon_drgn(sock, "-s")
+    assert r.returncode == 2 and r.stderr.endswith("argument -s/--symbols: expected one argument\n")
 
 
-def test_a_vmcoreinfo_drgn_cannot_use(sevmon_daemon, script):
+def test_a_vmcoreinfo_drgn_cannot_use(sevmon_daemon, script, tmp_path):
+    """A kernel sevmon can walk (init_top_pgt) whose VMCOREINFO lacks what drgn needs (swapper_pg_dir): drgn's
+    words, in one sentence."""
     require_drgn()
-    d = sevmon_daemon()
+    ram = bytearray(4 << 20)
+    text = (b"OSRELEASE=6.1.0-test\nPAGESIZE=4096\nSYMBOL(init_top_pgt)=ffffffff80200000\nNUMBER(phys_base)=0\n"
+            b"NUMBER(pgtable_l5_enabled)=0\nKERNELOFFSET=0\n")
+    ram[0x100000:0x100000 + len(text)] = text
+    (tmp_path / "ram.bin").write_bytes(bytes(ram))
+    d = sevmon_daemon("--raw", str(tmp_path / "ram.bin"), "--sev")
+    assert d.qmp.cmd("query-guest-kernel")["release"] == "6.1.0-test"
     assert_refused(sevmon_drgn(d.qmp_path, "-s", script[1], script[0]),
                    "drgn cannot use the guest's VMCOREINFO: VMCOREINFO does not contain valid swapper_pg_dir")
+
+
+@pytest.mark.parametrize("policy", ["0x0", "0x4"], ids=["sev", "sev-es"])
+def test_without_symbols_memory_by_address_on_the_built_in_guest(sevmon_daemon, policy):
+    """No vmlinux exists for the built-in guest: drgn without one reads memory by address, a kernel virtual address
+    through the kernel's own tables (an SEV-ES guest's registers are never needed), the bytes HMP x shows."""
+    require_drgn()
+    d = sevmon_daemon("--policy", policy, "--no-workload")
+    d.qmp.cmd("stop")
+    va = 0xffffffff81000000
+    words = d.qmp.hmp(f"x /2gx {va:#x}").split()[1:3]
+    want = b"".join(int(w, 16).to_bytes(8, "little") for w in words)
+    r = subprocess.run([sys.executable, "-m", "sevmon", "drgn", d.qmp_path], input=f"print(prog.read({va:#x}, 16).hex())\n",
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr
+    assert r.stdout == want.hex() + "\n"
+    assert want.startswith(b"kernel text")
