@@ -63,10 +63,12 @@ def guest_ram_end(args) -> int | None:
             return os.path.getsize(args.raw)
         if args.core:
             from elftools.elf.elffile import ELFFile
+
+            from sevmon.machine.images import ram_loads
             with open(args.core, "rb") as f:
                 elf = ELFFile(f)
-                return max((s.header["p_paddr"] + s.header["p_memsz"] for s in elf.iter_segments()
-                            if s.header["p_type"] == "PT_LOAD"), default=None)
+                loads = ram_loads([s.header for s in elf.iter_segments() if s.header["p_type"] == "PT_LOAD"])
+                return max((h["p_paddr"] + h["p_memsz"] for h in loads), default=None)
     except Exception:
         return None
     return args.memory << 20

@@ -9,8 +9,8 @@ the vCPU notes), so ``crash`` and ``drgn -c`` open it with the kernel's debug vm
 plain memory read, which is ciphertext under SEV; sevmon takes the text from the page the kernel keeps it in, found
 and read through the debug path (:mod:`sevmon.machine.kernel_root`: the scan is paid once and cached while the guest
 stays paused). No Linux found: no note, nothing made up. The vCPU notes are QEMU's where the registers are known,
-none for SEV-ES. The dump of an SEV guest has the C-bit cleared in the page tables it reaches from those roots
-(:mod:`sevmon.machine.cbit_note`: drgn would read it as an address bit); the guest's own memory is untouched.
+none for SEV-ES. The dump of an SEV guest describes its RAM a second time at the C-bit addresses its page tables
+name (:mod:`sevmon.machine.dump`: drgn takes that bit as an address bit); its bytes are the guest's, unchanged.
 
 The core is written beside the target and renamed into place when complete (:mod:`sevmon.outfile`): a refused,
 failed or cancelled dump never destroys an existing file and leaves no partial one. QEMU truncates the file first.
@@ -25,10 +25,10 @@ from sevmon.debug.ops import DebugError
 from sevmon.debug.refusal import cbit_mask, machine_refusal
 from sevmon.errors import CommandError
 from sevmon.hmp.table import OWN, QEMU
-from sevmon.machine.cbit_note import cbit_note, cbit_tables, strip_cbit
+from sevmon.machine.cbit_note import cbit_note
 from sevmon.machine.dump import vmcoreinfo_note, write_core
 from sevmon.machine.interface import RunState
-from sevmon.machine.kernel_root import kernel_cache, registers_unavailable
+from sevmon.machine.kernel_root import kernel_cache
 from sevmon.memory.ram import PAGE_SHIFT, PAGE_SIZE
 from sevmon.outfile import OutputFile, OutputFileError
 
@@ -81,32 +81,6 @@ def guest_note(machine, kernel) -> bytes:
     return vmcoreinfo_note(page[:end] if end >= 0 else page)
 
 
-def sev_tables(machine, kernel) -> dict[int, tuple[int, int]]:
-    """The page tables whose C-bits the dump of an SEV guest clears (see :func:`cbit_tables`): those reachable from
-    each vCPU whose registers are known and from the Linux kernel's own root (the only one of an SEV-ES guest)."""
-    if machine.sev is None:
-        return {}
-    roots = [c for c in machine.cpus if c.registers_known and registers_unavailable(machine, c) is None]
-    if kernel is not None:
-        roots.append(kernel.walk_cpu(cbit_mask(machine)))
-    return cbit_tables(lambda pfns: machine.memory.read_frames(pfns), roots, machine.sev.cpuid.cbitpos)
-
-
-def _strip(data: bytes, gpa: int, tables: dict[int, tuple[int, int]], cbitpos: int) -> bytes:
-    """``data`` (guest-physical ``gpa`` on) with the C-bit cleared in the table pages it holds."""
-    first, last = gpa >> PAGE_SHIFT, (gpa + len(data) - 1) >> PAGE_SHIFT
-    hits = [p for p in range(first, last + 1) if p in tables]
-    if not hits:
-        return data
-    buf = bytearray(data)
-    for pfn in hits:
-        start = pfn << PAGE_SHIFT
-        lo, hi = max(gpa, start), min(gpa + len(data), start + PAGE_SIZE)
-        page = bytes(lo - start) + bytes(buf[lo - gpa:hi - gpa]) + bytes(start + PAGE_SIZE - hi)
-        buf[lo - gpa:hi - gpa] = strip_cbit(page, *tables[pfn], cbitpos)[lo - start:hi - start]
-    return bytes(buf)
-
-
 JOB = "dump"  # the runner's job kind
 
 
@@ -136,8 +110,7 @@ class DumpJob:
         def read_run(gpa: int, size: int) -> bytes:
             if self.cancelled.is_set():
                 raise Cancelled()
-            data = self.runner.locked(lambda: m.memory.read_zero_filled(gpa, size))
-            return _strip(data, gpa, tables, m.sev.cpuid.cbitpos) if tables else data
+            return self.runner.locked(lambda: m.memory.read_zero_filled(gpa, size))
 
         def progress(done: int, total: int) -> None:
             self.completed, self.total = done, total
@@ -145,9 +118,9 @@ class DumpJob:
         try:
             kernel = self.runner.locked(lambda: find_kernel(m, self.cancelled))
             note = self.runner.locked(lambda: guest_note(m, kernel))
-            tables = self.runner.locked(lambda: sev_tables(m, kernel))
             write_core(self.out.file, m.cpus, runs, read_run, progress, begin=self.begin, length=self.length,
-                       guest_note=note, extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"")
+                       guest_note=note, extra_notes=cbit_note(m.sev.cpuid.cbitpos) if m.sev is not None else b"",
+                       alias_bit=cbit_mask(m))
             self.out.commit()
             self.status = "completed"
         except Cancelled:

@@ -12,7 +12,7 @@ import logging
 from sevmon.debug.access import DebugMemory
 from sevmon.debug.ops import PlainOps, SevOps
 from sevmon.machine.cpu_models import CpuModelError, cpuid_signature
-from sevmon.machine.images import ImageError, apply_cpu_json, load_core, load_raw
+from sevmon.machine.images import ImageError, apply_cpu_json, kernel_root_cpu, load_core, load_raw
 from sevmon.machine.interface import MachineConfig
 from sevmon.machine.launch import EsLaunchError, PlatformFileError, es_vmsas, launch_sev
 from sevmon.machine.local import LocalMachine
@@ -24,7 +24,6 @@ from sevmon.memory.ram import PAGE_SHIFT
 from sevmon.sev.linux import SevUnavailable
 from sevmon.sev.vm import SevError
 from sevmon.x86.cpu import CpuState
-from sevmon.x86.vmcoreinfo import find as find_kernel
 
 log = logging.getLogger("sevmon")
 
@@ -78,6 +77,8 @@ def _build(spec: GuestSpec) -> LocalMachine:
         apply_cpu_json(image, spec.cpu_state)
     elif spec.source == "raw":
         image.cpus[0].unavailable = "the raw image carries no vCPU state (no --cpu-state)"
+    elif not image.cpu_notes:  # walked from the kernel's own tables, as a raw image is, never from zeros
+        image.cpus[0].unavailable = "the core carries no vCPU state (no register notes, as in an SEV-ES guest's dump)"
     if spec.source == "raw" and spec.cpu_state:
         problem = paging_registers_error(spec.cpu_state, image.cpus[0])
         if problem:
@@ -102,7 +103,4 @@ def _tables_cpu(ram, cpu):
     """The vCPU whose tables get the C-bit: the image's own, or, without registers, one at the Linux kernel's
     root (found in the plaintext image as it will be found through DBG_DECRYPT after launch), so that the kernel's
     tables carry the C-bit as a Linux SEV guest's do. No Linux found: None, no table is touched."""
-    if cpu.unavailable is None:
-        return cpu
-    kernel = find_kernel(DebugMemory(ram, PlainOps(ram), cache_pages=0), ram.runs())
-    return kernel.walk_cpu() if kernel is not None else None
+    return cpu if cpu.unavailable is None else kernel_root_cpu(ram)

@@ -25,6 +25,11 @@ not copied)::
 * PT_NOTE and PT_LOAD have ``p_flags = 0``, ``p_align = 0``; PT_LOAD has ``p_vaddr = 0``
   (paging off), ``p_paddr`` = guest-physical address, ``p_filesz = p_memsz`` = run size.
   Touching runs are merged into one PT_LOAD (QEMU merges contiguous RAM blocks).
+* sevmon's own addition, for SEV guests only (``alias_bit``, the C-bit): after QEMU's PT_LOADs, each run again at
+  ``p_paddr | C-bit``, same file bytes. An SEV guest's page-table entries carry the C-bit, and kernel tools that take
+  an entry's address bits as they are (drgn) then ask for that address; the hardware ignores the bit as an address
+  bit, and so does this alias: the same frame, not a copy. Nothing in the guest's memory is changed. crash masks
+  the bit itself (VMCOREINFO's ``NUMBER(sme_mask)``); sevmon's loader recognises the aliases as such.
 * More than 65534 runs: ``e_phnum = PN_XNUM`` and one section header (index 0) whose
   ``sh_info`` holds the real count, placed after the program headers (the layout of the
   QEMU dump.c this was checked against; not verified against a 7.2 dump with that many
@@ -216,7 +221,8 @@ def _filter_runs(runs: list[tuple[int, int]], begin: int, length: int) -> list[t
 
 def dump_layout(cpus: Sequence[CpuState], ram_runs: Iterable[tuple[int, int]], *,
                 begin: int | None = None, length: int | None = None,
-                elf_class: int | None = None, guest_note: bytes = b"", extra_notes: bytes = b"") -> dict:
+                elf_class: int | None = None, guest_note: bytes = b"", extra_notes: bytes = b"",
+                alias_bit: int = 0) -> dict:
     """Work out what :func:`write_core` will write (class, machine, runs, offsets, size)."""
     if (begin is None) != (length is None):
         raise ValueError(f"Parameter '{'length' if length is None else 'begin'}' is missing")
@@ -236,14 +242,15 @@ def dump_layout(cpus: Sequence[CpuState], ram_runs: Iterable[tuple[int, int]], *
             raise ValueError("Invalid parameter 'begin'")
     machine = EM_X86_64 if long_mode else EM_386
     ehsize, phentsize, shentsize = (64, 56, 64) if elf_class == 64 else (52, 32, 40)
-    phdr_num = 1 + len(runs)
+    alias = alias_bit if elf_class == 64 and not any((g + s - 1) & alias_bit for g, s in runs) else 0
+    phdr_num = 1 + len(runs) * (2 if alias else 1)
     have_section = phdr_num >= PN_XNUM
     notes = build_notes(cpus, long_mode) + guest_note + extra_notes
     note_offset = ehsize + phentsize * phdr_num + (shentsize if have_section else 0)
     memory_offset = note_offset + len(notes)
     total = sum(s for _, s in runs)
     return {
-        "elf_class": elf_class, "machine": machine, "long_mode": long_mode, "runs": runs,
+        "elf_class": elf_class, "machine": machine, "long_mode": long_mode, "runs": runs, "alias": alias,
         "notes": notes, "ehsize": ehsize, "phentsize": phentsize, "shentsize": shentsize,
         "phdr_num": phdr_num, "have_section": have_section, "note_offset": note_offset,
         "memory_offset": memory_offset, "ram_bytes": total, "file_size": memory_offset + total,
@@ -267,6 +274,11 @@ def _headers(lay: dict) -> bytes:
         for gpa, size in lay["runs"]:
             out += phdr.pack(PT_LOAD, 0, off, 0, gpa, size, size, 0)
             off += size
+        if lay["alias"]:  # the same frames again, at their C-bit address (see the module docstring)
+            off = lay["memory_offset"]
+            for gpa, size in lay["runs"]:
+                out += phdr.pack(PT_LOAD, 0, off, 0, gpa | lay["alias"], size, size, 0)
+                off += size
         if lay["have_section"]:
             out += struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, lay["phdr_num"] & _U32, 0, 0)
     else:
@@ -296,6 +308,7 @@ def write_core(
     elf_class: int | None = None,
     guest_note: bytes = b"",
     extra_notes: bytes = b"",
+    alias_bit: int = 0,
 ) -> int:
     """Stream a QEMU-layout ELF core of ``ram_runs`` to ``fileobj``; return bytes written.
 
@@ -307,10 +320,11 @@ def write_core(
     (both or neither; ValueError with QEMU's text otherwise). ``elf_class`` (32/64)
     overrides QEMU's class rule (see the module docstring). ``guest_note`` (a whole note:
     :func:`vmcoreinfo_note`) follows the vCPU notes where QEMU puts the guest's; ``extra_notes`` (whole notes,
-    sevmon's own) follow QEMU's in the PT_NOTE segment.
+    sevmon's own) follow QEMU's in the PT_NOTE segment. ``alias_bit`` (an SEV guest's C-bit): every run is
+    described again at its C-bit address, pointing at the same bytes (ELF64 only).
     """
     lay = dump_layout(cpus, ram_runs, begin=begin, length=length, elf_class=elf_class, guest_note=guest_note,
-                      extra_notes=extra_notes)
+                      extra_notes=extra_notes, alias_bit=alias_bit)
     head = _headers(lay)
     assert len(head) == lay["note_offset"]
     fileobj.write(head)

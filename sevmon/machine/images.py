@@ -66,6 +66,8 @@ class LoadedImage:
     path: str = ""
     #: C-bit position from sevmon's SEVMON note (a dump of an SEV guest), already stripped from the tables
     stripped_cbitpos: int | None = None
+    #: False for a core without vCPU notes (sevmon's dump of an SEV-ES guest): its registers are unknown, not zero
+    cpu_notes: bool = True
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -158,7 +160,7 @@ def load_core(path: str) -> LoadedImage:
         except Exception as e:  # construct raises its own errors on short reads
             raise ImageError(f"{path}: malformed ELF core ({type(e).__name__}: {e})") from None
 
-        loads = [h for h in segs if h["p_type"] == "PT_LOAD"]
+        loads = ram_loads([h for h in segs if h["p_type"] == "PT_LOAD"])
         for h in loads:
             if h["p_filesz"] and h["p_offset"] + h["p_filesz"] > size:
                 raise ImageError(
@@ -182,6 +184,7 @@ def load_core(path: str) -> LoadedImage:
             finally:
                 mv.release()
 
+    cpu_notes = bool(cpus)
     if not cpus:
         cpus = [CpuState(index=0)]
     if machine == "EM_X86_64":
@@ -189,9 +192,21 @@ def load_core(path: str) -> LoadedImage:
             if "efer" not in cpu.regs and cpu.cr0 & CR0_PG and cpu.cr4 & CR4_PAE:
                 cpu.set("efer", EFER_LMA | EFER_LME)
     kind = "elf64" if elf.elfclass == 64 else "elf32"
-    image = LoadedImage(ram=ram, cpus=cpus, ram_size=ram.size, kind=kind, machine=machine, path=path)
+    image = LoadedImage(ram=ram, cpus=cpus, ram_size=ram.size, kind=kind, machine=machine, path=path,
+                        cpu_notes=cpu_notes)
     _strip_sevmon_cbit(image, notes)
     return image
+
+
+def ram_loads(loads: list) -> list:
+    """The PT_LOAD headers (dicts of ``p_paddr``, ``p_offset``, ``p_filesz``...) that are RAM: one that describes the same file bytes as another at a higher address is an alias of
+    it (sevmon's dump of an SEV guest describes each run again at its C-bit address), not more RAM."""
+    lowest: dict[tuple[int, int], int] = {}
+    for h in loads:
+        if h["p_filesz"]:
+            key = (h["p_offset"], h["p_filesz"])
+            lowest[key] = min(lowest.get(key, h["p_paddr"]), h["p_paddr"])
+    return [h for h in loads if not h["p_filesz"] or lowest[(h["p_offset"], h["p_filesz"])] == h["p_paddr"]]
 
 
 def _strip_sevmon_cbit(image: LoadedImage, notes) -> None:
@@ -209,10 +224,23 @@ def _strip_sevmon_cbit(image: LoadedImage, notes) -> None:
             cbitpos = parse_cbit_note(desc)
         except ValueError as e:
             raise ImageError(f"{image.path}: unreadable {NOTE_NAME} note ({e})") from None
-        for cpu in image.cpus:
-            clear_cbit(image.ram, cpu, cbitpos)
+        roots = image.cpus if image.cpu_notes else [kernel_root_cpu(image.ram)]  # SEV-ES: no registers
+        for cpu in roots:
+            if cpu is not None:
+                clear_cbit(image.ram, cpu, cbitpos)
         image.stripped_cbitpos = cbitpos
         return
+
+
+def kernel_root_cpu(ram: RAM) -> CpuState | None:
+    """For an image without registers: a vCPU at the Linux kernel's own root, found in the plaintext by its
+    VMCOREINFO as it is found through DBG_DECRYPT; None when no Linux is found."""
+    from sevmon.debug.access import DebugMemory
+    from sevmon.debug.ops import PlainOps
+    from sevmon.x86.vmcoreinfo import find
+
+    kernel = find(DebugMemory(ram, PlainOps(ram), cache_pages=0), ram.runs())
+    return kernel.walk_cpu() if kernel is not None else None
 
 
 def _cpus_from_notes(path: str, mm, notes) -> list[CpuState]:

@@ -125,10 +125,17 @@ def phys(path, gpa: int, size: int) -> bytes:
     raise AssertionError(f"0x{gpa:x} is not in the dump")
 
 
+def loads(path) -> list[tuple[int, int, int]]:
+    with open(path, "rb") as f:
+        return [(s.header["p_paddr"], s.header["p_offset"], s.header["p_filesz"]) for s in ELFFile(f).iter_segments()
+                if s.header["p_type"] == "PT_LOAD"]
+
+
 @pytest.mark.parametrize("es", [False, True])
-def test_sev_dump_tables_carry_no_cbit_for_drgn(make_daemon, tmp_path, es):
-    """drgn reads a C-bit in a table entry as an address bit; the kernel's tables in the dump have none, and the
-    guest itself still has it (the dump's copy is cleared, not the guest)."""
+def test_sev_dump_keeps_the_tables_and_describes_ram_at_the_cbit_too(make_daemon, tmp_path, es):
+    """drgn takes the C-bit in a table entry as an address bit: the dump of an SEV guest describes every RAM run a
+    second time at its C-bit address, the same file bytes (an alias, as the hardware sees it), and the tables keep
+    the guest's bytes exactly; sevmon's loader takes the aliases for what they are."""
     q = qmp_connect(make_daemon(*(["--policy", "0x4"] if es else []), "--no-workload", "--memory", MEM, hmp=False))
     q.cmd("stop")
     k = q.cmd("query-guest-kernel")
@@ -138,10 +145,18 @@ def test_sev_dump_tables_carry_no_cbit_for_drgn(make_daemon, tmp_path, es):
     guest = q.cmd("human-monitor-command", **{"command-line": f"xp /512xg 0x{k['root']:x}"})
     guest_entries = [int(w, 16) for ln in guest.splitlines() for w in ln.split()[1:]]
     assert any(e & 1 and e & cbit for e in guest_entries)
-    root = struct.unpack("<512Q", phys(core, k["root"], 4096))
-    assert [e & ~cbit if e & 1 else e for e in guest_entries] == list(root)
-    present = [e for e in root if e & 1]
-    assert present and not any(e & cbit for e in present)
-    lower = (present[0] & 0x000FFFFFFFFFF000)  # a table one level down
-    assert not any(e & 1 and e & cbit for e in struct.unpack("<512Q", phys(core, lower, 4096)))
+    assert list(struct.unpack("<512Q", phys(core, k["root"], 4096))) == guest_entries  # the guest's own bytes
+    ram = [h for h in loads(core) if not h[0] & cbit]
+    assert ram and loads(core) == ram + [(gpa | cbit, off, size) for gpa, off, size in ram]
+    lower = next(e for e in guest_entries if e & 1)  # an entry as drgn takes it, C-bit and all: readable
+    assert phys(core, lower & 0x000FFFFFFFFFF000, 4096) == phys(core, lower & 0x00007FFFFFFFF000, 4096)
+    info_mem = q.cmd("human-monitor-command", **{"command-line": "info mem"})
     q.close()
+    # reopened, the aliases are not RAM: the guest's RAM and the same walk
+    q2 = qmp_connect(make_daemon("--core", str(core), "--no-workload", hmp=False))
+    assert q2.cmd("human-monitor-command", **{"command-line": "info mem"}) == info_mem
+    assert q2.cmd("human-monitor-command", **{"command-line": f"xp /1xg 0x{(int(MEM) << 20) - 8:x}"}).startswith(
+        f"{(int(MEM) << 20) - 8:016x}: 0x")
+    assert "Cannot access memory" in q2.cmd("human-monitor-command",
+                                            **{"command-line": f"xp /1xg 0x{int(MEM) << 20:x}"})
+    q2.close()
