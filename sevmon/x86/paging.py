@@ -122,7 +122,7 @@ class _Tables:
                 # (P set, PS clear where PS makes a leaf), found in C from the raw page.
                 pointers = _POINTS_DOWN[1 if ps_leaf else 0]
                 for d in map(self.frames.__getitem__, level):
-                    if d is None:
+                    if d is None or d == _ZERO_PAGE:    # one memcmp: most tables of a kernel are empty
                         continue
                     for hit in _ONES.finditer(d[::esize].translate(pointers)):
                         e = struct.unpack_from(entry_fmt, d, hit.start() * esize)[0]
@@ -201,16 +201,14 @@ class _Tables:
             # consecutive large leaves go up as one _LeafRun (a direct map is thousands of them).
             kinds = raw[::self.mode.entry_size].translate(_ENTRY_KINDS[1 if ps_leaf else 0])
             present = []
-            for hit in _KIND_RUNS.finditer(kinds):
-                first, stop = hit.span()
-                if kinds[first] == 1:   # a pointer, maybe followed by leaves
-                    present.append(first)
-                    first += 1
-                if first < stop:
-                    if present:
-                        yield from self._pointers(depth, raw, base, pprot, present)
-                        present = []
-                    yield _LeafRun(base, depth, pprot, raw, first, stop)
+            for first, stop in _equal_runs(kinds):
+                if kinds[first] == 1:   # pointers
+                    present.extend(range(first, stop))
+                    continue
+                if present:
+                    yield from self._pointers(depth, raw, base, pprot, present)
+                    present = []
+                yield _LeafRun(base, depth, pprot, raw, first, stop)
             if present:
                 yield from self._pointers(depth, raw, base, pprot, present)
             return
@@ -236,11 +234,13 @@ class _Tables:
         frames = self.frames
         esize = self.mode.entry_size
         entry = _ENTRY[esize].unpack_from
+        leaf_below = depth + 2 == len(self.mode.levels)
         for i in present:
             e = entry(raw, i * esize)[0] & nme
             va = base + (i << shift)
             data = frames.get((e & tmask) >> 12)
-            if data is not None:
+            # an empty non-leaf table yields nothing: one memcmp instead of a generator's scan
+            if data is not None and (leaf_below or data != _ZERO_PAGE):
                 yield from self._descend(depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
 
 
@@ -300,7 +300,6 @@ class _LeafTable(NamedTuple):
 
 # info mem: a present entry's low byte -> its U|W|P ANDed with the parent prot; absent -> 0
 _PROT_CODES = [bytes((b & p & PROT_MASK) if b & PG_PRESENT else 0 for b in range(256)) for p in range(8)]
-_PROT_RUNS = re.compile(rb"([\x01-\x07])\1*")
 # walk: a low byte -> 1 if the entry points to a next-level table ([0]: PS ignored, [1]: PS = leaf)
 _POINTS_DOWN = [bytes(1 if b & PG_PRESENT else 0 for b in range(256)),
                 bytes(1 if b & PG_PRESENT and not b & PG_PSE else 0 for b in range(256))]
@@ -308,7 +307,37 @@ _ONES = re.compile(rb"\x01")
 # _descend: a low byte -> 0 absent, 1 points to a table, 2 large leaf ([0]: PS ignored, [1]: PS = leaf)
 _ENTRY_KINDS = [bytes(1 if b & PG_PRESENT else 0 for b in range(256)),
                 bytes((2 if b & PG_PSE else 1) if b & PG_PRESENT else 0 for b in range(256))]
-_KIND_RUNS = re.compile(rb"[\x01\x02]\x02*")  # a char class first: re skips the zero bytes in C
+_NONZERO = bytes([0] + [1] * 255)
+_ZERO_PAGE = bytes(_PAGE)
+
+
+def _equal_runs(codes: bytes) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of equal non-zero bytes in ``codes``, in order.
+
+    What ``re.finditer(rb"([\x01-\xff])\1*")`` finds, at C speed per table rather than a regex step per byte
+    (a page-table walk scans tens of thousands of entries, most of them in long equal runs): a table of one
+    code is one ``count``; otherwise the neighbours' XOR (one big-int operation) marks each boundary with a
+    non-zero byte, and ``find`` jumps from boundary to boundary."""
+    n = len(codes)
+    if not n:
+        return []
+    c = codes[0]
+    if codes.count(c) == n:
+        return [(0, n)] if c else []
+    marks = (int.from_bytes(codes[1:], "big") ^ int.from_bytes(codes[:-1], "big")).to_bytes(
+        n - 1, "big").translate(_NONZERO)
+    find = marks.find
+    runs = []
+    start = 0
+    i = find(1)
+    while i >= 0:
+        if codes[start]:
+            runs.append((start, i + 1))
+        start = i + 1
+        i = find(1, start)
+    if codes[start]:
+        runs.append((start, n))
+    return runs
 _LOW_DIGITS: dict[tuple[int, int], list[str]] = {}
 
 
@@ -536,11 +565,21 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
     mode = t.mode
     shifts = [lvl.shift for lvl in mode.levels]
 
-    def line(start: int, end: int, prot: int) -> str:
-        return (f"{_canon(mode, start):016x}-{_canon(mode, end):016x} {_canon(mode, end - start):016x} "
-                f"{'u' if prot & PG_USER else '-'}r{'w' if prot & PG_RW else '-'}\n")
-
     cbit = mode.canon_bit
+    sext = -(1 << (cbit + 1)) & _U64 if cbit else 0
+    ptext = _PROT_TEXT
+
+    def line(start: int, end: int, prot: int) -> str:
+        size = end - start
+        if sext:    # _canon of each, inline (a hundred lines per walk of a Linux guest)
+            if start >> cbit & 1:
+                start |= sext
+            if end >> cbit & 1:
+                end |= sext
+            if size >> cbit & 1:
+                size |= sext
+        return f"{start:016x}-{end:016x} {size:016x} {ptext[prot & PROT_MASK]}\n"
+
     start = -1
     end = 0
     cur = 0
@@ -556,13 +595,13 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
             codes = item.raw[item.start * esize:item.stop * esize:esize].translate(
                 _PROT_CODES[item.pprot & PROT_MASK])
             base += item.start << shift
-            for run in _PROT_RUNS.finditer(codes):
-                va, prot = base + (run.start() << shift), codes[run.start()]
+            for a, b in _equal_runs(codes):
+                va, prot = base + (a << shift), codes[a]
                 if va != end or prot != cur:
                     if start >= 0:
                         yield line(start, end, cur)
                     start, cur = va, prot
-                end = base + (run.end() << shift)
+                end = base + (b << shift)
             continue
         if type(item) is not _LeafTable:
             va, _e, depth, prot, _priv = item
@@ -584,7 +623,7 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
         if singles:
             runs = [(0, 1), (n - 1, n)]
         else:
-            runs = [m.span() for m in _PROT_RUNS.finditer(codes)]
+            runs = _equal_runs(codes)
             if not runs:
                 continue
         # the first run may continue the open range; the last stays open (the next table may continue it)
@@ -602,14 +641,16 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
         if middle or (singles and n > 2):
             # every middle run is a whole range of its own: a million one-page ranges are a million lines,
             # built from cached digit strings (no hex formatting per line) where no address needs
-            # canonicalizing
-            if not cbit or (base + (n << 12)) >> cbit == 0:
+            # canonicalizing differently (the whole span on one side of the canonical hole: its top digits are
+            # the sign-extended base's)
+            if not cbit or base >> cbit == (base + (n << 12)) >> cbit:
+                cbase = base | sext if base >> cbit & 1 else base
                 if singles:  # every line but its prot is the span's template: filled by C loops alone
-                    yield _singles_text(base, codes)
+                    yield _singles_text(cbase, codes)
                 else:
-                    pre = f"{base:016x}"[:10]
+                    pre = f"{cbase:016x}"[:10]
                     low = _low_digits(base & 0xFFFFFF, n)
-                    sizes, ptext = _SIZE_TEXT, _PROT_TEXT
+                    sizes = _SIZE_TEXT
                     yield "".join([f"{pre}{low[a]}-{pre}{low[b]} {sizes[b - a]} {ptext[codes[a]]}\n"
                                    for a, b in middle])
             else:
