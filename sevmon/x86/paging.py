@@ -180,17 +180,20 @@ class _Tables:
         """VA-ordered walk output: runs of large leaves as ``_LeafRun`` (or, under a root read without its
         page, ``(va, entry, depth, prot, private)`` tuples), and whole 4 KiB leaf tables as ``_LeafTable``,
         so a consumer can process them in one tight loop (or in C, from their raw bytes) instead of one
-        generator step per page."""
-        return self._descend(0, 0, PROT_MASK, self.root_raw, self.root)
+        generator step per page. Built as one list (a few items per table, O(tables) like the frames themselves):
+        appending costs less than resuming a chain of nested generators once per item."""
+        out: list = []
+        self._descend(out.append, 0, 0, PROT_MASK, self.root_raw, self.root)
+        return iter(out)
 
-    def _descend(self, depth: int, base: int, pprot: int, raw: bytes, entries: tuple[int, ...] = ()):
-        """The chunks under one table: from its page ``raw`` (entries unpacked only where needed), or from
+    def _descend(self, put, depth: int, base: int, pprot: int, raw: bytes, entries: tuple[int, ...] = ()) -> None:
+        """``put`` the chunks under one table: from its page ``raw`` (entries unpacked only where needed), or from
         ``entries`` alone (PAE's four PDPTEs)."""
         levels = self.mode.levels
         me = self.me
         shift = levels[depth].shift
         if depth == len(levels) - 1:
-            yield _LeafTable(base, depth, pprot, raw)
+            put(_LeafTable(base, depth, pprot, raw))
             return
         lvl = levels[depth]
         ps_leaf = PG_PSE if lvl.leaf_mask else 0
@@ -200,17 +203,11 @@ class _Tables:
             # Visit only the present entries, found in C from their low bytes (most of a table is empty);
             # consecutive large leaves go up as one _LeafRun (a direct map is thousands of them).
             kinds = raw[::self.mode.entry_size].translate(_ENTRY_KINDS[1 if ps_leaf else 0])
-            present = []
             for first, stop in _equal_runs(kinds):
                 if kinds[first] == 1:   # pointers
-                    present.extend(range(first, stop))
-                    continue
-                if present:
-                    yield from self._pointers(depth, raw, base, pprot, present)
-                    present = []
-                yield _LeafRun(base, depth, pprot, raw, first, stop)
-            if present:
-                yield from self._pointers(depth, raw, base, pprot, present)
+                    self._pointers(put, depth, raw, base, pprot, first, stop)
+                else:
+                    put(_LeafRun(base, depth, pprot, raw, first, stop))
             return
         for i, e in enumerate(entries):
             if not e & PG_PRESENT:
@@ -219,14 +216,14 @@ class _Tables:
             e ^= c
             va = base + (i << shift)
             if e & ps_leaf:
-                yield va, e, depth, e & pprot, c != 0 or not me
+                put((va, e, depth, e & pprot, c != 0 or not me))
                 continue
             data = frames.get((e & tmask) >> 12)
             if data is not None:
-                yield from self._descend(depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
+                self._descend(put, depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
 
-    def _pointers(self, depth: int, raw: bytes, base: int, pprot: int, present: list[int]):
-        """Descend through the entries ``present`` of a non-leaf table, all pointers to next-level tables."""
+    def _pointers(self, put, depth: int, raw: bytes, base: int, pprot: int, first: int, stop: int) -> None:
+        """Descend through the entries ``first..stop-1`` of a non-leaf table, all pointers to next-level tables."""
         lvl = self.mode.levels[depth]
         shift = lvl.shift
         nme = ~self.me
@@ -235,13 +232,13 @@ class _Tables:
         esize = self.mode.entry_size
         entry = _ENTRY[esize].unpack_from
         leaf_below = depth + 2 == len(self.mode.levels)
-        for i in present:
+        for i in range(first, stop):
             e = entry(raw, i * esize)[0] & nme
             va = base + (i << shift)
             data = frames.get((e & tmask) >> 12)
-            # an empty non-leaf table yields nothing: one memcmp instead of a generator's scan
+            # an empty non-leaf table adds nothing: one memcmp instead of a call that scans it
             if data is not None and (leaf_below or data != _ZERO_PAGE):
-                yield from self._descend(depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
+                self._descend(put, depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
 
 
 def _tables(mem: PhysicalMemory, cpu: CpuState, me_mask: int) -> _Tables | None:
