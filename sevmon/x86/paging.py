@@ -609,12 +609,12 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
             end = va + (1 << shifts[depth])
             continue
         # A whole 4 KiB table in C: P/RW/US sit in each entry's low byte, so one slice and one
-        # translate give every entry's prot (0 when absent), and a regex finds the equal runs.
+        # translate give every entry's prot (0 when absent), and _equal_runs finds the equal runs.
         base = item.base
         codes = item.raw[::esize].translate(_PROT_CODES[item.pprot & PROT_MASK])
         n = len(codes)
         # every entry present and each unlike the next (one range per page): the neighbours' XOR, one
-        # big-int operation in C, has no zero byte; then the runs need no regex at all
+        # big-int operation in C, has no zero byte; then the runs need no search at all
         singles = n > 1 and b"\x00" not in codes and b"\x00" not in (
             int.from_bytes(codes[1:], "big") ^ int.from_bytes(codes[:-1], "big")).to_bytes(n - 1, "big")
         if singles:
