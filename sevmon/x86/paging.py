@@ -122,7 +122,7 @@ class _Tables:
                 # (P set, PS clear where PS makes a leaf), found in C from the raw page.
                 pointers = _POINTS_DOWN[1 if ps_leaf else 0]
                 for d in map(self.frames.__getitem__, level):
-                    if d is None:
+                    if d is None or d == _ZERO_PAGE:    # one memcmp: most tables of a kernel are empty
                         continue
                     for hit in _ONES.finditer(d[::esize].translate(pointers)):
                         e = struct.unpack_from(entry_fmt, d, hit.start() * esize)[0]
@@ -180,17 +180,20 @@ class _Tables:
         """VA-ordered walk output: runs of large leaves as ``_LeafRun`` (or, under a root read without its
         page, ``(va, entry, depth, prot, private)`` tuples), and whole 4 KiB leaf tables as ``_LeafTable``,
         so a consumer can process them in one tight loop (or in C, from their raw bytes) instead of one
-        generator step per page."""
-        return self._descend(0, 0, PROT_MASK, self.root_raw, self.root)
+        generator step per page. Built as one list (a few items per table, O(tables) like the frames themselves):
+        appending costs less than resuming a chain of nested generators once per item."""
+        out: list = []
+        self._descend(out.append, 0, 0, PROT_MASK, self.root_raw, self.root)
+        return iter(out)
 
-    def _descend(self, depth: int, base: int, pprot: int, raw: bytes, entries: tuple[int, ...] = ()):
-        """The chunks under one table: from its page ``raw`` (entries unpacked only where needed), or from
+    def _descend(self, put, depth: int, base: int, pprot: int, raw: bytes, entries: tuple[int, ...] = ()) -> None:
+        """``put`` the chunks under one table: from its page ``raw`` (entries unpacked only where needed), or from
         ``entries`` alone (PAE's four PDPTEs)."""
         levels = self.mode.levels
         me = self.me
         shift = levels[depth].shift
         if depth == len(levels) - 1:
-            yield _LeafTable(base, depth, pprot, raw)
+            put(_LeafTable(base, depth, pprot, raw))
             return
         lvl = levels[depth]
         ps_leaf = PG_PSE if lvl.leaf_mask else 0
@@ -200,19 +203,11 @@ class _Tables:
             # Visit only the present entries, found in C from their low bytes (most of a table is empty);
             # consecutive large leaves go up as one _LeafRun (a direct map is thousands of them).
             kinds = raw[::self.mode.entry_size].translate(_ENTRY_KINDS[1 if ps_leaf else 0])
-            present = []
-            for hit in _KIND_RUNS.finditer(kinds):
-                first, stop = hit.span()
-                if kinds[first] == 1:   # a pointer, maybe followed by leaves
-                    present.append(first)
-                    first += 1
-                if first < stop:
-                    if present:
-                        yield from self._pointers(depth, raw, base, pprot, present)
-                        present = []
-                    yield _LeafRun(base, depth, pprot, raw, first, stop)
-            if present:
-                yield from self._pointers(depth, raw, base, pprot, present)
+            for first, stop in _equal_runs(kinds):
+                if kinds[first] == 1:   # pointers
+                    self._pointers(put, depth, raw, base, pprot, first, stop)
+                else:
+                    put(_LeafRun(base, depth, pprot, raw, first, stop))
             return
         for i, e in enumerate(entries):
             if not e & PG_PRESENT:
@@ -221,14 +216,14 @@ class _Tables:
             e ^= c
             va = base + (i << shift)
             if e & ps_leaf:
-                yield va, e, depth, e & pprot, c != 0 or not me
+                put((va, e, depth, e & pprot, c != 0 or not me))
                 continue
             data = frames.get((e & tmask) >> 12)
             if data is not None:
-                yield from self._descend(depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
+                self._descend(put, depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
 
-    def _pointers(self, depth: int, raw: bytes, base: int, pprot: int, present: list[int]):
-        """Descend through the entries ``present`` of a non-leaf table, all pointers to next-level tables."""
+    def _pointers(self, put, depth: int, raw: bytes, base: int, pprot: int, first: int, stop: int) -> None:
+        """Descend through the entries ``first..stop-1`` of a non-leaf table, all pointers to next-level tables."""
         lvl = self.mode.levels[depth]
         shift = lvl.shift
         nme = ~self.me
@@ -236,12 +231,14 @@ class _Tables:
         frames = self.frames
         esize = self.mode.entry_size
         entry = _ENTRY[esize].unpack_from
-        for i in present:
+        leaf_below = depth + 2 == len(self.mode.levels)
+        for i in range(first, stop):
             e = entry(raw, i * esize)[0] & nme
             va = base + (i << shift)
             data = frames.get((e & tmask) >> 12)
-            if data is not None:
-                yield from self._descend(depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
+            # an empty non-leaf table adds nothing: one memcmp instead of a call that scans it
+            if data is not None and (leaf_below or data != _ZERO_PAGE):
+                self._descend(put, depth + 1, va, pprot & e if lvl.ands_prot else pprot, data)
 
 
 def _tables(mem: PhysicalMemory, cpu: CpuState, me_mask: int) -> _Tables | None:
@@ -300,7 +297,6 @@ class _LeafTable(NamedTuple):
 
 # info mem: a present entry's low byte -> its U|W|P ANDed with the parent prot; absent -> 0
 _PROT_CODES = [bytes((b & p & PROT_MASK) if b & PG_PRESENT else 0 for b in range(256)) for p in range(8)]
-_PROT_RUNS = re.compile(rb"([\x01-\x07])\1*")
 # walk: a low byte -> 1 if the entry points to a next-level table ([0]: PS ignored, [1]: PS = leaf)
 _POINTS_DOWN = [bytes(1 if b & PG_PRESENT else 0 for b in range(256)),
                 bytes(1 if b & PG_PRESENT and not b & PG_PSE else 0 for b in range(256))]
@@ -308,7 +304,37 @@ _ONES = re.compile(rb"\x01")
 # _descend: a low byte -> 0 absent, 1 points to a table, 2 large leaf ([0]: PS ignored, [1]: PS = leaf)
 _ENTRY_KINDS = [bytes(1 if b & PG_PRESENT else 0 for b in range(256)),
                 bytes((2 if b & PG_PSE else 1) if b & PG_PRESENT else 0 for b in range(256))]
-_KIND_RUNS = re.compile(rb"[\x01\x02]\x02*")  # a char class first: re skips the zero bytes in C
+_NONZERO = bytes([0] + [1] * 255)
+_ZERO_PAGE = bytes(_PAGE)
+
+
+def _equal_runs(codes: bytes) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of equal non-zero bytes in ``codes``, in order.
+
+    What ``re.finditer(rb"([\x01-\xff])\1*")`` finds, at C speed per table rather than a regex step per byte
+    (a page-table walk scans tens of thousands of entries, most of them in long equal runs): a table of one
+    code is one ``count``; otherwise the neighbours' XOR (one big-int operation) marks each boundary with a
+    non-zero byte, and ``find`` jumps from boundary to boundary."""
+    n = len(codes)
+    if not n:
+        return []
+    c = codes[0]
+    if codes.count(c) == n:
+        return [(0, n)] if c else []
+    marks = (int.from_bytes(codes[1:], "big") ^ int.from_bytes(codes[:-1], "big")).to_bytes(
+        n - 1, "big").translate(_NONZERO)
+    find = marks.find
+    runs = []
+    start = 0
+    i = find(1)
+    while i >= 0:
+        if codes[start]:
+            runs.append((start, i + 1))
+        start = i + 1
+        i = find(1, start)
+    if codes[start]:
+        runs.append((start, n))
+    return runs
 _LOW_DIGITS: dict[tuple[int, int], list[str]] = {}
 
 
@@ -536,11 +562,21 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
     mode = t.mode
     shifts = [lvl.shift for lvl in mode.levels]
 
-    def line(start: int, end: int, prot: int) -> str:
-        return (f"{_canon(mode, start):016x}-{_canon(mode, end):016x} {_canon(mode, end - start):016x} "
-                f"{'u' if prot & PG_USER else '-'}r{'w' if prot & PG_RW else '-'}\n")
-
     cbit = mode.canon_bit
+    sext = -(1 << (cbit + 1)) & _U64 if cbit else 0
+    ptext = _PROT_TEXT
+
+    def line(start: int, end: int, prot: int) -> str:
+        size = end - start
+        if sext:    # _canon of each, inline (a hundred lines per walk of a Linux guest)
+            if start >> cbit & 1:
+                start |= sext
+            if end >> cbit & 1:
+                end |= sext
+            if size >> cbit & 1:
+                size |= sext
+        return f"{start:016x}-{end:016x} {size:016x} {ptext[prot & PROT_MASK]}\n"
+
     start = -1
     end = 0
     cur = 0
@@ -556,13 +592,13 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
             codes = item.raw[item.start * esize:item.stop * esize:esize].translate(
                 _PROT_CODES[item.pprot & PROT_MASK])
             base += item.start << shift
-            for run in _PROT_RUNS.finditer(codes):
-                va, prot = base + (run.start() << shift), codes[run.start()]
+            for a, b in _equal_runs(codes):
+                va, prot = base + (a << shift), codes[a]
                 if va != end or prot != cur:
                     if start >= 0:
                         yield line(start, end, cur)
                     start, cur = va, prot
-                end = base + (run.end() << shift)
+                end = base + (b << shift)
             continue
         if type(item) is not _LeafTable:
             va, _e, depth, prot, _priv = item
@@ -573,18 +609,18 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
             end = va + (1 << shifts[depth])
             continue
         # A whole 4 KiB table in C: P/RW/US sit in each entry's low byte, so one slice and one
-        # translate give every entry's prot (0 when absent), and a regex finds the equal runs.
+        # translate give every entry's prot (0 when absent), and _equal_runs finds the equal runs.
         base = item.base
         codes = item.raw[::esize].translate(_PROT_CODES[item.pprot & PROT_MASK])
         n = len(codes)
         # every entry present and each unlike the next (one range per page): the neighbours' XOR, one
-        # big-int operation in C, has no zero byte; then the runs need no regex at all
+        # big-int operation in C, has no zero byte; then the runs need no search at all
         singles = n > 1 and b"\x00" not in codes and b"\x00" not in (
             int.from_bytes(codes[1:], "big") ^ int.from_bytes(codes[:-1], "big")).to_bytes(n - 1, "big")
         if singles:
             runs = [(0, 1), (n - 1, n)]
         else:
-            runs = [m.span() for m in _PROT_RUNS.finditer(codes)]
+            runs = _equal_runs(codes)
             if not runs:
                 continue
         # the first run may continue the open range; the last stays open (the next table may continue it)
@@ -602,14 +638,16 @@ def info_mem_text(mem: PhysicalMemory, cpu: CpuState, me_mask: int = 0, *,
         if middle or (singles and n > 2):
             # every middle run is a whole range of its own: a million one-page ranges are a million lines,
             # built from cached digit strings (no hex formatting per line) where no address needs
-            # canonicalizing
-            if not cbit or (base + (n << 12)) >> cbit == 0:
+            # canonicalizing differently (the whole span on one side of the canonical hole: its top digits are
+            # the sign-extended base's)
+            if not cbit or base >> cbit == (base + (n << 12)) >> cbit:
+                cbase = base | sext if base >> cbit & 1 else base
                 if singles:  # every line but its prot is the span's template: filled by C loops alone
-                    yield _singles_text(base, codes)
+                    yield _singles_text(cbase, codes)
                 else:
-                    pre = f"{base:016x}"[:10]
+                    pre = f"{cbase:016x}"[:10]
                     low = _low_digits(base & 0xFFFFFF, n)
-                    sizes, ptext = _SIZE_TEXT, _PROT_TEXT
+                    sizes = _SIZE_TEXT
                     yield "".join([f"{pre}{low[a]}-{pre}{low[b]} {sizes[b - a]} {ptext[codes[a]]}\n"
                                    for a, b in middle])
             else:
