@@ -122,10 +122,16 @@ class AttachedMachine(RunStateMachine):
     def _call(self, name: str, args: dict | None = None):
         return self.link.call_sync(self.link.execute(name, args))
 
-    def stop(self) -> None:
-        """QEMU stops the guest (dump-guest-memory does this); STOP comes back as an event."""
-        self._call("stop")
+    def stop(self) -> bool:
+        """QEMU stops the guest (dump-guest-memory does this); STOP comes back as an event. Whether it was running is
+        QEMU's answer, not the events seen so far: another client's ``stop`` may have paused it a moment ago."""
+        async def stop_from():
+            st = await self.link.execute("query-status")
+            await self.link.execute("stop")
+            return st
+        was = bool(self.link.call_sync(stop_from()).get("running"))
         self.follow(RunState.PAUSED)
+        return was
 
     def cont(self) -> None:
         self._call("cont")

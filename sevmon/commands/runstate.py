@@ -26,7 +26,11 @@ def kvm_info(machine) -> dict:
 
 def register(registry, hmp, info) -> None:
     registry.register("query-status", inline=True)(lambda ctx: query_status(ctx.machine))
-    registry.register("stop")(lambda ctx: ctx.machine.stop() or {})
+    @registry.register("stop")
+    def qmp_stop(ctx):
+        ctx.machine.stop()
+        return {}
+
     registry.register("cont")(lambda ctx: cont(ctx.runner) or {})
     registry.register("system_reset")(lambda ctx: ctx.machine.system_reset() or {})
     registry.register("system_powerdown")(lambda ctx: ctx.machine.system_powerdown() or {})

@@ -146,8 +146,7 @@ class GdbSession:
         self.machine.add_listener(self._on_event)
         try:
             def attach():
-                was = self.machine.running
-                self.machine.stop()
+                was = self.machine.stop()
                 cpu = self.machine.cpus[0]  # an SEV-ES guest (registers unknown) is a 64-bit guest
                 return was, target_for(cpu) if cpu.registers_known else X86_64
             self.resume_on_detach, self.target = await self.call(attach)

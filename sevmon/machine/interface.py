@@ -168,7 +168,9 @@ class Machine(Protocol):
 
     def ram_runs(self) -> list[tuple[int, int]]: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> bool:
+        """Pause the guest; True when it was running (as its owner knew it: an attached QEMU is asked, since its
+        STOP from another monitor may still be on the way)."""
 
     def cont(self) -> None: ...
 

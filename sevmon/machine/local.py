@@ -55,11 +55,13 @@ class LocalMachine(RunStateMachine):
         return list(self.ram.runs())
 
     # -- run state (QEMU's semantics: events only on real transitions) --------------------
-    def stop(self) -> None:
-        if self.running:
-            self.transition(RunState.PAUSED)
-            self._invalidate()
-            self.emit("STOP")
+    def stop(self) -> bool:
+        if not self.running:
+            return False
+        self.transition(RunState.PAUSED)
+        self._invalidate()
+        self.emit("STOP")
+        return True
 
     def cont(self) -> None:
         if not self.running:
