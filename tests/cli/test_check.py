@@ -108,19 +108,30 @@ def test_qemu_policy_from_qmp_of_a_debuggable_and_a_nodbg_guest(make_daemon):
     assert check._policy_item(None).detail == "unknown: needs --qemu-qmp SOCKET to ask QEMU (query-sev)"
 
 
-@needs_qemu
-def test_real_qemu_with_a_shared_memfd_backend(tmp_path):
+def _check_qemu(tmp_path, backend: str):
+    """``sevmon check --json`` against a real QEMU (TCG, 16 MiB, paused) whose RAM is ``backend``: (QEMU's
+    process, for the caller to kill; check's result)."""
     sock = tmp_path / "qmp.sock"
     proc = subprocess.Popen([QEMU, "-M", "pc", "-m", "16", "-S", "-display", "none", "-nodefaults",
-                             "-object", "memory-backend-memfd,id=ram0,size=16M,share=on",
-                             "-machine", "memory-backend=ram0", "-qmp", f"unix:{sock},server=on,wait=off"],
+                             "-object", backend, "-machine", "memory-backend=ram0",
+                             "-qmp", f"unix:{sock},server=on,wait=off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        if sock.exists():
+            break
+        time.sleep(0.05)
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        r = run_check("--json", "--qemu-pid", str(proc.pid), "--qemu-qmp", str(sock))
+        return proc, run_check("--json", "--qemu-pid", str(proc.pid), "--qemu-qmp", str(sock))
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@needs_qemu
+def test_real_qemu_with_a_shared_memfd_backend(tmp_path):
+    proc, r = _check_qemu(tmp_path, "memory-backend-memfd,id=ram0,size=16M,share=on")
+    try:
         by = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
         assert r.returncode == 1
         assert by["QEMU ptrace rights"]["status"] == "ok"
@@ -196,18 +207,9 @@ def test_shm_and_hugetlbfs_file_backends_are_shared_memory(tmp_path):
 
 @needs_qemu
 def test_real_qemu_with_a_dev_shm_file_backend(tmp_path):
-    sock = tmp_path / "qmp.sock"
     shm = f"/dev/shm/sevmon-check-{os.getpid()}"
-    proc = subprocess.Popen([QEMU, "-M", "pc", "-m", "16", "-S", "-display", "none", "-nodefaults",
-                             "-object", f"memory-backend-file,id=ram0,size=16M,mem-path={shm},share=on",
-                             "-machine", "memory-backend=ram0", "-qmp", f"unix:{sock},server=on,wait=off"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, r = _check_qemu(tmp_path, f"memory-backend-file,id=ram0,size=16M,mem-path={shm},share=on")
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        r = run_check("--json", "--qemu-pid", str(proc.pid), "--qemu-qmp", str(sock))
         by = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
         assert (by["QEMU RAM backend"]["status"], by["QEMU RAM backend"]["detail"]) == (
             "ok", f"shared mapping of 16 MiB: {shm}")

@@ -133,6 +133,20 @@ def test_a_directory_or_a_missing_directory_is_one_sentence(make_daemon, tmp_pat
     q.close()
 
 
+def _dump_under_way(make_daemon, tmp_path, out):
+    """A daemon on a 256 MiB raw SEV guest (big enough that its dump is still running when a signal comes), with a
+    detached dump into ``out`` under way: (daemon, the raw image to remove)."""
+    raw = tmp_path / "ram.bin"
+    raw.write_bytes(os.urandom(256 << 20))
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text('{"cr0": "0x11"}')
+    d = make_daemon("--raw", str(raw), "--cpu-state", str(cpu), "--sev", hmp=False)
+    q = qmp_connect(d)
+    q.cmd("dump-guest-memory", paging=False, protocol=f"file:{out}", detach=True)
+    assert q.cmd("query-dump")["status"] == "active"
+    return d, raw
+
+
 def test_a_failed_dump_never_destroys_the_existing_file(make_daemon, tmp_path):
     """A dump interrupted half-way (SIGTERM while detached) fails; the file it would replace is intact, no part
     is left; a dump that completes replaces it."""
@@ -145,15 +159,8 @@ def test_a_failed_dump_never_destroys_the_existing_file(make_daemon, tmp_path):
     assert out.read_bytes()[:4] == b"\x7fELF" and stat.S_IMODE(out.stat().st_mode) == 0o600
     q.close()
 
-    raw = tmp_path / "ram.bin"          # big enough that the dump is still running when SIGTERM comes
-    raw.write_bytes(os.urandom(256 << 20))
-    cpu = tmp_path / "cpu.json"
-    cpu.write_text('{"cr0": "0x11"}')
-    d = make_daemon("--raw", str(raw), "--cpu-state", str(cpu), "--sev", hmp=False)
-    q = qmp_connect(d)
     out.write_bytes(OLD)
-    q.cmd("dump-guest-memory", paging=False, protocol=f"file:{out}", detach=True)
-    assert q.cmd("query-dump")["status"] == "active"
+    d, raw = _dump_under_way(make_daemon, tmp_path, out)
     d.proc.send_signal(signal.SIGTERM)
     assert d.proc.wait(30) == 0
     assert out.read_bytes() == OLD and _leftovers(tmp_path) == []
@@ -163,17 +170,10 @@ def test_a_failed_dump_never_destroys_the_existing_file(make_daemon, tmp_path):
 def test_a_daemon_killed_mid_dump_leaves_no_partial_file(make_daemon, tmp_path):
     """SIGKILL gives the daemon no chance to clean up: the dump is written to a file with no name (O_TMPFILE) until
     it is complete, so the kernel frees it, and the file the dump would replace is intact."""
-    raw = tmp_path / "ram.bin"
-    raw.write_bytes(os.urandom(256 << 20))
-    cpu = tmp_path / "cpu.json"
-    cpu.write_text('{"cr0": "0x11"}')
     out = tmp_path / "out" / "dump.elf"
     out.parent.mkdir()
     out.write_bytes(OLD)
-    d = make_daemon("--raw", str(raw), "--cpu-state", str(cpu), "--sev", hmp=False)
-    q = qmp_connect(d)
-    q.cmd("dump-guest-memory", paging=False, protocol=f"file:{out}", detach=True)
-    assert q.cmd("query-dump")["status"] == "active"
+    d, raw = _dump_under_way(make_daemon, tmp_path, out)
     d.proc.send_signal(signal.SIGKILL)
     assert d.proc.wait(30) == -signal.SIGKILL
     assert os.listdir(out.parent) == ["dump.elf"] and out.read_bytes() == OLD
