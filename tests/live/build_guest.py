@@ -7,8 +7,8 @@ The kernel is Debian's ``linux-image-*-cloud-amd64`` (the package the
 ``linux-image-cloud-amd64`` metapackage depends on), fetched with ``apt-get download`` and
 unpacked with ``dpkg-deb -x``; the initramfs (cpio newc, gzip) holds busybox-static and an
 ``/init`` that mounts proc/sys, starts a few processes (so user page tables exist), then
-prints ``READY_MARKER`` on the serial console. A second run finds both files and does
-nothing. Needs: apt-get, dpkg-deb, cpio, gzip, /bin/busybox (package busybox-static).
+prints ``READY_MARKER`` on the serial console once they have all exec'd. A second run finds
+the files and does nothing (the initramfs is rebuilt when ``INIT`` changed). Needs: apt-get, dpkg-deb, cpio, gzip, /bin/busybox (package busybox-static).
 
 It also caches the kernel's debug vmlinux for crash and drgn: Debian's
 ``linux-image-<release>-dbg`` of exactly the kernel's Debian version (read from the bzImage's
@@ -38,8 +38,16 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 # a few processes with user mappings of their own
 sleep 100000 &
+a=$!
 sh -c 'while :; do sleep 1; done' &
+b=$!
 cat /dev/zero > /dev/null &
+c=$!
+# ready only once each of them has exec'd: a child is named "init" (this script's name) until then, and the tests
+# pause the guest at the marker and look for these processes by name
+for p in $a $b $c; do
+    while [ "$(cat /proc/$p/comm)" = init ]; do sleep 0.05; done
+done
 echo {READY_MARKER}
 exec sh -c 'while :; do sleep 3600; done'
 """
@@ -134,8 +142,10 @@ def build(directory: Path | None = None) -> tuple[Path, Path]:
     kernel.parent.mkdir(parents=True, exist_ok=True)
     if not kernel.exists():
         build_kernel(kernel)
-    if not initrd.exists():
+    stamp = initrd.with_name(initrd.name + ".init")  # the /init the cached initramfs holds: rebuilt when it changes
+    if not initrd.exists() or not stamp.exists() or stamp.read_text() != INIT:
         build_initrd(initrd)
+        stamp.write_text(INIT)
     vmlinux = debug_vmlinux_file(directory)
     if not vmlinux.exists():
         build_debug_vmlinux(kernel, vmlinux)
