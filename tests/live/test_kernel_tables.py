@@ -58,7 +58,9 @@ def guest(request, module_tmp):
         q.cmd("stop")
         cpu = parse_info_registers(hmp(q, "info registers"))
         assert cpu.paging_mode() == mode
-        theirs = {"tlb": hmp(q, "info tlb"), "mem": hmp(q, "info mem")}
+        theirs = {"tlb": hmp(q, "info tlb")}
+        if mode != "5level":  # QEMU 7.2's LA57 info mem prints nothing, after some 40 s of walking: not asked
+            theirs["mem"] = hmp(q, "info mem")
         # probes in RAM (the image holds RAM only: the local APIC's page is not in it)
         lines = [ln for ln in kernel_half(theirs["tlb"]).split("\r\n") if ln and int(ln.split()[1], 16) < RAM_SIZE]
         probes = [ln.split(": ")[0] for ln in (lines[0], lines[len(lines) // 3], lines[len(lines) // 2], lines[-1])]
