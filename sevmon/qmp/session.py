@@ -21,6 +21,7 @@ from sevmon.qmp.json_writer import to_qemu_json
 log = logging.getLogger("sevmon.qmp")
 
 READ_CHUNK = 64 * 1024
+FEED_SLICE = 4096  # input bytes parsed between two turns of the event loop
 MAX_BACKLOG = 64 << 20
 
 
@@ -101,10 +102,14 @@ class QMPSession:
                     break
                 if not data:
                     break
-                for msg in self.parser.feed(data):
-                    if self.closed:
-                        break
-                    await self.handle(msg)
+                for at in range(0, len(data), FEED_SLICE):
+                    for msg in self.parser.feed(data[at:at + FEED_SLICE]):
+                        if self.closed:
+                            break
+                        await self.handle(msg)
+                    # a parse error's reply awaits nothing, so a client sending garbage as fast as it can would
+                    # keep the loop to itself: every slice, the other clients get their turn
+                    await asyncio.sleep(0)
         finally:
             self.close()
             try:
