@@ -12,15 +12,7 @@ import sys
 import pytest
 
 from sevmon.debug.refusal import SECURITY_POLICY
-
-
-def require_drgn() -> None:
-    try:
-        import drgn  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("drgn is not installed (pip install 'sevmon[drgn]'; CI=true: these tests must run)")
-        pytest.skip("drgn is not installed (pip install 'sevmon[drgn]')")
+from tests.live.conftest import require_drgn
 
 
 def sevmon_drgn(*args: str, prelude: str = "") -> subprocess.CompletedProcess:

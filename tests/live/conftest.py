@@ -30,7 +30,7 @@ BOOT_TIMEOUT = 180
 
 def _missing(reason: str):
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: the live tests must run)")
+        pytest.fail(f"{reason} (CI=true: these tests must run)")
     pytest.skip(reason)
 
 
