@@ -103,6 +103,8 @@ class QMPSession:
                 if not data:
                     break
                 for at in range(0, len(data), FEED_SLICE):
+                    if self.closed:
+                        break
                     for msg in self.parser.feed(data[at:at + FEED_SLICE]):
                         if self.closed:
                             break
