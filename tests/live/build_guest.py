@@ -8,7 +8,8 @@ The kernel is Debian's ``linux-image-*-cloud-amd64`` (the package the
 unpacked with ``dpkg-deb -x``; the initramfs (cpio newc, gzip) holds busybox-static and an
 ``/init`` that mounts proc/sys, starts a few processes (so user page tables exist), then
 prints ``READY_MARKER`` on the serial console once they have all exec'd. A second run finds
-the files and does nothing (the initramfs is rebuilt when ``INIT`` changed). Needs: apt-get, dpkg-deb, cpio, gzip, /bin/busybox (package busybox-static).
+the files and does nothing (the initramfs is rebuilt when ``INIT`` changed). Needs: apt-get,
+dpkg-deb, cpio, gzip, /bin/busybox (package busybox-static).
 
 It also caches the kernel's debug vmlinux for crash and drgn: Debian's
 ``linux-image-<release>-dbg`` of exactly the kernel's Debian version (read from the bzImage's
