@@ -199,8 +199,9 @@ def load_core(path: str) -> LoadedImage:
 
 
 def ram_loads(loads: list) -> list:
-    """The PT_LOAD headers (dicts of ``p_paddr``, ``p_offset``, ``p_filesz``...) that are RAM: one that describes the same file bytes as another at a higher address is an alias of
-    it (sevmon's dump of an SEV guest describes each run again at its C-bit address), not more RAM."""
+    """The PT_LOAD headers (dicts of ``p_paddr``, ``p_offset``, ``p_filesz``...) that are RAM: one that describes
+    the same file bytes as another at a higher address is an alias of it (sevmon's dump of an SEV guest describes
+    each run again at its C-bit address), not more RAM."""
     lowest: dict[tuple[int, int], int] = {}
     for h in loads:
         if h["p_filesz"]:

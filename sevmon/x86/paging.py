@@ -38,7 +38,8 @@ from sevmon.x86.modes import MONITOR_TABLE_MASK, PagingMode, mode_of
 from sevmon.x86.pte import PG_ADDRESS_MASK, PG_PRESENT, PG_PSE, PG_RW, PG_USER
 
 __all__ = [
-    "Mapping", "walk", "info_tlb", "info_mem", "info_tlb_text", "info_mem_text", "tables_unchanged", "translate", "gva2gpa_text", "count_table_reads",
+    "Mapping", "walk", "info_tlb", "info_mem", "info_tlb_text", "info_mem_text", "tables_unchanged", "translate",
+    "gva2gpa_text", "count_table_reads",
 ]
 
 PROT_MASK = PG_USER | PG_RW | PG_PRESENT

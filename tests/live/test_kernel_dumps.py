@@ -1,9 +1,10 @@
 """crash and drgn on sevmon's dumps of a real Linux guest opened as an SEV and an SEV-ES guest, judged by the tools.
 
 The session's paused Linux guest (tests/live/conftest.py ``paused_linux``: QEMU 7.2, TCG, 256 MiB, Debian's cloud
-kernel) and QEMU's own ``dump-guest-memory`` of it (the truth). Then sevmon opens that capture as an SEV guest (``--core --sev``: registers from QEMU's notes, the C-bit set in the
-tables, every page launched and read back through DBG_DECRYPT) and as an SEV-ES guest (``--policy 0x4``: no
-register can be read, sevmon finds the kernel by its VMCOREINFO alone), and writes its dump of each.
+kernel) and QEMU's own ``dump-guest-memory`` of it (the truth). Then sevmon opens that capture as an SEV guest
+(``--core --sev``: registers from QEMU's notes, the C-bit set in the tables, every page launched and read back
+through DBG_DECRYPT) and as an SEV-ES guest (``--policy 0x4``: no register can be read, sevmon finds the kernel by
+its VMCOREINFO alone), and writes its dump of each.
 
 - ``crash`` (Debian's, ``crash -s VMLINUX DUMP``): ``sys`` and ``log`` of sevmon's dumps equal crash's on QEMU's
   dump. QEMU's dump carries no VMCOREINFO here (the guest never registers it: Debian builds ``qemu_fw_cfg`` as a
